@@ -1,0 +1,432 @@
+"""The job's configuration contract: every setting, its type, default and one-line doc, in one place.
+
+    python -m entrypoints.config --markdown   # print the README's table of variables
+    python -m entrypoints.config --check      # parse the current environment and print the result
+
+Torch-free: the launcher imports it to validate a job on a laptop before anything is submitted.
+
+Precedence, lowest to highest: defaults < SageMaker `hyperparameters.json` < `QLORA_*` environment
+variables < CLI flags (`--max-steps 10` or `--max_steps=10`). All problems are collected and reported
+together, each naming where the bad value came from and how to fix it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from entrypoints.errors import ConfigError
+from entrypoints.paths import DEFAULT_BASE_DIR, ContainerPaths, container_paths
+
+ENV_PREFIX = "QLORA_"
+
+# Secrets are never settings: they are read by the libraries from their standard variables (or files /
+# Secrets Manager, see entrypoints.secrets), so they cannot end up in the parsed config, W&B or manifests.
+SECRET_ENV_VARS = ("HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _f(default: Any, doc: str, choices: Sequence[str] | None = None, group: str = "job") -> Any:
+    return field(default=default, metadata={"doc": doc, "choices": tuple(choices or ()), "group": group})
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Every setting of the training job. Environment variable = `QLORA_` + NAME in upper case."""
+
+    # --- inputs
+    model: str = _f(
+        "meta-llama/Llama-2-7b-hf",
+        "Base model: a Hugging Face Hub id (uses HF_TOKEN), a local directory, or an s3:// prefix holding"
+        " config.json, tokenizer and *.safetensors.",
+        group="inputs",
+    )
+    model_revision: str = _f("main", "Hub revision (branch, tag or commit) when `model` is a Hub id.", group="inputs")
+    data: str = _f(
+        "",
+        "Training data: an s3:// URI or local path of one .jsonl/.json/.parquet file or a prefix/directory of"
+        " them. Defaults to the SageMaker `train` channel when running there.",
+        group="inputs",
+    )
+    data_format: str = _f(
+        "auto",
+        "Record format; `auto` detects it from the fields of the first record.",
+        choices=("auto", "messages", "sharegpt", "alpaca", "dolly", "prompt_completion", "text"),
+        group="inputs",
+    )
+    eval_data: str = _f(
+        "",
+        "Held-out eval data (same forms as `data`). Empty: split `eval_fraction` off the training data"
+        " (or use the SageMaker `eval` channel when present).",
+        group="inputs",
+    )
+    eval_fraction: float = _f(0.05, "Fraction of the training records held out for eval when `eval_data` is empty; 0 disables eval.", group="inputs")
+    max_bad_records: int = _f(0, "How many malformed records may be skipped (and counted) before the job fails; 0 fails on the first.", group="inputs")
+    chat_template: str = _f(
+        "auto",
+        "`auto`: the tokenizer's own chat template, or the Llama 2 chat format for Llama tokenizers that have"
+        " none; `tokenizer`: require the tokenizer's own; `llama-2`: force the Llama 2 chat format.",
+        choices=("auto", "tokenizer", "llama-2"),
+        group="inputs",
+    )
+    s3_endpoint_url: str = _f("", "Endpoint of an S3-compatible store (MinIO, SeaweedFS, R2...); empty uses AWS (or AWS_ENDPOINT_URL_S3).", group="inputs")
+
+    # --- outputs
+    output: str = _f("", "Where the adapter, merged model, model card and manifest go (s3:// or a local directory). Default: <base_dir>/model.", group="outputs")
+    output_exists: str = _f(
+        "error",
+        "What to do when `output` already holds a complete result (a manifest): `error` refuses, `overwrite`"
+        " replaces it, `version` writes to a new `runs/<timestamp>/` prefix below it.",
+        choices=("error", "overwrite", "version"),
+        group="outputs",
+    )
+    merge: bool = _f(True, "Merge the adapter into the 16-bit base model and write the merged model too.", group="outputs")
+    checkpoint_dir: str = _f("", "Local checkpoint directory; a rerun resumes from its newest complete checkpoint. Default: <base_dir>/checkpoints.", group="outputs")
+    checkpoint_uri: str = _f("", "Optional s3:// prefix that checkpoints are mirrored to and restored from (Kubernetes; SageMaker syncs checkpoint_dir itself).", group="outputs")
+    resume: bool = _f(True, "Resume from the newest complete checkpoint when one exists.", group="outputs")
+    run_name: str = _f("", "Name of the run for W&B and the manifest; default: derived from the model name and time.", group="outputs")
+
+    # --- model loading
+    quantization: str = _f("nf4", "4-bit quantization of the frozen base weights (bitsandbytes); `none` trains plain LoRA on 16-bit weights.", choices=("nf4", "fp4", "none"), group="model")
+    double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit per parameter).", group="model")
+    compute_dtype: str = _f("auto", "Dtype of the 4-bit matmuls and LoRA weights; `auto`: bfloat16 where the GPU supports it, else float16; float32 on CPU.", choices=("auto", "bfloat16", "float16", "float32"), group="model")
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers.", choices=("sdpa", "eager", "flash_attention_2"), group="model")
+    trust_remote_code: bool = _f(False, "Allow model code from the model repository to run. Off: only transformers' own architectures.", group="model")
+    allow_pickle_weights: bool = _f(False, "Allow loading .bin/.pt (pickle) weights, which can run arbitrary code. Off: safetensors only.", group="model")
+
+    # --- LoRA
+    lora_r: int = _f(16, "LoRA rank.", group="lora")
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).", group="lora")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.", group="lora")
+    lora_target_modules: str = _f("all-linear", "Comma-separated module names to adapt, or `all-linear` for every linear layer except the output head.", group="lora")
+
+    # --- training
+    max_seq_length: int = _f(2048, "Samples are truncated to this many tokens (and packed up to it when `packing` is on).", group="training")
+    micro_batch_size: int = _f(4, "Samples per device per forward/backward pass.", group="training")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.", group="training")
+    num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).", group="training")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 runs `num_epochs` epochs.", group="training")
+    learning_rate: float = _f(2e-4, "Peak learning rate.", group="training")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant", "constant_with_warmup"), group="training")
+    warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming the learning rate up.", group="training")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", group="training")
+    max_grad_norm: float = _f(0.3, "Gradient clipping norm (0.3 as in the QLoRA paper).", group="training")
+    optim: str = _f("auto", "Optimizer; `auto`: paged_adamw_32bit on CUDA, adamw_torch on CPU.", choices=("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit"), group="training")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.", group="training")
+    packing: bool = _f(False, "Pack several samples into each sequence (padding-free, with per-sample attention).", group="training")
+    assistant_only_loss: bool = _f(True, "Train on assistant tokens only (prompts, system and user turns are masked out of the loss).", group="training")
+    seed: int = _f(42, "Random seed for data order, LoRA init and dropout.", group="training")
+    logging_steps: int = _f(10, "Log loss, learning rate and throughput every N optimizer steps.", group="training")
+    eval_steps: int = _f(0, "Evaluate every N steps; 0: only before and after training.", group="training")
+    save_steps: int = _f(100, "Save a checkpoint every N optimizer steps.", group="training")
+    save_total_limit: int = _f(2, "Checkpoints kept on local disk (oldest deleted first).", group="training")
+    num_sample_generations: int = _f(4, "Held-out prompts answered before and after training (logged and put in the model card); 0 disables.", group="training")
+    max_new_tokens: int = _f(128, "Token budget of each sample generation.", group="training")
+
+    # --- tracking
+    report_to: str = _f("auto", "Experiment tracking; `auto`: W&B when WANDB_API_KEY, WANDB_MODE or QLORA_WANDB_PROJECT is set, else none.", choices=("auto", "wandb", "none"), group="tracking")
+    wandb_project: str = _f("qlora-job", "W&B project.", group="tracking")
+    wandb_entity: str = _f("", "W&B entity (team or user); empty: the key's default.", group="tracking")
+
+    # --- runtime
+    base_dir: str = _f(DEFAULT_BASE_DIR, "Base of the container layout (input/, model/, checkpoints/, output/failure).", group="runtime")
+    log_level: str = _f("info", "Log verbosity.", choices=("debug", "info", "warning", "error"), group="runtime")
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def paths(self) -> ContainerPaths:
+        return container_paths(self.base_dir)
+
+    @property
+    def output_uri(self) -> str:
+        return self.output or str(self.paths.model_dir)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else self.paths.checkpoint_dir
+
+    @property
+    def target_modules(self) -> str | list[str]:
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """What goes to W&B and the manifest: every setting (none of them is a secret, by construction)."""
+        return dataclasses.asdict(self)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(JobConfig)}
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def cli_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}[_annotation(f)]
+
+
+def _annotation(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def _convert(f: dataclasses.Field, raw: Any) -> Any:
+    """Convert one raw value (string from env/CLI, or JSON value) to the field's type, or raise ValueError."""
+    kind = _annotation(f)
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError("expected a boolean: true/false (also 1/0, yes/no, on/off)")
+    if kind == "int":
+        if isinstance(raw, bool):
+            raise ValueError("expected an integer")
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            raise ValueError("expected an integer, e.g. 100") from None
+    if kind == "float":
+        if isinstance(raw, bool):
+            raise ValueError("expected a number")
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            raise ValueError("expected a number, e.g. 0.0002 or 2e-4") from None
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
+    value = raw if isinstance(raw, str) else json.dumps(raw) if isinstance(raw, (list, dict)) else str(raw)
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}")
+    return value
+
+
+def _unknown(key: str, where: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see the README's table of variables"
+    return f"{where} is not a known setting{hint}"
+
+
+def _load_hyperparameters(path: Path, problems: list[str]) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{path}: cannot be read as JSON ({exc}); fix or remove the file")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a JSON object of setting -> value, got {type(data).__name__}")
+        return {}
+    return data
+
+
+def _parse_cli(argv: Sequence[str], problems: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            problems.append(f"command line: unexpected argument {arg!r}; settings are given as --name value")
+            i += 1
+            continue
+        key, eq, value = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(args):
+                problems.append(f"command line: {arg} needs a value")
+                break
+            value = args[i + 1]
+            i += 1
+        if name not in FIELDS:
+            problems.append(_unknown(cli_name(name), f"command line flag --{key}", [cli_name(n) for n in FIELDS]))
+        else:
+            values[name] = value
+        i += 1
+    return values
+
+
+def parse_config(
+    env: Mapping[str, str],
+    argv: Sequence[str] = (),
+    *,
+    check_paths: bool = True,
+) -> JobConfig:
+    """Build the job's configuration from hyperparameters.json, the environment and the CLI.
+
+    Raises ConfigError listing every problem found. `check_paths=False` skips checks of local paths
+    (the launcher validates a job that will run elsewhere).
+    """
+    problems: list[str] = []
+    raw: dict[str, tuple[Any, str]] = {}  # name -> (raw value, where it came from)
+
+    env_values: dict[str, str] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name in FIELDS:
+            env_values[name] = value
+        else:
+            problems.append(_unknown(key, f"environment variable {key}", [env_name(n) for n in FIELDS]))
+    cli_values = _parse_cli(argv, problems)
+
+    # The base dir decides where hyperparameters.json is, so it is resolved from env/CLI first.
+    base_dir = cli_values.get("base_dir") or env_values.get("base_dir") or DEFAULT_BASE_DIR
+    paths = container_paths(base_dir)
+    hp_file = paths.hyperparameters_file
+    for key, value in _load_hyperparameters(hp_file, problems).items():
+        if key.startswith("sagemaker_"):  # the SDK's own bookkeeping keys
+            continue
+        if key in FIELDS:
+            raw[key] = (value, f"{hp_file} key {key!r}")
+        else:
+            problems.append(_unknown(key, f"{hp_file} key {key!r}", list(FIELDS)))
+    for name, value in env_values.items():
+        raw[name] = (value, f"{env_name(name)}")
+    for name, value in cli_values.items():
+        raw[name] = (value, f"{cli_name(name)}")
+
+    values: dict[str, Any] = {}
+    for name, (value, where) in raw.items():
+        try:
+            values[name] = _convert(FIELDS[name], value)
+        except ValueError as exc:
+            problems.append(f"{where}={value!r}: {exc}")
+
+    # SageMaker input channels fill in what was not set explicitly.
+    channel_env = {"data": ("SM_CHANNEL_TRAIN", "train"), "eval_data": ("SM_CHANNEL_EVAL", "eval"), "model": ("SM_CHANNEL_MODEL", "model")}
+    for name, (var, channel) in channel_env.items():
+        if name in raw:
+            continue
+        if env.get(var):
+            values[name] = env[var]
+        elif check_paths and paths.channel_dir(channel).is_dir():
+            values[name] = str(paths.channel_dir(channel))
+
+    cfg_values = {n: values[n] for n in FIELDS if n in values}
+    try:
+        cfg = JobConfig(**cfg_values)
+    except TypeError as exc:  # pragma: no cover - every key was checked above
+        raise ConfigError([str(exc)]) from None
+    problems.extend(validate(cfg, check_paths=check_paths))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
+    """Cross-field checks. Returns every problem found, each naming the variable and the fix."""
+    p: list[str] = []
+
+    def bad(name: str, why: str) -> None:
+        p.append(f"{env_name(name)}={getattr(cfg, name)!r}: {why}")
+
+    if not cfg.data:
+        p.append(f"{env_name('data')} is not set: give the training data as an s3:// URI or a local path"
+                 " (or run on SageMaker with a `train` input channel)")
+    for name in ("model", "data", "eval_data", "output", "checkpoint_uri"):
+        value = getattr(cfg, name)
+        if value.startswith("s3://") and len(value) <= len("s3://"):
+            bad(name, "an s3:// URI needs a bucket, e.g. s3://my-bucket/prefix")
+        elif "://" in value and not value.startswith("s3://"):
+            bad(name, "only s3:// URIs and local paths are supported")
+    if cfg.checkpoint_uri and not cfg.checkpoint_uri.startswith("s3://"):
+        bad("checkpoint_uri", "must be an s3:// prefix (or empty)")
+    if not cfg.model:
+        bad("model", "must name a Hub id, a local directory or an s3:// prefix")
+    if check_paths:
+        for name in ("data", "eval_data"):
+            value = getattr(cfg, name)
+            if value and not value.startswith("s3://") and not Path(value).exists():
+                bad(name, "no such file or directory")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        bad("eval_fraction", "must be at least 0 and below 1 (0.05 holds out 5%)")
+    if cfg.eval_data and cfg.eval_fraction not in (0.0, FIELDS["eval_fraction"].default):
+        p.append(f"{env_name('eval_data')} and {env_name('eval_fraction')} are both set: use one of them")
+    for name in ("max_bad_records", "num_sample_generations", "save_total_limit", "eval_steps"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must be 0 or more")
+    for name in ("lora_r", "lora_alpha", "max_seq_length", "micro_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "save_steps", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            bad(name, "must be 1 or more")
+    if cfg.max_seq_length > 131072:
+        bad("max_seq_length", "is larger than any Llama-class context (131072)")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad("lora_dropout", "must be at least 0 and below 1")
+    if not cfg.target_modules:
+        bad("lora_target_modules", "name at least one module, e.g. q_proj,v_proj, or all-linear")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        bad("max_steps", "must be a positive number of steps, or -1 to train for num_epochs")
+    if cfg.max_steps == -1 and cfg.num_epochs <= 0:
+        bad("num_epochs", "must be above 0 when max_steps is -1")
+    if not 0.0 < cfg.learning_rate < 1.0:
+        bad("learning_rate", "must be above 0 and below 1 (2e-4 is typical for QLoRA)")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        bad("warmup_ratio", "must be at least 0 and below 1")
+    if cfg.weight_decay < 0:
+        bad("weight_decay", "must be 0 or more")
+    if cfg.max_grad_norm < 0:
+        bad("max_grad_norm", "must be 0 or more (0 disables clipping)")
+    if not cfg.base_dir:
+        bad("base_dir", "must be a directory path")
+    return p
+
+
+def markdown_table() -> str:
+    """The README's table of variables, generated from the dataclass (a test checks they agree)."""
+    rows = ["| variable | type | default | description |", "| --- | --- | --- | --- |"]
+    for f in FIELDS.values():
+        default = f.default
+        shown = "(empty)" if default == "" else str(default).lower() if isinstance(default, bool) else str(default)
+        doc = f.metadata["doc"]
+        if f.metadata["choices"]:
+            doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+        rows.append(f"| `{env_name(f.name)}` | {_type_name(f)} | `{shown}` | {doc.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--markdown", action="store_true", help="print the README table of variables")
+    ap.add_argument("--check", action="store_true", help="parse the environment and print the settings as JSON")
+    args, rest = ap.parse_known_args(argv)
+    if args.markdown:
+        print(markdown_table())
+        return 0
+    try:
+        cfg = parse_config(os.environ, rest)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(cfg.to_public_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

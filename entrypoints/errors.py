@@ -1,0 +1,113 @@
+"""The job's exit contract: failure classes, their exit codes, and the one top-level handler.
+
+`run_guarded(main_fn, failure_file)` is what every entrypoint's `main()` calls. It is torch-free so
+the launcher can import the exit codes (the Kubernetes podFailurePolicy is built from them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("qlora")
+
+# Documented exit codes (README "Exit codes"). Kubernetes' podFailurePolicy and the scheduler's retry
+# policy key off these numbers, so they are part of the public contract: never renumber.
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug or an unexpected library failure: retrying will not help
+EXIT_CONFIG = 2  # a setting is missing, malformed or contradictory
+EXIT_DATA = 3  # the training/eval data cannot be read or normalised
+EXIT_MODEL = 4  # the base model or adapter is missing, unsafe or incompatible
+EXIT_STORAGE = 5  # object storage unreachable / access denied after retries
+EXIT_OUTPUT_EXISTS = 6  # the output location already holds a complete result
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; rerun to resume (EX_TEMPFAIL)
+
+# SageMaker shows the first 1024 characters of /opt/ml/output/failure as FailureReason.
+FAILURE_REASON_LIMIT = 1024
+
+
+class JobError(Exception):
+    """A failure we understand: the message says what went wrong and how to fix it."""
+
+    exit_code = EXIT_INTERNAL
+    kind = "internal error"
+
+
+class ConfigError(JobError):
+    exit_code = EXIT_CONFIG
+    kind = "configuration error"
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
+
+
+class DataError(JobError):
+    exit_code = EXIT_DATA
+    kind = "data error"
+
+
+class ModelError(JobError):
+    exit_code = EXIT_MODEL
+    kind = "model error"
+
+
+class StorageError(JobError):
+    exit_code = EXIT_STORAGE
+    kind = "storage error"
+
+
+class OutputExistsError(JobError):
+    exit_code = EXIT_OUTPUT_EXISTS
+    kind = "output exists"
+
+
+class Preempted(JobError):
+    exit_code = EXIT_PREEMPTED
+    kind = "preempted"
+
+
+def write_failure_file(failure_file: Path | None, message: str) -> None:
+    """Best effort: the failure file must never mask the original error."""
+    if failure_file is None:
+        return
+    try:
+        failure_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = failure_file.with_name(failure_file.name + ".tmp")
+        tmp.write_text(message[:FAILURE_REASON_LIMIT] + ("\n" if len(message) <= FAILURE_REASON_LIMIT else ""))
+        os.replace(tmp, failure_file)
+    except OSError as exc:  # read-only or missing /opt/ml outside SageMaker
+        log.debug("could not write failure file %s: %s", failure_file, exc)
+
+
+def run_guarded(main_fn: Callable[[], object], failure_file: Callable[[], Path | None]) -> int:
+    """Run `main_fn`, turning every failure into one message, the failure file and an exit code.
+
+    `failure_file` is a callable because the path is only known once configuration has been parsed
+    (and a configuration error may happen before that: then the default base dir is used).
+    """
+    try:
+        main_fn()
+        return EXIT_OK
+    except JobError as exc:
+        message = f"{exc.kind}: {exc}"
+        code = exc.exit_code
+        log.error("%s", message)
+    except KeyboardInterrupt:
+        message = "preempted: interrupted before a checkpoint could be saved; rerun to resume"
+        code = EXIT_PREEMPTED
+        log.error("%s", message)
+    except Exception as exc:  # noqa: BLE001 - the top-level handler is the one place that catches all
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        code = EXIT_INTERNAL
+        # A traceback helps here, but never as the only message: the summary line comes last.
+        log.error("%s", traceback.format_exc().rstrip())
+        log.error("%s", message)
+    write_failure_file(failure_file(), message)
+    sys.stdout.flush()
+    return code
