@@ -135,6 +135,10 @@ class JobConfig:
     wandb_project: str = _f("qlora-job", "W&B project.", group="tracking")
     wandb_entity: str = _f("", "W&B entity (team or user); empty: the key's default.", group="tracking")
 
+    # --- secrets (references only: the values are resolved at run time and never stored in the config)
+    secrets_arn: str = _f("", "ARN of a Secrets Manager secret (a JSON object with HF_TOKEN and/or WANDB_API_KEY) read at job start.", group="secrets")
+    secrets_dir: str = _f("", "A mounted directory (e.g. a Kubernetes Secret volume) with files named HF_TOKEN and/or WANDB_API_KEY.", group="secrets")
+
     # --- runtime
     base_dir: str = _f(DEFAULT_BASE_DIR, "Base of the container layout (input/, model/, checkpoints/, output/failure).", group="runtime")
     log_level: str = _f("info", "Log verbosity.", choices=("debug", "info", "warning", "error"), group="runtime")
