@@ -1,0 +1,314 @@
+"""Object storage and local paths behind one small API: fetch inputs, publish outputs.
+
+    python -m entrypoints.storage ls s3://bucket/prefix/      # list (handy to debug an endpoint)
+
+`s3://` URIs go through boto3 (multipart transfers, adaptive retries with backoff, a custom endpoint
+for S3-compatible stores); anything else is a local path. Downloads land in a temporary name and are
+renamed when complete, so an interrupted transfer is never mistaken for a finished file. Torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+
+from entrypoints.errors import StorageError
+
+log = logging.getLogger("qlora.storage")
+
+# Multipart thresholds: 64 MiB parts keep a 13 GB shard set at ~200 parts and let 8 threads saturate
+# an instance's network without holding more than ~512 MiB in flight.
+MULTIPART_BYTES = 64 * 1024 * 1024
+MAX_CONCURRENCY = 8
+# Adaptive retry mode backs off exponentially and rate-limits itself on throttling; 10 attempts ride
+# out a storage endpoint restart of about a minute.
+MAX_ATTEMPTS = 10
+PROGRESS_MIN_BYTES = 32 * 1024 * 1024
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} has no bucket: write s3://bucket/key")
+    return bucket, key
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto an s3:// URI or a local path."""
+    if is_s3(uri):
+        return uri.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+    return str(Path(uri, *parts))
+
+
+@lru_cache(maxsize=8)
+def _client(endpoint_url: str):
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": MAX_ATTEMPTS, "mode": "adaptive"},
+        connect_timeout=10,
+        read_timeout=120,
+        # Path-style addressing works with every S3-compatible store; AWS still accepts it.
+        s3={"addressing_style": "path"} if endpoint_url else {},
+    )
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+    transfer = TransferConfig(
+        multipart_threshold=MULTIPART_BYTES,
+        multipart_chunksize=MULTIPART_BYTES,
+        max_concurrency=MAX_CONCURRENCY,
+    )
+    return client, transfer
+
+
+def _storage_error(exc: Exception, uri: str, action: str) -> StorageError:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StorageError(f"access denied while trying to {action} {uri} ({code}): grant the job's role"
+                                " s3:GetObject/s3:ListBucket on inputs and s3:PutObject on outputs, or fix the credentials")
+        if code in ("NoSuchBucket",):
+            return StorageError(f"bucket of {uri} does not exist: create it or fix the URI")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{uri} does not exist: check the URI (keys are case-sensitive)")
+        return StorageError(f"could not {action} {uri}: {code or exc}")
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(f"no AWS credentials found to {action} {uri}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,"
+                            " AWS_PROFILE, or run with an IAM role")
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(f"cannot reach the S3 endpoint to {action} {uri} after {MAX_ATTEMPTS} attempts ({exc}):"
+                            " check QLORA_S3_ENDPOINT_URL / the network, then rerun")
+    return StorageError(f"could not {action} {uri}: {type(exc).__name__}: {exc}")
+
+
+def _retrying(fn, uri: str, action: str, attempts: int = 4):
+    """Retry a whole transfer (botocore retries single requests; this covers a connection dropped mid-stream)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    delay = 2.0
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404", "NotFound",
+                        "InvalidAccessKeyId", "SignatureDoesNotMatch") or attempt == attempts:
+                raise _storage_error(exc, uri, action) from None
+            log.warning("%s %s failed (%s), retrying in %.0fs (%d/%d)", action, uri, code, delay, attempt, attempts)
+        except (BotoCoreError, OSError) as exc:
+            if attempt == attempts:
+                raise _storage_error(exc, uri, action) from None
+            log.warning("%s %s failed (%s), retrying in %.0fs (%d/%d)", action, uri, exc, delay, attempt, attempts)
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
+    raise AssertionError("unreachable")
+
+
+class _Progress:
+    """Logs a transfer's progress every 10% (only for transfers big enough to be worth watching)."""
+
+    def __init__(self, label: str, total_bytes: int):
+        self.label, self.total, self.done, self.next_pct = label, total_bytes, 0, 10
+        self.lock = threading.Lock()
+        self.start = time.monotonic()
+
+    def __call__(self, nbytes: int) -> None:
+        with self.lock:
+            self.done += nbytes
+            pct = 100 * self.done // max(self.total, 1)
+            if self.total >= PROGRESS_MIN_BYTES and pct >= self.next_pct:
+                rate = self.done / max(time.monotonic() - self.start, 1e-6) / 2**20
+                log.info("%s: %d%% of %.1f MiB (%.1f MiB/s)", self.label, pct, self.total / 2**20, rate)
+                self.next_pct = pct - pct % 10 + 10
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    relative: str
+    size: int
+
+
+def list_objects(uri: str, *, endpoint_url: str = "") -> list[ObjectInfo]:
+    """Every object below an s3:// prefix (or the one object the URI names), or files below a local dir."""
+    if not is_s3(uri):
+        root = Path(uri)
+        if root.is_file():
+            return [ObjectInfo(str(root), root.name, root.stat().st_size)]
+        return [ObjectInfo(str(p), p.relative_to(root).as_posix(), p.stat().st_size)
+                for p in sorted(root.rglob("*")) if p.is_file()]
+    bucket, key = split_s3(uri)
+    client, _ = _client(endpoint_url)
+
+    def run() -> list[ObjectInfo]:
+        found: list[ObjectInfo] = []
+        prefix = key if (key.endswith("/") or not key) else key + "/"
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):
+                    continue  # "folder" placeholder objects made by consoles
+                found.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Key"][len(prefix):], obj["Size"]))
+        if not found and key and not key.endswith("/"):
+            try:
+                head = client.head_object(Bucket=bucket, Key=key)
+            except Exception as exc:  # noqa: BLE001 - mapped to a StorageError below
+                from botocore.exceptions import ClientError
+
+                if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return []
+                raise
+            found.append(ObjectInfo(uri, PurePosixPath(key).name, head["ContentLength"]))
+        return found
+
+    return _retrying(run, uri, "list")
+
+
+def fetch(uri: str, dest: Path, *, endpoint_url: str = "") -> Path:
+    """Make `uri` available locally. Local paths are returned as they are; s3:// objects are downloaded.
+
+    An s3:// URI naming one object becomes `dest/<name>`; a prefix becomes the directory `dest`.
+    Files already present with the right size are not downloaded again (a rerun after a failure resumes).
+    """
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.exists():
+            raise StorageError(f"{uri} does not exist: check the path (inside a container, mount it first)")
+        return path
+    objects = list_objects(uri, endpoint_url=endpoint_url)
+    if not objects:
+        raise StorageError(f"nothing found at {uri}: the prefix is empty or the key does not exist")
+    single = len(objects) == 1 and objects[0].uri == uri
+    dest.mkdir(parents=True, exist_ok=True)
+    total = sum(o.size for o in objects)
+    log.info("downloading %s (%d file(s), %.1f MiB) to %s", uri, len(objects), total / 2**20, dest)
+    for obj in objects:
+        target = dest / obj.relative
+        download_file(obj.uri, target, size=obj.size, endpoint_url=endpoint_url)
+    return dest / objects[0].relative if single else dest
+
+
+def download_file(uri: str, target: Path, *, size: int | None = None, endpoint_url: str = "") -> Path:
+    if target.is_file() and size is not None and target.stat().st_size == size:
+        return target
+    bucket, key = split_s3(uri)
+    client, transfer = _client(endpoint_url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".partial")
+    progress = _Progress(f"download {PurePosixPath(key).name}", size or 0)
+    _retrying(lambda: client.download_file(bucket, key, str(tmp), Config=transfer, Callback=progress), uri, "download")
+    os.replace(tmp, target)
+    return target
+
+
+def upload_file(local: Path, uri: str, *, endpoint_url: str = "") -> None:
+    """Upload (or copy, for a local destination) one file; the destination appears only when complete."""
+    if not is_s3(uri):
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, target)
+        return
+    bucket, key = split_s3(uri)
+    client, transfer = _client(endpoint_url)
+    size = local.stat().st_size
+    progress = _Progress(f"upload {local.name}", size)
+    # S3 makes an object visible only once its (multipart) upload completes, so no temp name is needed.
+    _retrying(lambda: client.upload_file(str(local), bucket, key, Config=transfer, Callback=progress), uri, "upload")
+
+
+def iter_tree(local_dir: Path) -> Iterator[Path]:
+    return (p for p in sorted(local_dir.rglob("*")) if p.is_file())
+
+
+def upload_tree(local_dir: Path, uri: str, *, endpoint_url: str = "", exclude: tuple[str, ...] = ()) -> list[str]:
+    uploaded = []
+    for path in iter_tree(local_dir):
+        rel = path.relative_to(local_dir).as_posix()
+        if rel in exclude:
+            continue
+        upload_file(path, join(uri, rel), endpoint_url=endpoint_url)
+        uploaded.append(rel)
+    return uploaded
+
+
+def read_text(uri: str, *, endpoint_url: str = "") -> str | None:
+    """The object's text, or None when it does not exist."""
+    if not is_s3(uri):
+        path = Path(uri)
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    bucket, key = split_s3(uri)
+    client, _ = _client(endpoint_url)
+    from botocore.exceptions import ClientError
+
+    def run() -> str | None:
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    return _retrying(run, uri, "read")
+
+
+def write_text(uri: str, text: str, *, endpoint_url: str = "") -> None:
+    if not is_s3(uri):
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+        return
+    bucket, key = split_s3(uri)
+    client, _ = _client(endpoint_url)
+    _retrying(lambda: client.put_object(Bucket=bucket, Key=key, Body=text.encode("utf-8")), uri, "write")
+
+
+def delete(uri: str, *, endpoint_url: str = "") -> None:
+    if not is_s3(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(uri)
+    client, _ = _client(endpoint_url)
+    _retrying(lambda: client.delete_object(Bucket=bucket, Key=key), uri, "delete")
+
+
+def check_bucket(uri: str, *, endpoint_url: str = "") -> None:
+    """Fail early (before any GPU work) when the bucket of an s3:// URI is missing or not accessible."""
+    if not is_s3(uri):
+        return
+    bucket, _ = split_s3(uri)
+    client, _ = _client(endpoint_url)
+    _retrying(lambda: client.head_bucket(Bucket=bucket), f"s3://{bucket}", "access the bucket of", attempts=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "ls":
+        print("usage: python -m entrypoints.storage ls URI", file=sys.stderr)
+        return 2
+    endpoint = os.environ.get("QLORA_S3_ENDPOINT_URL", "")
+    for obj in list_objects(args[1], endpoint_url=endpoint):
+        print(f"{obj.size:>14}  {obj.uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared fixtures: a real SeaweedFS S3 server, tiny real models, the real tokenizers.
+
+Tiers: tests without a marker are unit tests; `integration`, `gpu` and `slow` are set per module.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from entrypoints.local_s3 import S3Server
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(m.name in ("integration", "gpu", "slow") for m in item.iter_markers()):
+            item.add_marker(pytest.mark.unit)
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs CUDA (run on a GPU machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("weed")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point boto3 in this process at the test server; returns (server, fresh bucket name)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    return s3_server, bucket
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    d = Path(os.environ.get("QLORA_TEST_CACHE", REPO / ".cache"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
