@@ -131,7 +131,7 @@ class JobConfig:
     max_new_tokens: int = _f(128, "Token budget of each sample generation.", group="training")
 
     # --- tracking
-    report_to: str = _f("auto", "Experiment tracking; `auto`: W&B when WANDB_API_KEY, WANDB_MODE or QLORA_WANDB_PROJECT is set, else none.", choices=("auto", "wandb", "none"), group="tracking")
+    report_to: str = _f("auto", "Experiment tracking; `auto`: W&B when WANDB_API_KEY (from any secret source) or WANDB_MODE is set, else none.", choices=("auto", "wandb", "none"), group="tracking")
     wandb_project: str = _f("qlora-job", "W&B project.", group="tracking")
     wandb_entity: str = _f("", "W&B entity (team or user); empty: the key's default.", group="tracking")
 

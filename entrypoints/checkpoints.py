@@ -1,0 +1,129 @@
+"""Checkpoints that are never mistaken for complete when they are not, and preemption that saves one.
+
+A checkpoint directory counts only once it holds the COMPLETE marker, written after the Trainer has
+finished writing every file of it. With QLORA_CHECKPOINT_URI, each complete checkpoint is mirrored to
+S3 (marker last) and a restarted job with an empty disk restores the newest complete one from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+from entrypoints import storage
+
+log = logging.getLogger("qlora.checkpoints")
+
+MARKER = "COMPLETE"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _step(path: Path | str) -> int:
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def latest_complete(checkpoint_dir: Path) -> Path | None:
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = sorted((p for p in checkpoint_dir.iterdir() if p.is_dir() and _step(p) >= 0), key=_step, reverse=True)
+    for path in candidates:
+        if (path / MARKER).is_file():
+            return path
+        log.warning("ignoring incomplete checkpoint %s (no %s marker: the job stopped while saving it)", path, MARKER)
+    return None
+
+
+def remove_incomplete(checkpoint_dir: Path) -> None:
+    if not checkpoint_dir.is_dir():
+        return
+    for path in checkpoint_dir.iterdir():
+        if path.is_dir() and _step(path) >= 0 and not (path / MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def mark_complete(path: Path, step: int) -> None:
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "time": time.time()}))
+    tmp.replace(path / MARKER)
+
+
+def restore_from_uri(uri: str, checkpoint_dir: Path, endpoint_url: str) -> Path | None:
+    """Download the newest complete remote checkpoint when the local directory has none."""
+    if latest_complete(checkpoint_dir) is not None:
+        return None
+    objects = storage.list_objects(uri.rstrip("/") + "/", endpoint_url=endpoint_url)
+    complete = sorted({o.relative.split("/")[0] for o in objects if o.relative.endswith("/" + MARKER)}, key=_step)
+    if not complete:
+        return None
+    name = complete[-1]
+    log.info("restoring checkpoint %s from %s", name, uri)
+    target = checkpoint_dir / name
+    for obj in objects:
+        if obj.relative.startswith(name + "/"):
+            storage.download_file(obj.uri, checkpoint_dir / obj.relative, size=obj.size, endpoint_url=endpoint_url)
+    return target if (target / MARKER).is_file() else None
+
+
+def mirror_to_uri(path: Path, uri: str, endpoint_url: str) -> None:
+    dest = storage.join(uri, path.name)
+    storage.upload_tree(path, dest, endpoint_url=endpoint_url, exclude=(MARKER,))
+    storage.upload_file(path / MARKER, storage.join(dest, MARKER), endpoint_url=endpoint_url)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT. Before training starts the signal interrupts at once; during training the
+    Trainer callback saves a checkpoint at the end of the current step and stops."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.training = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.event.set()
+        log.warning("%s received: %s", self.signal_name,
+                    "saving a checkpoint after the current step" if self.training else "stopping")
+        if not self.training:
+            raise KeyboardInterrupt(self.signal_name)
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str):
+    """A transformers TrainerCallback (built lazily so this module stays importable without torch)."""
+    from transformers import TrainerCallback
+
+    class CheckpointCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.is_set():
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return control
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                mark_complete(path, state.global_step)
+                if checkpoint_uri:
+                    mirror_to_uri(path, checkpoint_uri, endpoint_url)
+                log.info("checkpoint %s complete", path.name)
+            return control
+
+    return CheckpointCallback()

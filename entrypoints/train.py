@@ -1,0 +1,452 @@
+"""The training job: QLoRA SFT of a Llama-class model, configured by QLORA_* variables.
+
+    python -m entrypoints.train [--name value ...]      # what the container's `train` command runs
+
+Steps (main -> run): resolve secrets and the output location -> fetch data and model -> tokenize ->
+load the 4-bit model -> eval + sample answers before -> train (resuming from the newest complete
+checkpoint) -> eval + sample answers after -> save the adapter -> merge -> model card + manifest ->
+publish (manifest last) -> print a summary. Exit codes: entrypoints/errors.py and the README.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from entrypoints import storage
+from entrypoints.checkpoints import StopFlag, latest_complete, remove_incomplete, restore_from_uri, trainer_callback
+from entrypoints.config import JobConfig, parse_config
+from entrypoints.data import LoadStats, list_data_files, load_conversations
+from entrypoints.errors import DataError, Preempted, run_guarded
+from entrypoints.outputs import (
+    OutputTarget,
+    Publisher,
+    build_manifest,
+    fingerprint_files,
+    plan_output,
+    write_model_card,
+)
+from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
+from entrypoints.secrets import install_redactor, resolve_secrets
+from entrypoints.tracking import NullTracker, WandbTracker, wandb_wanted
+
+log = logging.getLogger("qlora")
+SUMMARY_PREFIX = "QLORA_SUMMARY "  # the last stdout line: one JSON object a caller can parse
+
+
+@dataclass
+class Inputs:
+    data: Path
+    eval_data: Path | None
+    model_dir: Path
+    data_files: list[Path]
+
+
+@dataclass
+class Prepared:
+    train: Any
+    eval: Any | None
+    samples: list[dict[str, Any]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- steps
+def resolve_inputs(cfg: JobConfig, work: Path, hf_token: str | None) -> Inputs:
+    from entrypoints.modeling import resolve_model
+
+    endpoint = cfg.s3_endpoint_url
+    data = storage.fetch(cfg.data, work / "data" / "train", endpoint_url=endpoint)
+    eval_data = storage.fetch(cfg.eval_data, work / "data" / "eval", endpoint_url=endpoint) if cfg.eval_data else None
+    model_dir = resolve_model(cfg, work, hf_token)
+    return Inputs(data, eval_data, model_dir, list_data_files(data) + (list_data_files(eval_data) if eval_data else []))
+
+
+def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
+    if isinstance(conv, str):
+        return None
+    last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+    question = next((m["content"] for m in reversed(conv[:last]) if m["role"] == "user"), "")
+    return {"messages": conv[:last], "prompt": question, "reference": conv[last]["content"]}
+
+
+def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str | None) -> Prepared:
+    from datasets import Dataset
+
+    from entrypoints.templating import tokenize_conversation, tokenize_text
+
+    def tokenized(path: Path, stats: LoadStats):
+        def gen():
+            for conv in load_conversations(path, cfg.data_format, cfg.max_bad_records, stats):
+                yield {"record": json.dumps(conv)}
+        return Dataset.from_generator(gen, cache_dir=None, keep_in_memory=True)
+
+    def tokenize(batch):
+        out: dict[str, list] = {"input_ids": [], "assistant_masks": []}
+        for raw in batch["record"]:
+            conv = json.loads(raw)
+            if isinstance(conv, str):
+                enc = tokenize_text(tokenizer, conv)
+            else:
+                if template is None:
+                    raise DataError("chat records need a chat template, but none could be resolved")
+                enc = tokenize_conversation(tokenizer, template, conv, cfg.assistant_only_loss)
+            out["input_ids"].append(enc["input_ids"])
+            out["assistant_masks"].append(enc["assistant_masks"])
+        return out
+
+    train_stats = LoadStats()
+    train_raw = tokenized(inputs.data, train_stats)
+    stats: dict[str, Any] = {"format": train_stats.fmt, "train_records_read": train_stats.records,
+                             "bad_records_skipped": train_stats.skipped}
+    if inputs.eval_data is not None:
+        eval_stats = LoadStats()
+        eval_raw = tokenized(inputs.eval_data, eval_stats)
+        stats["bad_records_skipped"] += eval_stats.skipped
+    elif cfg.eval_fraction > 0 and len(train_raw) >= 2:
+        n_eval = max(1, round(len(train_raw) * cfg.eval_fraction))
+        split = train_raw.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+        train_raw, eval_raw = split["train"], split["test"]
+    else:
+        eval_raw = None
+
+    samples = []
+    if eval_raw is not None and cfg.num_sample_generations:
+        for raw in eval_raw.select(range(min(len(eval_raw), cfg.num_sample_generations)))["record"]:
+            sample = _split_sample(json.loads(raw))
+            if sample:
+                samples.append(sample)
+
+    num_proc = min(os.cpu_count() or 1, 8) if len(train_raw) > 20_000 else None
+    train_ds = train_raw.map(tokenize, batched=True, remove_columns=["record"], num_proc=num_proc, desc="tokenizing train")
+    eval_ds = eval_raw.map(tokenize, batched=True, remove_columns=["record"], desc="tokenizing eval") if eval_raw is not None else None
+    lengths = [len(x) for x in train_ds["input_ids"]]
+    trained = [sum(m) for m in train_ds["assistant_masks"]]
+    stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
+                  "train_tokens": int(sum(min(n, cfg.max_seq_length) for n in lengths)),
+                  "train_loss_tokens": int(sum(trained)),
+                  "median_tokens_per_record": int(sorted(lengths)[len(lengths) // 2]) if lengths else 0,
+                  "records_over_max_seq_length": int(sum(n > cfg.max_seq_length for n in lengths))})
+    if stats["train_loss_tokens"] == 0:
+        raise DataError("no token is trained on: every record's answer was masked out (check the data format)")
+    log.info("data: %s", json.dumps(stats))
+    return Prepared(train_ds, eval_ds, samples, stats)
+
+
+def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tracker: Any, stop: StopFlag,
+                  pad_token: str):
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from entrypoints.modeling import compute_dtype, device_kind
+
+    cuda = device_kind() == "cuda"
+    dtype = compute_dtype(cfg)
+    optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
+    has_eval = data.eval is not None
+    args = SFTConfig(
+        output_dir=str(cfg.checkpoint_path),
+        run_name=cfg.run_name or None,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=optim,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        use_cpu=not cuda,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=tracker.report_to,
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        padding_free=cfg.packing,
+        dataset_num_proc=None,
+        disable_tqdm=True,  # one log line per logging step reads better in CloudWatch / kubectl logs
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    peft_config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url), _throughput_callback(tracker)],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our Throughput callback logs each step once, via logging
+    return trainer
+
+
+def _throughput_callback(tracker: Any):
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        """Adds trained-tokens-per-second (non-padding tokens, from TRL's `num_tokens`) to the logs."""
+
+        def __init__(self) -> None:
+            self.last: tuple[float, float] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "num_tokens" not in logs:
+                return
+            now, tokens = time.monotonic(), float(logs["num_tokens"])
+            if self.last is not None and now > self.last[0] and tokens > self.last[1]:
+                rate = (tokens - self.last[1]) / (now - self.last[0])
+                logs["tokens_per_second"] = round(rate, 1)
+                tracker.log({"train/tokens_per_second": rate, "train/global_step": state.global_step})
+            self.last = (now, tokens)
+            if state.is_world_process_zero:
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()}
+                log.info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(shown))
+
+    return Throughput()
+
+
+def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: list[dict[str, Any]],
+                     max_new_tokens: int) -> list[str]:
+    import torch
+
+    from entrypoints.templating import prompt_ids
+
+    if not samples or template is None:
+        return []
+    was_training = model.training
+    model.eval()
+    answers = []
+    device = next(p.device for p in model.parameters())
+    for sample in samples:
+        ids = torch.tensor([prompt_ids(tokenizer, template, sample["messages"])], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    if was_training:
+        model.train()
+    return answers
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def answer_match(answers: Sequence[str], samples: Sequence[dict[str, Any]]) -> float | None:
+    """Fraction of held-out answers that contain the reference answer (normalised case/punctuation)."""
+    if not answers:
+        return None
+    hits = [normalize_answer(s["reference"]) in normalize_answer(a) for a, s in zip(answers, samples, strict=True)]
+    return sum(hits) / len(hits)
+
+
+def evaluate(trainer: Any, has_eval: bool) -> float | None:
+    if not has_eval:
+        return None
+    loss = trainer.evaluate().get("eval_loss")
+    return float(loss) if loss is not None and math.isfinite(loss) else None
+
+
+def train(trainer: Any, cfg: JobConfig, stop: StopFlag) -> dict[str, Any]:
+    ckpt_dir = cfg.checkpoint_path
+    if cfg.checkpoint_uri:
+        restore_from_uri(cfg.checkpoint_uri, ckpt_dir, cfg.s3_endpoint_url)
+    resume = latest_complete(ckpt_dir) if cfg.resume else None
+    remove_incomplete(ckpt_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    stop.training = True
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        stop.training = False
+    if stop.is_set():
+        raise Preempted(f"{stop.signal_name} received: checkpoint saved at step {trainer.state.global_step} in"
+                        f" {ckpt_dir}; run the job again with the same settings to resume")
+    return {"train_loss": float(result.training_loss), "global_step": int(result.global_step),
+            "train_runtime_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 1),
+            "resumed_from": resume.name if resume else None}
+
+
+def save_adapter(trainer: Any, tokenizer: Any, stage: Path) -> Path:
+    adapter_dir = stage / "adapter"
+    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(adapter_dir)
+    return adapter_dir
+
+
+# ------------------------------------------------------------------------------------------- job
+def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop: StopFlag) -> dict[str, Any]:
+    started = time.monotonic()
+    work = cfg.paths.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    target = plan_output(cfg)
+    log.info("output: %s%s", target.uri, " (versioned run)" if target.versioned else "")
+    inputs = resolve_inputs(cfg, work, secrets.get("HF_TOKEN"))
+
+    from entrypoints.modeling import device_kind, load_model, load_tokenizer
+    from entrypoints.templating import choose_pad_token, resolve_chat_template
+
+    tokenizer = load_tokenizer(inputs.model_dir, cfg)
+    template = None if cfg.data_format == "text" else resolve_chat_template(tokenizer, cfg.chat_template)
+    pad_token = choose_pad_token(tokenizer)
+    tokenizer.pad_token = pad_token
+    if template is not None:
+        tokenizer.chat_template = template  # saved with the adapter, so inference formats prompts the same way
+    data = prepare_data(cfg, inputs, tokenizer, template)
+
+    tracker = (WandbTracker(cfg.wandb_project, cfg.wandb_entity, cfg.run_name, cfg.to_public_dict(), work / "wandb")
+               if wandb_wanted(cfg.report_to, {**env, **secrets}) else NullTracker())
+    exit_code = 1
+    try:
+        model = load_model(inputs.model_dir, cfg, int(env.get("LOCAL_RANK", "0")))
+        trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, pad_token)
+        is_main = trainer.is_world_process_zero()
+        has_eval = data.eval is not None
+        eval_before = evaluate(trainer, has_eval)
+        before = generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens) if is_main else []
+        log.info("eval loss before training: %s", eval_before)
+        result = train(trainer, cfg, stop)
+        eval_after = evaluate(trainer, has_eval)
+        after = generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens) if is_main else []
+        log.info("eval loss after training: %s", eval_after)
+        if not is_main:
+            exit_code = 0
+            return {}
+        samples = [{"prompt": s["prompt"], "reference": s["reference"], "before": b, "after": a}
+                   for s, b, a in zip(data.samples, before, after, strict=True)]
+        tokens_per_second = data.stats["train_tokens"] * max(cfg.num_epochs, 0) / max(result["train_runtime_seconds"], 1e-9)
+        metrics = {
+            "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+            "answer_match_before": answer_match(before, data.samples),
+            "answer_match_after": answer_match(after, data.samples),
+            **result, "device": device_kind(),
+        }
+        if cfg.max_steps < 0:
+            metrics["approx_tokens_per_second"] = round(tokens_per_second, 1)
+        tracker.log_samples("samples", samples)
+        tracker.summary({k: v for k, v in metrics.items() if v is not None})
+
+        stage = work / "output"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        publisher = Publisher(stage, target, cfg.s3_endpoint_url)
+        adapter_dir = save_adapter(trainer, tokenizer, stage)
+        for path in storage.iter_tree(adapter_dir):
+            publisher.submit(path)
+        del trainer, model
+        _free_memory()
+        if cfg.merge:
+            from entrypoints.merge import merge_adapter
+
+            log.info("merging the adapter into the 16-bit base model")
+            merge_summary = merge_adapter(inputs.model_dir, adapter_dir, stage / "merged", on_file_written=publisher.submit)
+            metrics["merge"] = {k: v for k, v in merge_summary.items() if isinstance(v, (str, int, float, bool))}
+        write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge)
+        manifest = build_manifest(stage, cfg, {
+            "base_model": {"source": cfg.model, "revision": cfg.model_revision},
+            "data": {"source": cfg.data, "eval_source": cfg.eval_data or None,
+                     "fingerprint_sha256": fingerprint_files(inputs.data_files), **data.stats},
+            "metrics": metrics, "samples": samples,
+        })
+        manifest_uri = publisher.finish(manifest)
+        summary = {"output": target.uri, "manifest": manifest_uri, **metrics, "samples": samples,
+                   "wall_seconds": round(time.monotonic() - started, 1)}
+        exit_code = 0
+        return summary
+    finally:
+        tracker.finish(exit_code)
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def print_summary(summary: Mapping[str, Any], target: OutputTarget | None = None) -> None:
+    lines = ["", "=== QLoRA job finished ===", f"output:    {summary.get('output')}",
+             f"manifest:  {summary.get('manifest')}",
+             f"eval loss: {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}",
+             f"held-out answer match: {summary.get('answer_match_before')} -> {summary.get('answer_match_after')}",
+             f"steps: {summary.get('global_step')}  train loss: {summary.get('train_loss')}"
+             f"  train time: {summary.get('train_runtime_seconds')} s  on {summary.get('device')}"]
+    print("\n".join(lines), flush=True)
+    print(SUMMARY_PREFIX + json.dumps(summary, default=str), flush=True)
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "urllib3", "botocore", "s3transfer", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_redactor()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    env = dict(os.environ)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging(env.get("QLORA_LOG_LEVEL", "info") if env.get("QLORA_LOG_LEVEL") in ("debug", "info", "warning", "error") else "info")
+    state: dict[str, Any] = {}
+    stop = StopFlag()
+    stop.install()
+
+    def failure_file() -> Path:
+        cfg = state.get("cfg")
+        return cfg.paths.failure_file if cfg else container_paths(env.get("QLORA_BASE_DIR") or DEFAULT_BASE_DIR).failure_file
+
+    def job() -> None:
+        cfg = parse_config(env, argv)
+        state["cfg"] = cfg
+        logging.getLogger().setLevel(cfg.log_level.upper())
+        secrets = resolve_secrets(cfg, env)
+        for name, value in secrets.items():
+            os.environ[name] = value  # for the libraries (huggingface_hub, wandb) that read them there
+        log.info("settings: %s", json.dumps(cfg.to_public_dict()))
+        summary = run(cfg, secrets, env, stop)
+        if summary:
+            print_summary(summary)
+
+    return run_guarded(job, failure_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
