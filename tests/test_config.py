@@ -1,0 +1,126 @@
+"""The configuration contract: precedence, strict types, all problems at once, README in sync."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from entrypoints.config import FIELDS, JobConfig, env_name, markdown_table, parse_config
+from entrypoints.errors import EXIT_CONFIG, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(tmp_path, **extra):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    return {"QLORA_DATA": str(data), "QLORA_BASE_DIR": str(tmp_path / "ml"), **extra}
+
+
+def test_defaults_parse(tmp_path):
+    cfg = parse_config(_env(tmp_path))
+    assert isinstance(cfg, JobConfig)
+    assert cfg.quantization == "nf4" and cfg.double_quant is True and cfg.lora_target_modules == "all-linear"
+    assert cfg.output_uri == str(tmp_path / "ml" / "model")
+    assert cfg.checkpoint_path == tmp_path / "ml" / "checkpoints"
+
+
+def test_precedence_hyperparameters_env_cli(tmp_path):
+    hp = tmp_path / "ml" / "input" / "config" / "hyperparameters.json"
+    hp.parent.mkdir(parents=True)
+    # SageMaker passes every hyperparameter as a JSON string; its own keys start with sagemaker_.
+    hp.write_text(json.dumps({"max_steps": "5", "lora_r": "8", "learning_rate": "0.001", "sagemaker_program": "x"}))
+    env = _env(tmp_path, QLORA_LORA_R="32", QLORA_LEARNING_RATE="3e-4")
+    cfg = parse_config(env, ["--learning-rate", "5e-5"])
+    assert (cfg.max_steps, cfg.lora_r, cfg.learning_rate) == (5, 32, 5e-5)
+
+
+@pytest.mark.parametrize("raw,expected", [("False", False), ("false", False), ("0", False), ("no", False),
+                                          ("True", True), ("1", True), ("on", True)])
+def test_booleans_are_strict(tmp_path, raw, expected):
+    assert parse_config(_env(tmp_path, QLORA_PACKING=raw)).packing is expected
+
+
+def test_bad_boolean_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"QLORA_PACKING='maybe': expected a boolean"):
+        parse_config(_env(tmp_path, QLORA_PACKING="maybe"))
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    env = _env(tmp_path, QLORA_MAX_STEPS="ten", QLORA_LORA_R="0", QLORA_QUANTIZATION="int3", QLORA_MAX_STEP="3",
+               QLORA_EVAL_FRACTION="1.5")
+    with pytest.raises(ConfigError) as info:
+        parse_config(env, ["--lerning-rate", "1"])
+    text = str(info.value)
+    assert info.value.exit_code == EXIT_CONFIG
+    assert len(info.value.problems) == 6, text
+    assert "QLORA_MAX_STEPS='ten': expected an integer" in text
+    assert "QLORA_LORA_R=0: must be 1 or more" in text
+    assert "QLORA_QUANTIZATION='int3': expected one of nf4, fp4, none" in text
+    assert "QLORA_MAX_STEP is not a known setting; did you mean QLORA_MAX_STEPS" in text
+    assert "QLORA_EVAL_FRACTION=1.5" in text
+    assert "--lerning-rate" in text and "--learning-rate" in text
+
+
+def test_missing_data_and_bad_uris(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config({"QLORA_BASE_DIR": str(tmp_path), "QLORA_OUTPUT": "gs://bucket/x"})
+    text = str(info.value)
+    assert "QLORA_DATA is not set" in text and "QLORA_OUTPUT='gs://bucket/x': only s3:// URIs" in text
+
+
+def test_local_data_must_exist_unless_launcher(tmp_path):
+    env = {"QLORA_DATA": str(tmp_path / "missing.jsonl"), "QLORA_BASE_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_config(env)
+    assert parse_config(env, check_paths=False).data.endswith("missing.jsonl")
+
+
+def test_sagemaker_channels_fill_unset_inputs(tmp_path):
+    train = tmp_path / "ml" / "input" / "data" / "train"
+    train.mkdir(parents=True)
+    (train / "a.jsonl").write_text('{"text": "x"}\n')
+    cfg = parse_config({"QLORA_BASE_DIR": str(tmp_path / "ml"), "SM_CHANNEL_MODEL": "/opt/ml/input/data/model"})
+    assert cfg.data == str(train) and cfg.model == "/opt/ml/input/data/model"
+    explicit = parse_config({"QLORA_BASE_DIR": str(tmp_path / "ml"), "QLORA_MODEL": "org/name",
+                             "SM_CHANNEL_MODEL": "/x"})
+    assert explicit.model == "org/name"
+
+
+def test_unreadable_hyperparameters_file(tmp_path):
+    hp = tmp_path / "ml" / "input" / "config" / "hyperparameters.json"
+    hp.parent.mkdir(parents=True)
+    hp.write_text("{not json")
+    with pytest.raises(ConfigError, match="hyperparameters.json: cannot be read as JSON"):
+        parse_config(_env(tmp_path))
+
+
+def test_unknown_hyperparameter(tmp_path):
+    hp = tmp_path / "ml" / "input" / "config" / "hyperparameters.json"
+    hp.parent.mkdir(parents=True)
+    hp.write_text(json.dumps({"epochs": "3"}))
+    with pytest.raises(ConfigError, match="key 'epochs' is not a known setting"):
+        parse_config(_env(tmp_path))
+
+
+def test_every_field_is_documented():
+    for name, f in FIELDS.items():
+        assert f.metadata["doc"].strip(), name
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", name)
+
+
+def test_readme_table_matches_code():
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+    assert start in readme and end in readme, "README.md must hold the generated settings table"
+    table = readme.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == markdown_table(), ("README's table of variables is out of date: regenerate it with"
+                                       " `python -m entrypoints.config --markdown`")
+    for name in FIELDS:
+        assert env_name(name) in table
+
+
+def test_secrets_are_not_settings():
+    for secret in ("hf_token", "wandb_api_key", "aws_secret_access_key"):
+        assert secret not in FIELDS

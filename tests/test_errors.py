@@ -1,0 +1,54 @@
+"""The exit contract: one handler, a failure file SageMaker can show, documented exit codes."""
+
+import logging
+
+import pytest
+
+from entrypoints import errors
+
+
+def test_job_error_writes_failure_file_and_code(tmp_path, caplog):
+    failure = tmp_path / "output" / "failure"
+
+    def fail():
+        raise errors.DataError("data.jsonl:3: invalid JSON (fix the line)")
+
+    with caplog.at_level(logging.ERROR):
+        code = errors.run_guarded(fail, lambda: failure)
+    assert code == errors.EXIT_DATA == 3
+    assert failure.read_text().startswith("data error: data.jsonl:3: invalid JSON")
+    assert "data.jsonl:3" in caplog.text
+
+
+def test_unexpected_error_is_internal_and_summarised(tmp_path, caplog):
+    failure = tmp_path / "failure"
+
+    def boom():
+        raise RuntimeError("x" * 5000)
+
+    with caplog.at_level(logging.ERROR):
+        assert errors.run_guarded(boom, lambda: failure) == errors.EXIT_INTERNAL
+    text = failure.read_text()
+    assert text.startswith("internal error: RuntimeError") and len(text) <= errors.FAILURE_REASON_LIMIT
+    assert caplog.records[-1].getMessage().startswith("internal error:")  # the summary comes last
+
+
+def test_config_error_lists_problems(tmp_path):
+    exc = errors.ConfigError(["QLORA_A=1: bad", "QLORA_B=2: worse"])
+    assert "2 configuration problem(s)" in str(exc) and "  - QLORA_B=2: worse" in str(exc)
+
+
+@pytest.mark.parametrize("name,code", [("EXIT_CONFIG", 2), ("EXIT_DATA", 3), ("EXIT_MODEL", 4), ("EXIT_STORAGE", 5),
+                                       ("EXIT_OUTPUT_EXISTS", 6), ("EXIT_PREEMPTED", 75), ("EXIT_INTERNAL", 1)])
+def test_documented_codes_never_change(name, code):
+    assert getattr(errors, name) == code
+
+
+def test_unwritable_failure_file_does_not_mask_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+
+    def fail():
+        raise errors.ModelError("missing config.json")
+
+    assert errors.run_guarded(fail, lambda: blocker / "output" / "failure") == errors.EXIT_MODEL
