@@ -612,7 +612,6 @@ def merge_adapter(
     file name just before it is merged / with its local path once it has been read.
     Returns a summary (files written, tensors merged, seconds, peak resident memory of this process).
     """
-    import torch
 
     started = time.monotonic()
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
