@@ -113,7 +113,7 @@ class S3Server:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=3)  # weed often ignores SIGTERM while volumes flush: do not wait long
         except (subprocess.TimeoutExpired, ProcessLookupError):
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)

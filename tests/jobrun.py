@@ -1,0 +1,46 @@
+"""Helpers to run the real training entrypoint as a subprocess, the way the container runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from entrypoints.train import SUMMARY_PREFIX
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_HF_TOKEN = "hf_FAKEsecretTOKEN0123456789abcdef"
+FAKE_WANDB_KEY = "wandbFAKEkey0123456789abcdef0123456789ab"
+
+
+@dataclass
+class JobResult:
+    code: int
+    output: str
+    summary: dict | None
+
+
+def job_env(base_dir: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    env.update({
+        "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(base_dir),
+        "HF_TOKEN": FAKE_HF_TOKEN, "WANDB_API_KEY": FAKE_WANDB_KEY,
+        "QLORA_BASE_DIR": str(base_dir / "opt-ml"),
+    })
+    env.update(settings)
+    return env
+
+
+def run_job(env: dict[str, str], timeout: int = 600) -> JobResult:
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.train"], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    summary = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(SUMMARY_PREFIX):
+            summary = json.loads(line[len(SUMMARY_PREFIX):])
+    return JobResult(proc.returncode, out, summary)

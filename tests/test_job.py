@@ -1,0 +1,136 @@
+"""The real training entrypoint end to end against a real S3 server, with a tiny Llama-2-shaped model.
+
+Every output file is checked: adapter, merged model (its logits against base + adapter), model card,
+manifest (written last, sha256 of every file), the W&B offline run, and the absence of secrets.
+"""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from entrypoints import storage
+from entrypoints.demo_assets import tiny_llama2
+from entrypoints.errors import EXIT_CONFIG, EXIT_OUTPUT_EXISTS
+
+from .jobrun import FAKE_HF_TOKEN, FAKE_WANDB_KEY, job_env, run_job
+
+pytestmark = pytest.mark.integration
+
+RECORDS = [{"instruction": f"What is code {i}?", "input": "", "output": f"Code {i} is {i * 7 % 13}."} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(cache_dir):
+    return tiny_llama2(cache_dir)
+
+
+@pytest.fixture
+def s3_job(s3_env, tiny_model, tmp_path):
+    server, bucket = s3_env
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    storage.upload_tree(tiny_model, f"s3://{bucket}/models/tiny", endpoint_url=server.endpoint)
+    storage.upload_file(data, f"s3://{bucket}/data/train.jsonl", endpoint_url=server.endpoint)
+    env = job_env(tmp_path, **server.env(), **{
+        "QLORA_MODEL": f"s3://{bucket}/models/tiny", "QLORA_DATA": f"s3://{bucket}/data/train.jsonl",
+        "QLORA_OUTPUT": f"s3://{bucket}/out/run1", "QLORA_S3_ENDPOINT_URL": server.endpoint,
+        "QLORA_MAX_STEPS": "3", "QLORA_MICRO_BATCH_SIZE": "4", "QLORA_GRADIENT_ACCUMULATION_STEPS": "1",
+        "QLORA_EVAL_FRACTION": "0.25", "QLORA_NUM_SAMPLE_GENERATIONS": "2", "QLORA_MAX_NEW_TOKENS": "4",
+        "QLORA_LOGGING_STEPS": "1", "QLORA_SAVE_STEPS": "2", "QLORA_LEARNING_RATE": "1e-3",
+        "QLORA_LORA_R": "8", "QLORA_LORA_ALPHA": "16",
+    })
+    return server, bucket, env, tmp_path
+
+
+def _download_output(server, uri, dest):
+    return storage.fetch(uri.rstrip("/") + "/", dest, endpoint_url=server.endpoint)
+
+
+def test_end_to_end_s3(s3_job):
+    server, bucket, env, tmp = s3_job
+    result = run_job(env)
+    assert result.code == 0, result.output[-4000:]
+    summary = result.summary
+    assert summary["global_step"] == 3 and summary["eval_loss_before"] > 0 and summary["eval_loss_after"] > 0
+    assert len(summary["samples"]) == 2
+
+    out = _download_output(server, f"s3://{bucket}/out/run1", tmp / "got")
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {f["path"]: f for f in manifest["files"]}
+    for required in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
+                     "merged/config.json", "merged/model.safetensors.index.json", "README.md"):
+        assert required in listed, sorted(listed)
+    for rel, meta in listed.items():
+        data = (out / rel).read_bytes()
+        assert len(data) == meta["bytes"] and hashlib.sha256(data).hexdigest() == meta["sha256"], rel
+    assert manifest["complete"] is True and manifest["metrics"]["global_step"] == 3
+    assert manifest["data"]["format"] == "alpaca" and len(manifest["data"]["fingerprint_sha256"]) == 64
+    assert manifest["versions"]["peft"] and manifest["config"]["lora_r"] == 8
+    assert "config.json" not in [p for p in listed if p.startswith("adapter/")]
+    assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
+
+    # The merged model, loaded with transformers alone, equals base + adapter (the adapter applied by peft).
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 450, 775, 338, 29871, 29906, 29941, 29889]])
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(env_model_dir(tmp, server, bucket), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter")
+    with torch.no_grad():
+        a, b = merged(ids).logits, peft_model(ids).logits
+    assert torch.allclose(a, b, atol=3e-2, rtol=0), (a - b).abs().max()
+
+    # W&B offline run: config without secrets, the loss history and the samples table.
+    runs = list(tmp.rglob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    raw = runs[0].read_bytes()
+    assert b"train/loss" in raw and b"samples" in raw and b"lora_r" in raw
+
+    # No secret anywhere: logs, outputs, W&B files, checkpoints.
+    for secret in (FAKE_HF_TOKEN, FAKE_WANDB_KEY):
+        assert secret not in result.output
+        for path in [*tmp.rglob("*")]:
+            if path.is_file() and path.stat().st_size < 50_000_000:
+                assert secret.encode() not in path.read_bytes(), path
+
+
+def env_model_dir(tmp, server, bucket):
+    return storage.fetch(f"s3://{bucket}/models/tiny/", tmp / "base-copy", endpoint_url=server.endpoint)
+
+
+def test_existing_output_refused_then_versioned(s3_job):
+    server, bucket, env, tmp = s3_job
+    storage.write_text(f"s3://{bucket}/out/run1/manifest.json", "{}", endpoint_url=server.endpoint)
+    result = run_job(env)
+    assert result.code == EXIT_OUTPUT_EXISTS, result.output[-3000:]
+    assert "already holds a complete result" in result.output
+    failure = tmp / "opt-ml" / "output" / "failure"
+    assert failure.read_text().startswith("output exists:")
+
+
+def test_config_error_exit_code_and_failure_file(tmp_path):
+    env = job_env(tmp_path, QLORA_DATA=str(tmp_path / "nope.jsonl"), QLORA_MAX_STEPS="many", QLORA_LORA_RANK="8")
+    result = run_job(env, timeout=120)
+    assert result.code == EXIT_CONFIG
+    assert "QLORA_MAX_STEPS='many'" in result.output and "QLORA_LORA_RANK is not a known setting" in result.output
+    assert "Traceback" not in result.output
+    text = (tmp_path / "opt-ml" / "output" / "failure").read_text()
+    assert text.startswith("configuration error: 3 configuration problem(s)")
+
+
+def test_resume_from_checkpoint(tmp_path, tiny_model):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    common = {"QLORA_MODEL": str(tiny_model), "QLORA_DATA": str(data), "QLORA_MICRO_BATCH_SIZE": "4",
+              "QLORA_GRADIENT_ACCUMULATION_STEPS": "1", "QLORA_EVAL_FRACTION": "0", "QLORA_SAVE_STEPS": "2",
+              "QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0", "QLORA_REPORT_TO": "none"}
+    first = run_job(job_env(tmp_path, **common, QLORA_MAX_STEPS="2", QLORA_OUTPUT=str(tmp_path / "o1")))
+    assert first.code == 0, first.output[-3000:]
+    assert (tmp_path / "opt-ml" / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file()
+    second = run_job(job_env(tmp_path, **common, QLORA_MAX_STEPS="4", QLORA_OUTPUT=str(tmp_path / "o2")))
+    assert second.code == 0, second.output[-3000:]
+    assert second.summary["resumed_from"] == "checkpoint-2" and second.summary["global_step"] == 4
+    assert (tmp_path / "o2" / "manifest.json").is_file() and not (tmp_path / "o2" / "merged").exists()
