@@ -1,0 +1,309 @@
+"""SageMaker backend: the CreateTrainingJob request, its submission through the SDK, the schedule, wait/logs.
+
+    python launch/submit.py --instance g5.2xlarge --backend sagemaker --dry-run
+
+`training_job_request()` builds the plain CreateTrainingJob request (the API's own field names), which
+`--dry-run` prints and the EventBridge schedule embeds. Submission goes through the SageMaker Python SDK
+v3 (`ModelTrainer`) when it is installed (`pip install qlora-job[sagemaker]`), built from the same
+request so both say the same thing (a test compares them); without the SDK, boto3 sends the request.
+The image keeps its own entrypoint: SageMaker starts `<image> train`, and the container's wrapper runs
+torchrun over every GPU and host (SM_HOSTS / SM_CURRENT_HOST), so multi-node needs nothing more here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from entrypoints import errors
+from launch.plan import LaunchPlan, join_s3
+
+# The job reads its data/eval/model from these channels when QLORA_DATA / QLORA_EVAL_DATA / QLORA_MODEL
+# are not set (entrypoints/config.py), so a channel replaces the variable instead of repeating it.
+CHANNELS = {"QLORA_DATA": "train", "QLORA_EVAL_DATA": "eval", "QLORA_MODEL": "model"}
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # the job's default checkpoint_dir (entrypoints/paths.py)
+SCHEDULER_TARGET_ARN = "arn:aws:scheduler:::aws-sdk:sagemaker:createTrainingJob"
+# EventBridge Scheduler replaces this in the target input with an id unique to each invocation
+# (16 lower-case alphanumerics), which makes every scheduled job name and checkpoint prefix unique.
+EXECUTION_ID = "<aws.scheduler.execution-id>"
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+
+
+@dataclass(frozen=True)
+class SageMakerOptions:
+    role_arn: str
+    region: str = ""
+    subnets: tuple[str, ...] = ()
+    security_group_ids: tuple[str, ...] = ()
+    volume_kms_key: str = ""
+    output_kms_key: str = ""
+    scheduler_role_arn: str = ""  # the role EventBridge Scheduler assumes to create the jobs
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _s3_channel(name: str, uri: str) -> dict:
+    return {
+        "ChannelName": name,
+        "DataSource": {
+            "S3DataSource": {
+                # S3Prefix: a single object or everything under a prefix, like QLORA_DATA itself.
+                "S3DataType": "S3Prefix",
+                "S3Uri": uri,
+                # Every host gets all of it; the job shards the data across ranks itself.
+                "S3DataDistributionType": "FullyReplicated",
+            }
+        },
+        # File: copied to /opt/ml/input/data/<name> before the container starts (the job expects files).
+        "InputMode": "File",
+    }
+
+
+def job_environment(plan: LaunchPlan) -> tuple[dict[str, str], list[dict]]:
+    """The container environment and the input channels that replace the s3:// data/model settings."""
+    env = {**plan.extra_env, **plan.settings}
+    channels = []
+    for variable, channel in CHANNELS.items():
+        uri = env.get(variable, "")
+        if uri.startswith("s3://"):
+            channels.append(_s3_channel(channel, uri))
+            del env[variable]
+    return env, channels
+
+
+def training_job_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str, checkpoint_uri: str) -> dict:
+    """The CreateTrainingJob request for one run, with the API's own field names."""
+    env, channels = job_environment(plan)
+    request: dict = {
+        "TrainingJobName": job_name,
+        "AlgorithmSpecification": {
+            # No ContainerEntrypoint/Arguments: the image's entrypoint runs, started as `<image> train`.
+            "TrainingImage": plan.image,
+            "TrainingInputMode": "File",
+        },
+        "RoleArn": sm.role_arn,
+        "ResourceConfig": {
+            "InstanceType": plan.instance.sagemaker_type,
+            "InstanceCount": plan.instance_count,
+            # Holds the input channels, /opt/ml/work (downloads, the merge) and checkpoints.
+            "VolumeSizeInGB": plan.volume_size_gb,
+        },
+        "OutputDataConfig": {
+            # The job uploads its results to QLORA_OUTPUT itself (manifest last); SageMaker only uploads
+            # what is left in /opt/ml/model and /opt/ml/output/data, uncompressed (no multi-GB tarball).
+            "S3OutputPath": join_s3(plan.output, "sagemaker"),
+            "CompressionType": "NONE",
+        },
+        "StoppingCondition": {"MaxRuntimeInSeconds": plan.max_run_seconds},
+        "CheckpointConfig": {
+            # SageMaker syncs this local folder to S3 while the job runs and restores it after a spot
+            # interruption, so the restarted job resumes from its newest checkpoint.
+            "S3Uri": checkpoint_uri,
+            "LocalPath": str(plan.cfg.checkpoint_path) if plan.cfg.checkpoint_dir else CHECKPOINT_LOCAL_PATH,
+        },
+        # Settings and other non-secret variables only; secrets are read at run time from the Secrets
+        # Manager ARN in QLORA_SECRETS_ARN (the execution role may read that one secret).
+        "Environment": env,
+        "EnableManagedSpotTraining": plan.spot,
+    }
+    if channels:
+        request["InputDataConfig"] = channels
+    if plan.spot:
+        # Spot: the total time including waiting for capacity; must be at least the run time.
+        request["StoppingCondition"]["MaxWaitTimeInSeconds"] = plan.max_wait_seconds
+    if sm.volume_kms_key:
+        request["ResourceConfig"]["VolumeKmsKeyId"] = sm.volume_kms_key
+    if sm.output_kms_key:
+        request["OutputDataConfig"]["KmsKeyId"] = sm.output_kms_key
+    if sm.subnets or sm.security_group_ids:
+        request["VpcConfig"] = {"SecurityGroupIds": list(sm.security_group_ids), "Subnets": list(sm.subnets)}
+    tags = {**plan.tags, **sm.tags}
+    if tags:
+        request["Tags"] = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+    return request
+
+
+def run_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str) -> dict:
+    return training_job_request(plan, sm, job_name, join_s3(plan.checkpoint_prefix, job_name))
+
+
+def schedule_request(plan: LaunchPlan, sm: SageMakerOptions, schedule_expression: str) -> dict:
+    """The EventBridge Scheduler CreateSchedule request whose target creates one training job per run."""
+    # 63 characters at most once the 16-character execution id is filled in.
+    job_name = f"{plan.base_name[:46].rstrip('-')}-{EXECUTION_ID}"
+    job = training_job_request(plan, sm, job_name, join_s3(plan.checkpoint_prefix, job_name))
+    request = {
+        "Name": plan.name,
+        "Description": f"Scheduled QLoRA training of {plan.cfg.model} on {plan.instance_count} x"
+                       f" {plan.instance.sagemaker_type}",
+        "ScheduleExpression": schedule_expression,
+        "ScheduleExpressionTimezone": plan.timezone or "UTC",
+        # Start at the scheduled minute; a training run has no reason to be spread out.
+        "FlexibleTimeWindow": {"Mode": "OFF"},
+        "State": "ENABLED",
+        "Target": {
+            # Universal target: the scheduler calls sagemaker:CreateTrainingJob with Input as the request.
+            "Arn": SCHEDULER_TARGET_ARN,
+            "RoleArn": sm.scheduler_role_arn,
+            "Input": json.dumps(job, sort_keys=True),
+            # A failed CreateTrainingJob call (throttling, capacity) is retried for up to an hour; a run
+            # that started and failed is not re-run by the scheduler: the next schedule tick is.
+            "RetryPolicy": {"MaximumEventAgeInSeconds": 3600, "MaximumRetryAttempts": 3},
+        },
+    }
+    return request
+
+
+def example_job_name(schedule_job_name: str, execution_id: str = "d32c5kddcf5bb8c3") -> str:
+    return schedule_job_name.replace(EXECUTION_ID, execution_id)
+
+
+# ------------------------------------------------------------------------------------------------ submission
+def boto_session(sm: SageMakerOptions):
+    import boto3
+
+    return boto3.Session(region_name=sm.region or None)
+
+
+def model_trainer(request: dict, session):
+    """A ModelTrainer that sends `request` (built from the same fields, the SDK's names)."""
+    from sagemaker.core.helper.session_helper import Session
+    from sagemaker.core.training.configs import (
+        CheckpointConfig,
+        Compute,
+        InputData,
+        Networking,
+        OutputDataConfig,
+        StoppingCondition,
+        Tag,
+    )
+    from sagemaker.train import ModelTrainer
+
+    res = request["ResourceConfig"]
+    stop = request["StoppingCondition"]
+    out = request["OutputDataConfig"]
+    vpc = request.get("VpcConfig")
+    name = request["TrainingJobName"]
+    # The SDK appends its own "-<YYYYmmddHHMMSS>" to base_job_name, as plan.unique_name does.
+    base = name[: -len("-20250101000000")] if name[-15:-14] == "-" and name[-14:].isdigit() else name
+    return ModelTrainer(
+        sagemaker_session=Session(boto_session=session),
+        role=request["RoleArn"],
+        base_job_name=base,
+        training_image=request["AlgorithmSpecification"]["TrainingImage"],
+        training_input_mode=request["AlgorithmSpecification"]["TrainingInputMode"],
+        compute=Compute(
+            instance_type=res["InstanceType"],
+            instance_count=res["InstanceCount"],
+            volume_size_in_gb=res["VolumeSizeInGB"],
+            volume_kms_key_id=res.get("VolumeKmsKeyId"),
+            enable_managed_spot_training=request["EnableManagedSpotTraining"],
+        ),
+        stopping_condition=StoppingCondition(
+            max_runtime_in_seconds=stop["MaxRuntimeInSeconds"],
+            max_wait_time_in_seconds=stop.get("MaxWaitTimeInSeconds"),
+        ),
+        output_data_config=OutputDataConfig(
+            s3_output_path=out["S3OutputPath"], compression_type=out["CompressionType"], kms_key_id=out.get("KmsKeyId")
+        ),
+        checkpoint_config=CheckpointConfig(
+            s3_uri=request["CheckpointConfig"]["S3Uri"], local_path=request["CheckpointConfig"]["LocalPath"]
+        ),
+        input_data_config=[
+            InputData(channel_name=c["ChannelName"], data_source=c["DataSource"]["S3DataSource"]["S3Uri"])
+            for c in request.get("InputDataConfig", [])
+        ],
+        networking=Networking(subnets=vpc["Subnets"], security_group_ids=vpc["SecurityGroupIds"]) if vpc else None,
+        environment=request["Environment"],
+        hyperparameters={},
+        tags=[Tag(key=t["Key"], value=t["Value"]) for t in request.get("Tags", [])] or None,
+    )
+
+
+def sdk_available() -> bool:
+    try:
+        import sagemaker.train  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def submit(request: dict, sm: SageMakerOptions, use_sdk: bool | None = None) -> str:
+    """Create the training job; returns its name. The SDK path is used when the SDK is installed."""
+    session = boto_session(sm)
+    if use_sdk is None:
+        use_sdk = sdk_available()
+    if use_sdk:
+        trainer = model_trainer(request, session)
+        trainer.train(wait=False, logs=False)
+        return trainer._latest_training_job.training_job_name
+    session.client("sagemaker").create_training_job(**request)
+    return request["TrainingJobName"]
+
+
+def create_schedule(request: dict, sm: SageMakerOptions) -> str:
+    response = boto_session(sm).client("scheduler").create_schedule(**request)
+    return response["ScheduleArn"]
+
+
+# ------------------------------------------------------------------------------------------------ wait/follow
+def exit_code_for(description: dict) -> int:
+    """The job's result as our exit code: 0 when Completed; a failure's code from its FailureReason.
+
+    The job writes `<kind>: <message>` to /opt/ml/output/failure, which SageMaker reports as FailureReason,
+    so the kind names the documented exit code (configuration error -> 2, ...).
+    """
+    status = description.get("TrainingJobStatus")
+    if status == "Completed":
+        return errors.EXIT_OK
+    reason = description.get("FailureReason", "")
+    for cls in (errors.ConfigError, errors.DataError, errors.ModelError, errors.StorageError,
+                errors.OutputExistsError, errors.Preempted):
+        if reason.startswith(cls.kind + ":"):
+            return cls.exit_code
+    return errors.EXIT_INTERNAL
+
+
+def stream_logs(logs_client, job_name: str, tokens: dict[str, str | None], write: Callable[[str], None]) -> None:
+    """Print the new CloudWatch log events of every stream of the job (one stream per host)."""
+    try:
+        streams = logs_client.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix=job_name + "/")
+    except logs_client.exceptions.ResourceNotFoundException:
+        return  # the log group appears with the first job's first line
+    for stream in streams.get("logStreams", []):
+        name = stream["logStreamName"]
+        while True:
+            kwargs = {"logGroupName": LOG_GROUP, "logStreamName": name, "startFromHead": True}
+            if tokens.get(name):
+                kwargs["nextToken"] = tokens[name]
+            page = logs_client.get_log_events(**kwargs)
+            for event in page.get("events", []):
+                host = name.split("/")[-1]
+                write(f"[{host}] {event['message']}")
+            if page.get("nextForwardToken") == tokens.get(name):
+                break
+            tokens[name] = page.get("nextForwardToken")
+
+
+def wait(job_name: str, sm: SageMakerOptions, follow: bool, poll_seconds: float = 30.0,
+         write: Callable[[str], None] = print) -> int:
+    session = boto_session(sm)
+    client = session.client("sagemaker")
+    logs = session.client("logs") if follow else None
+    tokens: dict[str, str | None] = {}
+    last_status = None
+    while True:
+        description = client.describe_training_job(TrainingJobName=job_name)
+        status = f"{description['TrainingJobStatus']} / {description.get('SecondaryStatus', '')}"
+        if status != last_status:
+            print(f"[launcher] {job_name}: {status}", file=sys.stderr)
+            last_status = status
+        if logs is not None:
+            stream_logs(logs, job_name, tokens, write)
+        if description["TrainingJobStatus"] in ("Completed", "Failed", "Stopped"):
+            if description.get("FailureReason"):
+                print(f"[launcher] failure reason: {description['FailureReason']}", file=sys.stderr)
+            return exit_code_for(description)
+        time.sleep(poll_seconds)

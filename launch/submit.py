@@ -1,0 +1,348 @@
+"""Submit the QLoRA training job to SageMaker or Kubernetes, once or on a schedule.
+
+    python launch/submit.py --instance g5.2xlarge --dry-run
+    python launch/submit.py --instance g5.2xlarge --set data=s3://b/data/train.jsonl --set output=s3://b/output/run1 \
+        --image <ecr-uri> --role <execution-role-arn> --follow
+    python launch/submit.py --instance g6e.xlarge --backend kubernetes --k8s-secret qlora-secrets ... --dry-run
+    python launch/submit.py --instance g5.2xlarge --schedule "0 3 * * 1" --scheduler-role <arn> ...
+
+Steps: collect the job settings -> validate them with the job's own parser -> check the model fits the
+GPU -> print the time/cost estimate -> build the request/manifests -> print them (--dry-run) or send
+them -> optionally wait and stream logs, exiting with the job's result. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python launch/submit.py`: sys.path[0] is launch/, which would let launch/*.py shadow real
+    # packages and hides the repository's packages. Put the repository root there instead.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from entrypoints.config import env_name  # noqa: E402
+from entrypoints.errors import EXIT_CONFIG, EXIT_INTERNAL  # noqa: E402
+from launch import cron, estimate, instances, settings  # noqa: E402
+from launch.kubernetes_backend import KubernetesOptions  # noqa: E402
+from launch.plan import LaunchPlan, base_name, check_name, join_s3, unique_name  # noqa: E402
+from launch.sagemaker_backend import SageMakerOptions  # noqa: E402
+
+# Shown only by --dry-run when a value needed for submission is missing; AWS's documentation account id,
+# and the names infra/cloudformation.yaml creates, so the printout reads like the real thing.
+EXAMPLE_ACCOUNT = "111122223333"
+EXAMPLE_REGION = "us-east-1"
+EXAMPLE_BUCKET = f"s3://qlora-job-{EXAMPLE_ACCOUNT}-{EXAMPLE_REGION}"
+PLACEHOLDERS = {
+    "image": f"{EXAMPLE_ACCOUNT}.dkr.ecr.{EXAMPLE_REGION}.amazonaws.com/qlora-job:0.1.0",
+    "role": f"arn:aws:iam::{EXAMPLE_ACCOUNT}:role/qlora-job-sagemaker-execution",
+    "scheduler_role": f"arn:aws:iam::{EXAMPLE_ACCOUNT}:role/qlora-job-scheduler",
+    "data": f"{EXAMPLE_BUCKET}/data/train.jsonl",
+    "output": f"{EXAMPLE_BUCKET}/output/qlora-llama-2-7b-hf",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="submit.py", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--instance", required=True, help="GPU instance type, e.g. g5.2xlarge (see python -m launch.instances)")
+    ap.add_argument("--backend", choices=("sagemaker", "kubernetes"), default="sagemaker")
+    ap.add_argument("--count", type=int, default=1, help="number of instances (multi-node through torchrun)")
+    ap.add_argument("--spot", action="store_true", help="SageMaker managed spot training (checkpoints resume it)")
+    ap.add_argument("--dry-run", action="store_true", help="print the exact request/manifests and send nothing")
+    ap.add_argument("--wait", action="store_true", help="wait for the job and exit with its result")
+    ap.add_argument("--follow", action="store_true", help="like --wait, streaming the job's logs")
+    ap.add_argument("--schedule", default="", metavar="CRON",
+                    help="five-field cron (e.g. '0 3 * * 1'): create a schedule that starts a run each time")
+    ap.add_argument("--timezone", default="", help="IANA time zone of --schedule (default UTC)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                    help="a job setting: max_steps=100 or QLORA_MAX_STEPS=100 (repeatable)")
+    ap.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                    help="KEY=VALUE lines: QLORA_* settings and other non-secret environment (repeatable)")
+    ap.add_argument("--image", default="", help="the job image URI (see infra/build_and_push.sh)")
+    ap.add_argument("--name", default="", help="job name (default qlora-<model>-<UTC time>), or schedule name")
+    ap.add_argument("--max-run-hours", type=float, default=24.0, help="stop the job after this long")
+    ap.add_argument("--max-wait-hours", type=float, default=0.0,
+                    help="spot: run time plus time waiting for capacity (default twice --max-run-hours)")
+    ap.add_argument("--volume-size-gb", type=int, default=200,
+                    help="disk for data, model, checkpoints and merge (SageMaker volume / Kubernetes scratch)")
+    ap.add_argument("--checkpoint-prefix", default="",
+                    help="s3:// prefix for checkpoints, one folder per run below it (default s3://<output bucket>/checkpoints)")
+    ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                    help="SageMaker tag / Kubernetes label (repeatable)")
+    ap.add_argument("--dataset-tokens", type=int, default=0, help="tokens in the training data, for the estimate")
+    ap.add_argument("--model-config", default="", help="a local config.json of the model, for the memory check")
+    ap.add_argument("--force", action="store_true", help="submit even if the model does not seem to fit the GPU")
+    ap.add_argument("--format", choices=("yaml", "json"), default="", help="--dry-run output (default: json for"
+                    " SageMaker, yaml for Kubernetes)")
+    sm = ap.add_argument_group("SageMaker")
+    sm.add_argument("--role", default="", help="SageMaker execution role ARN")
+    sm.add_argument("--region", default="", help="AWS region (default: the AWS configuration's)")
+    sm.add_argument("--subnet", action="append", default=[], help="VPC subnet id (repeatable)")
+    sm.add_argument("--security-group", action="append", default=[], help="VPC security group id (repeatable)")
+    sm.add_argument("--volume-kms-key", default="", help="KMS key for the training volume")
+    sm.add_argument("--output-kms-key", default="", help="KMS key for what SageMaker uploads")
+    sm.add_argument("--scheduler-role", default="", help="role EventBridge Scheduler assumes (--schedule)")
+    sm.add_argument("--no-sdk", action="store_true", help="send with boto3 even when the SageMaker SDK is installed")
+    k8 = ap.add_argument_group("Kubernetes")
+    k8.add_argument("--namespace", default="qlora")
+    k8.add_argument("--service-account", default="qlora-job", help="bound to an IAM role for S3 (IRSA/Pod Identity)")
+    k8.add_argument("--k8s-secret", default="", help="Secret with keys HF_TOKEN / WANDB_API_KEY (referenced, never read)")
+    k8.add_argument("--scratch-storage-class", default="", help="per-pod volume of this class for /opt/ml (default: node disk)")
+    k8.add_argument("--backoff-limit", type=int, default=3, help="pod failures (not preemptions) before the Job fails")
+    k8.add_argument("--ttl-hours", type=float, default=72.0, help="delete the finished Job after this long")
+    k8.add_argument("--kubeconfig", default="")
+    k8.add_argument("--context", default="")
+    return ap
+
+
+def _pairs(texts: Sequence[str], flag: str, problems: list[str]) -> dict[str, str]:
+    out = {}
+    for text in texts:
+        key, eq, value = text.partition("=")
+        if not eq or not key:
+            problems.append(f"{flag} {text!r}: expected KEY=VALUE")
+        else:
+            out[key] = value
+    return out
+
+
+def _bucket_of(uri: str) -> str:
+    return uri[len("s3://"):].split("/", 1)[0]
+
+
+def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -> LaunchPlan | None:
+    """Resolve and check everything; append every problem found (nothing is sent when there is one)."""
+    try:
+        instance = instances.lookup(args.instance)
+    except ValueError as exc:
+        problems.append(str(exc))
+        instance = None
+    if args.count < 1:
+        problems.append(f"--count {args.count}: must be 1 or more")
+    if args.spot and args.backend == "kubernetes":
+        problems.append("--spot is SageMaker's managed spot; on Kubernetes pick a spot node group through its"
+                        " instance type and taints instead")
+    if args.max_run_hours <= 0:
+        problems.append(f"--max-run-hours {args.max_run_hours}: must be above 0")
+    if args.schedule and (args.wait or args.follow):
+        problems.append("--schedule creates a schedule, not a run: --wait/--follow do not apply")
+
+    job_settings, extra_env, setting_problems = settings.collect(args.sets, args.env_file)
+    problems.extend(setting_problems)
+
+    def fill(key: str, value: str, what: str) -> None:
+        if not job_settings.get(key):
+            if args.dry_run:
+                job_settings[key] = value
+                notes.append(f"placeholder {key}={value} (set {what} to submit)")
+            elif key != env_name("data"):  # the job's own parser reports a missing QLORA_DATA
+                problems.append(f"{key} is not set: give it with {what}")
+
+    fill(env_name("data"), PLACEHOLDERS["data"], "--set data=s3://bucket/prefix")
+    fill(env_name("output"), PLACEHOLDERS["output"], "--set output=s3://bucket/prefix")
+    if args.schedule:
+        mode = job_settings.get(env_name("output_exists"), "version")
+        if mode != "version":
+            problems.append(f"QLORA_OUTPUT_EXISTS={mode!r}: a scheduled run must use `version` (each run writes"
+                            " <output>/runs/<time>/ and, when it succeeds, <output>/latest.json)")
+        job_settings[env_name("output_exists")] = "version"
+    if env_name("checkpoint_uri") in job_settings:
+        problems.append("QLORA_CHECKPOINT_URI is set by the launcher (one prefix per run); use --checkpoint-prefix")
+
+    cfg = settings.validate(job_settings, problems)
+    if cfg is None or instance is None:
+        return None
+
+    for name in ("data", "eval_data"):
+        value = getattr(cfg, name)
+        if value and not value.startswith("s3://"):
+            problems.append(f"{env_name(name)}={value!r}: a remote job reads its data from S3; give an s3:// URI")
+    if not cfg.output.startswith("s3://"):
+        problems.append(f"QLORA_OUTPUT={cfg.output!r}: a remote job writes its results to S3; give an s3:// prefix")
+    if cfg.base_dir != "/opt/ml":
+        problems.append(f"QLORA_BASE_DIR={cfg.base_dir!r}: SageMaker and the Kubernetes manifests use /opt/ml;"
+                        " leave it unset")
+    if args.backend == "sagemaker" and cfg.secrets_dir:
+        problems.append("QLORA_SECRETS_DIR: nothing mounts secrets on SageMaker; use QLORA_SECRETS_ARN")
+    if args.backend == "kubernetes" and cfg.secrets_arn and args.k8s_secret:
+        notes.append("both QLORA_SECRETS_ARN and --k8s-secret are given; the environment (the Secret) wins")
+    model_is_local = not cfg.model.startswith("s3://") and (cfg.model.startswith(("/", ".")) or Path(cfg.model).exists())
+    if model_is_local:
+        notes.append(f"QLORA_MODEL={cfg.model!r} is a path: it must exist inside the container")
+
+    image = args.image
+    if not image:
+        if args.dry_run:
+            image = PLACEHOLDERS["image"]
+            notes.append(f"placeholder image {image} (set --image to submit)")
+        else:
+            problems.append("--image is not set: the job image URI (infra/build_and_push.sh prints it)")
+
+    tags = _pairs(args.tag, "--tag", problems)
+    base = base_name(cfg.model)
+    if args.schedule:
+        name = args.name or base
+        limit = 52 if args.backend == "kubernetes" else 64  # CronJob names leave room for the run suffix
+        if len(name) > limit:
+            problems.append(f"--name {name!r}: at most {limit} characters for a schedule")
+    else:
+        name = args.name or unique_name(base, max_length=55)
+    problem = check_name(name, "--name")
+    if problem:
+        problems.append(problem)
+    # Beside the outputs, not inside them: the execution role may write output/* and checkpoints/* only.
+    checkpoint_prefix = args.checkpoint_prefix or (
+        f"s3://{_bucket_of(cfg.output)}/checkpoints" if cfg.output.startswith("s3://") else "")
+    if checkpoint_prefix and not checkpoint_prefix.startswith("s3://"):
+        problems.append(f"--checkpoint-prefix {checkpoint_prefix!r}: must be an s3:// prefix")
+    max_run_seconds = int(args.max_run_hours * 3600)
+    max_wait_seconds = int((args.max_wait_hours or 2 * args.max_run_hours) * 3600) if args.spot else None
+    if max_wait_seconds is not None and max_wait_seconds < max_run_seconds:
+        problems.append("--max-wait-hours must be at least --max-run-hours (it includes the run time)")
+    if problems:
+        return None
+    return LaunchPlan(
+        name=name, base_name=base, image=image, instance=instance, instance_count=args.count, spot=args.spot,
+        cfg=cfg, settings=dict(sorted(job_settings.items())), extra_env=extra_env, output=cfg.output,
+        checkpoint_prefix=checkpoint_prefix, max_run_seconds=max_run_seconds, max_wait_seconds=max_wait_seconds,
+        volume_size_gb=args.volume_size_gb, tags=tags, schedule=args.schedule, timezone=args.timezone,
+    )
+
+
+def sagemaker_options(args: argparse.Namespace, problems: list[str], notes: list[str]) -> SageMakerOptions:
+    role, scheduler_role = args.role, args.scheduler_role
+    for flag, key, value in (("--role", "role", role), ("--scheduler-role", "scheduler_role", scheduler_role)):
+        if value or (key == "scheduler_role" and not args.schedule):
+            continue
+        if args.dry_run:
+            notes.append(f"placeholder {flag} {PLACEHOLDERS[key]} (set {flag} to submit)")
+        else:
+            problems.append(f"{flag} is not set (infra/cloudformation.yaml outputs it)")
+    return SageMakerOptions(
+        role_arn=role or PLACEHOLDERS["role"], region=args.region, subnets=tuple(args.subnet),
+        security_group_ids=tuple(args.security_group), volume_kms_key=args.volume_kms_key,
+        output_kms_key=args.output_kms_key,
+        scheduler_role_arn=scheduler_role or (PLACEHOLDERS["scheduler_role"] if args.schedule else ""),
+    )
+
+
+def kubernetes_options(args: argparse.Namespace, plan: LaunchPlan, problems: list[str]) -> KubernetesOptions:
+    for key, value in plan.tags.items():
+        if check_name(value.lower(), "label") or value != value.lower() and not value.replace("-", "").isalnum():
+            problems.append(f"--tag {key}={value}: not a valid Kubernetes label value")
+    return KubernetesOptions(
+        namespace=args.namespace, service_account=args.service_account, secret_name=args.k8s_secret,
+        scratch_gb=args.volume_size_gb, scratch_storage_class=args.scratch_storage_class,
+        ttl_seconds_after_finished=int(args.ttl_hours * 3600), backoff_limit=args.backoff_limit,
+        region=args.region, labels=plan.tags, kubeconfig=args.kubeconfig, context=args.context,
+    )
+
+
+def preflight(plan: LaunchPlan, args: argparse.Namespace, problems: list[str]) -> None:
+    """The memory fit check and the time/cost estimate, printed to stderr."""
+    shape = estimate.model_shape(args.model_config.removesuffix("config.json") or plan.cfg.model)
+    fit = estimate.check_fit(shape, plan.cfg, plan.instance)
+    if not fit.ok and not args.force:
+        problems.append(f"GPU memory: {fit.message} (or pass --force to submit anyway)")
+    else:
+        print(f"GPU memory: {'WARNING: ' if fit.warning else ''}{fit.message}", file=sys.stderr)
+    cost = estimate.time_and_cost(shape, plan.cfg, plan.instance, plan.instance_count, args.dataset_tokens or None)
+    print(cost.message, file=sys.stderr)
+    if plan.spot:
+        print("spot: billed at the spot price, typically 50-70% below on-demand; interruptions resume from"
+              " the last checkpoint", file=sys.stderr)
+
+
+def render(documents: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(documents[0] if len(documents) == 1 else documents, indent=2)
+    import yaml
+
+    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problems: list[str] = []
+    notes: list[str] = []
+    plan = make_plan(args, problems, notes)
+    if plan is not None:
+        preflight(plan, args, problems)
+    schedule_expr = ""
+    if args.schedule:
+        try:
+            schedule_expr = cron.to_eventbridge(args.schedule) if args.backend == "sagemaker" else \
+                cron.to_kubernetes(args.schedule)
+        except cron.CronError as exc:
+            problems.append(f"--schedule: {exc}")
+    sm = sagemaker_options(args, problems, notes) if args.backend == "sagemaker" else None
+    k8s = kubernetes_options(args, plan, problems) if args.backend == "kubernetes" and plan else None
+    if problems or plan is None:
+        print(f"{len(problems)} problem(s); nothing was submitted:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return EXIT_CONFIG
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+    if args.backend == "sagemaker":
+        return _sagemaker(plan, sm, args, schedule_expr)
+    return _kubernetes(plan, k8s, args, schedule_expr)
+
+
+def _sagemaker(plan: LaunchPlan, sm: SageMakerOptions, args: argparse.Namespace, schedule_expr: str) -> int:
+    from launch import sagemaker_backend as backend
+
+    if schedule_expr:
+        request = backend.schedule_request(plan, sm, schedule_expr)
+        document = {"CreateSchedule": request}
+    else:
+        request = backend.run_request(plan, sm, plan.name)
+        document = {"CreateTrainingJob": request}
+    if args.dry_run:
+        print(render([document], args.format or "json"))
+        return 0
+    try:
+        if schedule_expr:
+            arn = backend.create_schedule(request, sm)
+            print(f"created schedule {arn} ({schedule_expr}, {plan.timezone or 'UTC'}); each run writes"
+                  f" {join_s3(plan.output, 'runs', '<time>')}/ and then {join_s3(plan.output, 'latest.json')}")
+            return 0
+        job_name = backend.submit(request, sm, use_sdk=False if args.no_sdk else None)
+    except Exception as exc:  # noqa: BLE001 - any AWS/SDK failure: one clear line and a non-zero exit
+        print(f"submission failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    print(f"submitted SageMaker training job {job_name}")
+    if args.wait or args.follow:
+        return backend.wait(job_name, sm, follow=args.follow)
+    return 0
+
+
+def _kubernetes(plan: LaunchPlan, k8s: KubernetesOptions, args: argparse.Namespace, schedule_expr: str) -> int:
+    from launch import kubernetes_backend as backend
+
+    objects = backend.manifests(plan, k8s, schedule_expr)
+    if args.dry_run:
+        print(render(objects, args.format or "yaml"))
+        return 0
+    try:
+        name = backend.submit(objects, k8s)
+    except Exception as exc:  # noqa: BLE001 - any API/config failure: one clear line and a non-zero exit
+        print(f"submission failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    kind = "CronJob" if schedule_expr else "Job"
+    print(f"created {kind} {k8s.namespace}/{name}")
+    if args.wait or args.follow:
+        return backend.wait(name, k8s, follow=args.follow)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
