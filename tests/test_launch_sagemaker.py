@@ -1,0 +1,216 @@
+"""SageMaker path end to end: the SDK (and boto3) against a moto server over HTTP, asserting on the request.
+
+    PYTHONPATH=$PWD python -m pytest tests/test_launch_sagemaker.py
+
+moto accepts anything and drops `Environment`, so the outgoing CreateTrainingJob / CreateSchedule
+requests are captured with a botocore event hook and checked with botocore's own parameter validation.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import boto3
+import botocore.session
+import pytest
+from botocore.validate import ParamValidator
+
+from launch import sagemaker_backend, submit
+
+pytestmark = pytest.mark.integration
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROLE = "arn:aws:iam::123456789012:role/qlora-job-sagemaker-execution"
+SCHED_ROLE = "arn:aws:iam::123456789012:role/qlora-job-scheduler"
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/qlora-job:abc123"
+SECRET = "arn:aws:secretsmanager:us-east-1:123456789012:secret:qlora-job-AbCdEf"
+BUCKET = "s3://qlora-job-123456789012-us-east-1"
+
+
+def validate(service: str, operation: str, params: dict) -> None:
+    """botocore's own validation of a request against the service model (raises on any problem)."""
+    model = botocore.session.get_session().get_service_model(service).operation_model(operation)
+    report = ParamValidator().validate(params, model.input_shape)
+    assert not report.has_errors(), report.generate_report()
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(moto_url, monkeypatch, tmp_path):
+    config = tmp_path / "sagemaker-config.yaml"
+    config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
+    for key, value in {
+        "AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "SAGEMAKER_VALIDATE_ROLE": "false",
+        "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config), "SAGEMAKER_ADMIN_CONFIG_OVERRIDE": str(config),
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return moto_url
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Every request our code sends to SageMaker/Scheduler, as botocore is about to serialize it."""
+    calls: list[tuple[str, dict]] = []
+    real = sagemaker_backend.boto_session
+
+    def session_with_hook(sm):
+        session = real(sm)
+
+        def hook(params, model, **_):
+            calls.append((model.name, json.loads(json.dumps(params, default=str))))
+
+        session.events.register("provide-client-params.sagemaker.CreateTrainingJob", hook)
+        session.events.register("provide-client-params.scheduler.CreateSchedule", hook)
+        return session
+
+    monkeypatch.setattr(sagemaker_backend, "boto_session", session_with_hook)
+    return calls
+
+
+def common_args() -> list[str]:
+    return ["--instance", "ml.g5.12xlarge", "--count", "2", "--image", IMAGE, "--role", ROLE,
+            "--set", f"data={BUCKET}/data/chat/", "--set", f"eval_data={BUCKET}/data/eval.jsonl",
+            "--set", f"model={BUCKET}/models/llama-2-7b-hf/", "--set", f"output={BUCKET}/output/run1",
+            "--set", f"QLORA_SECRETS_ARN={SECRET}", "--set", "max_steps=50",
+            "--env-file", str(REPO / "tests" / "data" / "launch.env"),
+            "--spot", "--max-run-hours", "4", "--subnet", "subnet-0abc", "--security-group", "sg-0abc",
+            "--volume-kms-key", "alias/qlora", "--output-kms-key", "alias/qlora", "--tag", "team=ml",
+            "--model-config", str(REPO / "tests" / "data" / "llama2-7b-config.json")]
+
+
+def dry_run_request(args: list[str], capsys) -> dict:
+    assert submit.main([*args, "--dry-run"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def check_training_request(req: dict) -> None:
+    validate("sagemaker", "CreateTrainingJob", req)
+    env = req["Environment"]
+    # Channels replace the s3:// settings (the job falls back to SM_CHANNEL_*): never both.
+    assert {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in req["InputDataConfig"]} == {
+        "train": f"{BUCKET}/data/chat/", "eval": f"{BUCKET}/data/eval.jsonl",
+        "model": f"{BUCKET}/models/llama-2-7b-hf/"}
+    assert not {"QLORA_DATA", "QLORA_EVAL_DATA", "QLORA_MODEL"} & set(env)
+    assert env["QLORA_OUTPUT"] == f"{BUCKET}/output/run1"
+    assert env["QLORA_SECRETS_ARN"] == SECRET and env["QLORA_MAX_STEPS"] == "50"
+    assert env["WANDB_MODE"] == "offline"  # non-secret extra environment from the env file
+    assert req["OutputDataConfig"]["CompressionType"] == "NONE"
+    assert req["OutputDataConfig"]["KmsKeyId"] == "alias/qlora"
+    assert req["ResourceConfig"] == {"InstanceType": "ml.g5.12xlarge", "InstanceCount": 2, "VolumeSizeInGB": 200,
+                                     "VolumeKmsKeyId": "alias/qlora"}
+    assert req["EnableManagedSpotTraining"] is True
+    assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 4 * 3600, "MaxWaitTimeInSeconds": 8 * 3600}
+    assert req["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+    assert req["CheckpointConfig"]["S3Uri"].startswith(f"{BUCKET}/checkpoints/qlora-")  # one folder per run
+    assert req["VpcConfig"] == {"SecurityGroupIds": ["sg-0abc"], "Subnets": ["subnet-0abc"]}
+    assert {"Key": "team", "Value": "ml"} in req["Tags"]
+    assert "ContainerEntrypoint" not in req["AlgorithmSpecification"]  # the image's own entrypoint runs
+
+
+def test_dry_run_request_is_complete_and_valid(capsys):
+    req = dry_run_request(common_args(), capsys)["CreateTrainingJob"]
+    check_training_request(req)
+
+
+def test_sdk_sends_the_same_request_through_moto(aws_env, captured, capsys):
+    pytest.importorskip("sagemaker.train")
+    expected = dry_run_request(common_args(), capsys)["CreateTrainingJob"]
+    assert submit.main(common_args()) == 0
+    out = capsys.readouterr().out
+    [(operation, sent)] = captured
+    assert operation == "CreateTrainingJob"
+    check_training_request(sent)
+    # The SDK adds its own empty defaults and names the job itself ("<base>-<time>"), otherwise the same.
+    assert sent["TrainingJobName"].startswith("qlora-llama-2-7b-hf-")
+    for key in ("TrainingJobName", "HyperParameters"):
+        sent.pop(key, None)
+        expected.pop(key, None)
+    assert sent == expected
+    job_name = out.split("training job ")[1].split()[0]
+    described = boto3.client("sagemaker").describe_training_job(TrainingJobName=job_name)
+    assert described["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
+
+
+def test_boto3_path_without_sdk(aws_env, captured, capsys):
+    assert submit.main([*common_args(), "--no-sdk", "--name", "qlora-boto3-run"]) == 0
+    [(_, sent)] = captured
+    check_training_request(sent)
+    assert sent["TrainingJobName"] == "qlora-boto3-run"
+    assert sent["CheckpointConfig"]["S3Uri"] == f"{BUCKET}/checkpoints/qlora-boto3-run"
+
+
+def test_schedule_creates_the_same_job_each_run(aws_env, captured, capsys):
+    args = [*common_args(), "--schedule", "30 2 * * 1-5", "--timezone", "Europe/Berlin",
+            "--scheduler-role", SCHED_ROLE]
+    dry = dry_run_request(args, capsys)["CreateSchedule"]
+    assert submit.main(args) == 0
+    [(operation, sent)] = captured
+    assert operation == "CreateSchedule"
+    sent.pop("ClientToken", None)  # botocore fills an idempotency token in
+    assert sent == dry
+    validate("scheduler", "CreateSchedule", sent)
+    assert sent["ScheduleExpression"] == "cron(30 2 ? * MON,TUE,WED,THU,FRI *)"
+    assert sent["ScheduleExpressionTimezone"] == "Europe/Berlin"
+    assert sent["Target"]["Arn"] == "arn:aws:scheduler:::aws-sdk:sagemaker:createTrainingJob"
+    assert sent["Target"]["RoleArn"] == SCHED_ROLE
+    # What the scheduler sends on each tick, with its per-run execution id filled in, is a valid job.
+    job = json.loads(sent["Target"]["Input"].replace(sagemaker_backend.EXECUTION_ID, "d32c5kddcf5bb8c3"))
+    check_training_request(job)
+    assert job["TrainingJobName"] == "qlora-llama-2-7b-hf-d32c5kddcf5bb8c3"
+    assert job["CheckpointConfig"]["S3Uri"] == f"{BUCKET}/checkpoints/qlora-llama-2-7b-hf-d32c5kddcf5bb8c3"
+    # Each run gets its own output prefix and publishes latest.json only after success.
+    assert job["Environment"]["QLORA_OUTPUT_EXISTS"] == "version"
+    stored = boto3.client("scheduler").get_schedule(Name=sent["Name"])
+    assert stored["Target"]["Input"] == sent["Target"]["Input"]
+
+
+def test_follow_streams_logs_and_exits_with_the_result(aws_env, capsys):
+    assert submit.main([*common_args(), "--no-sdk", "--name", "qlora-follow"]) == 0
+    logs = boto3.client("logs")
+    group = sagemaker_backend.LOG_GROUP
+    try:
+        logs.create_log_group(logGroupName=group)
+    except logs.exceptions.ResourceAlreadyExistsException:
+        pass
+    stream = "qlora-follow/algo-1-1700000000"
+    logs.create_log_stream(logGroupName=group, logStreamName=stream)
+    now_ms = int(time.time() * 1000)
+    logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=[
+        {"timestamp": now_ms, "message": "step 10 loss 1.23"}, {"timestamp": now_ms + 1, "message": "done"}])
+    lines: list[str] = []
+    sm = sagemaker_backend.SageMakerOptions(role_arn=ROLE)
+    assert sagemaker_backend.wait("qlora-follow", sm, follow=True, poll_seconds=0.1, write=lines.append) == 0
+    assert lines == ["[algo-1-1700000000] step 10 loss 1.23", "[algo-1-1700000000] done"]
+
+
+@pytest.mark.parametrize(("status", "reason", "code"), [
+    ("Completed", "", 0), ("Failed", "configuration error: 1 configuration problem(s)", 2),
+    ("Failed", "data error: bad record", 3), ("Failed", "preempted: rerun to resume", 75),
+    ("Failed", "AlgorithmError: something else", 1), ("Stopped", "", 1)])
+def test_exit_code_follows_the_failure_reason(status, reason, code):
+    assert sagemaker_backend.exit_code_for({"TrainingJobStatus": status, "FailureReason": reason}) == code
+
+
+def test_script_dry_run_from_a_fresh_checkout():
+    """`python launch/submit.py --instance g5.2xlarge --dry-run` with nothing else set."""
+    proc = subprocess.run([sys.executable, "launch/submit.py", "--instance", "g5.2xlarge", "--dry-run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    req = json.loads(proc.stdout)["CreateTrainingJob"]
+    validate("sagemaker", "CreateTrainingJob", req)
+    assert "placeholder" in proc.stderr and "GPU memory: fits" in proc.stderr
