@@ -156,6 +156,16 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
     if env_name("checkpoint_uri") in job_settings:
         problems.append("QLORA_CHECKPOINT_URI is set by the launcher (one prefix per run); use --checkpoint-prefix")
 
+    image = args.image
+    if not image:
+        if args.dry_run:
+            image = PLACEHOLDERS["image"]
+            notes.append(f"placeholder image {image} (set --image to submit)")
+        else:
+            problems.append("--image is not set: the job image URI (infra/build_and_push.sh prints it)")
+
+    tags = _pairs(args.tag, "--tag", problems)
+
     cfg = settings.validate(job_settings, problems)
     if cfg is None or instance is None:
         return None
@@ -177,15 +187,6 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
     if model_is_local:
         notes.append(f"QLORA_MODEL={cfg.model!r} is a path: it must exist inside the container")
 
-    image = args.image
-    if not image:
-        if args.dry_run:
-            image = PLACEHOLDERS["image"]
-            notes.append(f"placeholder image {image} (set --image to submit)")
-        else:
-            problems.append("--image is not set: the job image URI (infra/build_and_push.sh prints it)")
-
-    tags = _pairs(args.tag, "--tag", problems)
     base = base_name(cfg.model)
     if args.schedule:
         name = args.name or base
