@@ -207,7 +207,7 @@ def _finish(api, emulator, name: str, exit_code: int, log_lines: list[str]) -> N
     batch.patch_namespaced_job_status(name, "ml", {"status": {
         "succeeded" if exit_code == 0 else "failed": 1,
         "conditions": [{"type": condition, "status": "True", "reason": "PodFailurePolicy" if exit_code else "",
-                        "message": "container train exited with code %d" % exit_code}]}})
+                        "message": f"container train exited with code {exit_code}"}]}})
 
 
 @pytest.mark.parametrize("exit_code", [0, 3])
