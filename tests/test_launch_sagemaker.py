@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 import botocore.session
@@ -22,7 +23,7 @@ from launch import sagemaker_backend, submit
 
 pytestmark = pytest.mark.integration
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 ROLE = "arn:aws:iam::123456789012:role/qlora-job-sagemaker-execution"
 SCHED_ROLE = "arn:aws:iam::123456789012:role/qlora-job-scheduler"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/qlora-job:abc123"
@@ -82,15 +83,27 @@ def captured(monkeypatch):
     return calls
 
 
-def common_args() -> list[str]:
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """An env file (settings and plain environment) and a Llama-2-7B config.json for the memory check."""
+    d = tmp_path_factory.mktemp("launch")
+    (d / "launch.env").write_text("# job settings\nQLORA_LORA_R=16\nexport QLORA_MAX_SEQ_LENGTH=1024\n"
+                                  'WANDB_MODE="offline"\n')
+    (d / "config.json").write_text(json.dumps({
+        "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}))
+    return d
+
+
+def common_args(files) -> list[str]:
     return ["--instance", "ml.g5.12xlarge", "--count", "2", "--image", IMAGE, "--role", ROLE,
             "--set", f"data={BUCKET}/data/chat/", "--set", f"eval_data={BUCKET}/data/eval.jsonl",
             "--set", f"model={BUCKET}/models/llama-2-7b-hf/", "--set", f"output={BUCKET}/output/run1",
             "--set", f"QLORA_SECRETS_ARN={SECRET}", "--set", "max_steps=50",
-            "--env-file", str(REPO / "tests" / "data" / "launch.env"),
+            "--env-file", str(files / "launch.env"),
             "--spot", "--max-run-hours", "4", "--subnet", "subnet-0abc", "--security-group", "sg-0abc",
             "--volume-kms-key", "alias/qlora", "--output-kms-key", "alias/qlora", "--tag", "team=ml",
-            "--model-config", str(REPO / "tests" / "data" / "llama2-7b-config.json")]
+            "--model-config", str(files / "config.json")]
 
 
 def dry_run_request(args: list[str], capsys) -> dict:
@@ -122,15 +135,15 @@ def check_training_request(req: dict) -> None:
     assert "ContainerEntrypoint" not in req["AlgorithmSpecification"]  # the image's own entrypoint runs
 
 
-def test_dry_run_request_is_complete_and_valid(capsys):
-    req = dry_run_request(common_args(), capsys)["CreateTrainingJob"]
+def test_dry_run_request_is_complete_and_valid(capsys, files):
+    req = dry_run_request(common_args(files), capsys)["CreateTrainingJob"]
     check_training_request(req)
 
 
-def test_sdk_sends_the_same_request_through_moto(aws_env, captured, capsys):
+def test_sdk_sends_the_same_request_through_moto(aws_env, captured, capsys, files):
     pytest.importorskip("sagemaker.train")
-    expected = dry_run_request(common_args(), capsys)["CreateTrainingJob"]
-    assert submit.main(common_args()) == 0
+    expected = dry_run_request(common_args(files), capsys)["CreateTrainingJob"]
+    assert submit.main(common_args(files)) == 0
     out = capsys.readouterr().out
     [(operation, sent)] = captured
     assert operation == "CreateTrainingJob"
@@ -146,16 +159,16 @@ def test_sdk_sends_the_same_request_through_moto(aws_env, captured, capsys):
     assert described["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
 
 
-def test_boto3_path_without_sdk(aws_env, captured, capsys):
-    assert submit.main([*common_args(), "--no-sdk", "--name", "qlora-boto3-run"]) == 0
+def test_boto3_path_without_sdk(aws_env, captured, capsys, files):
+    assert submit.main([*common_args(files), "--no-sdk", "--name", "qlora-boto3-run"]) == 0
     [(_, sent)] = captured
     check_training_request(sent)
     assert sent["TrainingJobName"] == "qlora-boto3-run"
     assert sent["CheckpointConfig"]["S3Uri"] == f"{BUCKET}/checkpoints/qlora-boto3-run"
 
 
-def test_schedule_creates_the_same_job_each_run(aws_env, captured, capsys):
-    args = [*common_args(), "--schedule", "30 2 * * 1-5", "--timezone", "Europe/Berlin",
+def test_schedule_creates_the_same_job_each_run(aws_env, captured, capsys, files):
+    args = [*common_args(files), "--schedule", "30 2 * * 1-5", "--timezone", "Europe/Berlin",
             "--scheduler-role", SCHED_ROLE]
     dry = dry_run_request(args, capsys)["CreateSchedule"]
     assert submit.main(args) == 0
@@ -179,8 +192,8 @@ def test_schedule_creates_the_same_job_each_run(aws_env, captured, capsys):
     assert stored["Target"]["Input"] == sent["Target"]["Input"]
 
 
-def test_follow_streams_logs_and_exits_with_the_result(aws_env, capsys):
-    assert submit.main([*common_args(), "--no-sdk", "--name", "qlora-follow"]) == 0
+def test_follow_streams_logs_and_exits_with_the_result(aws_env, capsys, files):
+    assert submit.main([*common_args(files), "--no-sdk", "--name", "qlora-follow"]) == 0
     logs = boto3.client("logs")
     group = sagemaker_backend.LOG_GROUP
     try:
