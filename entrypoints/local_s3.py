@@ -72,6 +72,9 @@ class S3Server:
             f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
             f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.s3_port}",
             "-volume.max=20", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+            # The Iceberg and Lance catalog servers listen on fixed ports (8181, 9101): off, so that several
+            # servers (parallel tests, the demo) can run side by side.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]
         self.log_path = self.data_dir / "weed.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process

@@ -248,15 +248,18 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
         return []
     was_training = model.training
     model.eval()
-    answers = []
     device = next(p.device for p in model.parameters())
-    for sample in samples:
-        ids = torch.tensor([prompt_ids(tokenizer, template, sample["messages"])], device=device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    prompts = [prompt_ids(tokenizer, template, s["messages"]) for s in samples]
+    # All prompts in one left-padded batch: each decoding step dequantizes the 4-bit weights once for
+    # the whole batch instead of once per prompt (on CPU that is most of the cost).
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    answers = [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     if was_training:
         model.train()
     return answers

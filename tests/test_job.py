@@ -15,6 +15,7 @@ from entrypoints.demo_assets import tiny_llama2
 from entrypoints.errors import EXIT_CONFIG, EXIT_OUTPUT_EXISTS
 
 from .jobrun import FAKE_HF_TOKEN, FAKE_WANDB_KEY, job_env, run_job
+from .wandb_records import summarize
 
 pytestmark = pytest.mark.integration
 
@@ -86,8 +87,17 @@ def test_end_to_end_s3(s3_job):
     # W&B offline run: config without secrets, the loss history and the samples table.
     runs = list(tmp.rglob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
-    raw = runs[0].read_bytes()
-    assert b"train/loss" in raw and b"samples" in raw and b"lora_r" in raw
+    run = summarize(runs[0])
+    assert run["config"]["lora_r"] == 8 and run["config"]["data"] == f"s3://{bucket}/data/train.jsonl"
+    losses = [h["train/loss"] for h in run["history"] if "train/loss" in h]
+    assert len(losses) == 3 and all(x > 0 for x in losses)
+    assert any("train/tokens_per_second" in h for h in run["history"])
+    assert any("train/learning_rate" in h for h in run["history"])
+    tables = [h for h in run["history"] if h.get("samples/_type") == "table-file"]
+    assert len(tables) == 1 and tables[0]["samples/nrows"] == 2 and tables[0]["samples/ncols"] == 4
+    table_file = next(runs[0].parent.glob("files/media/table/samples_*.table.json"))
+    assert json.loads(table_file.read_text())["columns"] == ["prompt", "reference", "before", "after"]
+    assert run["summary"]["eval_loss_after"] == pytest.approx(summary["eval_loss_after"])
 
     # No secret anywhere: logs, outputs, W&B files, checkpoints.
     for secret in (FAKE_HF_TOKEN, FAKE_WANDB_KEY):
