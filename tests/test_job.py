@@ -144,3 +144,14 @@ def test_resume_from_checkpoint(tmp_path, tiny_model):
     assert second.code == 0, second.output[-3000:]
     assert second.summary["resumed_from"] == "checkpoint-2" and second.summary["global_step"] == 4
     assert (tmp_path / "o2" / "manifest.json").is_file() and not (tmp_path / "o2" / "merged").exists()
+
+
+def test_packing_path_trains(tmp_path, tiny_model):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    result = run_job(job_env(tmp_path, QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data), QLORA_PACKING="true",
+                             QLORA_MAX_SEQ_LENGTH="128", QLORA_MAX_STEPS="2", QLORA_MICRO_BATCH_SIZE="2",
+                             QLORA_GRADIENT_ACCUMULATION_STEPS="1", QLORA_EVAL_FRACTION="0", QLORA_MERGE="false",
+                             QLORA_NUM_SAMPLE_GENERATIONS="0", QLORA_REPORT_TO="none", QLORA_OUTPUT=str(tmp_path / "o")))
+    assert result.code == 0, result.output[-3000:]
+    assert result.summary["global_step"] == 2 and result.summary["train_loss"] > 0
