@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from entrypoints import storage
+from entrypoints.errors import ConfigError
 
 log = logging.getLogger("qlora.checkpoints")
 
@@ -29,14 +30,38 @@ def _step(path: Path | str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def latest_complete(checkpoint_dir: Path) -> Path | None:
+# Settings that change what a resumed run would compute. max_steps / num_epochs are left out on purpose:
+# resuming with a longer schedule is how users extend a run.
+FINGERPRINT_FIELDS = (
+    "model", "model_revision", "data", "data_format", "eval_data", "eval_fraction", "chat_template",
+    "quantization", "double_quant", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "max_seq_length", "micro_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+    "warmup_ratio", "weight_decay", "optim", "packing", "assistant_only_loss", "seed",
+)
+
+
+def settings_fingerprint(settings: dict) -> dict:
+    return {name: settings[name] for name in FINGERPRINT_FIELDS if name in settings}
+
+
+def latest_complete(checkpoint_dir: Path, fingerprint: dict | None = None) -> Path | None:
+    """The newest checkpoint with a COMPLETE marker. With `fingerprint`, a checkpoint written with other
+    training settings is refused with a ConfigError rather than silently continued."""
     if not checkpoint_dir.is_dir():
         return None
     candidates = sorted((p for p in checkpoint_dir.iterdir() if p.is_dir() and _step(p) >= 0), key=_step, reverse=True)
     for path in candidates:
-        if (path / MARKER).is_file():
-            return path
-        log.warning("ignoring incomplete checkpoint %s (no %s marker: the job stopped while saving it)", path, MARKER)
+        marker = path / MARKER
+        if not marker.is_file():
+            log.warning("ignoring incomplete checkpoint %s (no %s marker: the job stopped while saving it)", path, MARKER)
+            continue
+        saved = json.loads(marker.read_text() or "{}").get("settings")
+        if fingerprint is not None and saved is not None and saved != fingerprint:
+            changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+            raise ConfigError([f"{path} was written by a run with other settings ({', '.join(changed)} differ):"
+                               " resuming would mix two runs. Use a new QLORA_CHECKPOINT_DIR, delete the old"
+                               " checkpoints, or set QLORA_RESUME=false to start over in place"])
+        return path
     return None
 
 
@@ -48,9 +73,9 @@ def remove_incomplete(checkpoint_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def mark_complete(path: Path, step: int) -> None:
+def mark_complete(path: Path, step: int, fingerprint: dict | None = None) -> None:
     tmp = path / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "time": time.time()}))
+    tmp.write_text(json.dumps({"step": step, "time": time.time(), "settings": fingerprint}))
     tmp.replace(path / MARKER)
 
 
@@ -104,7 +129,7 @@ class StopFlag:
         return self.event.is_set()
 
 
-def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str):
+def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str, fingerprint: dict | None = None):
     """A transformers TrainerCallback (built lazily so this module stays importable without torch)."""
     from transformers import TrainerCallback
 
@@ -120,7 +145,7 @@ def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str):
                 return control
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
-                mark_complete(path, state.global_step)
+                mark_complete(path, state.global_step, fingerprint)
                 if checkpoint_uri:
                     mirror_to_uri(path, checkpoint_uri, endpoint_url)
                 log.info("checkpoint %s complete", path.name)

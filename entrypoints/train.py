@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from entrypoints import storage
-from entrypoints.checkpoints import StopFlag, latest_complete, remove_incomplete, restore_from_uri, trainer_callback
+from entrypoints.checkpoints import (
+    StopFlag,
+    latest_complete,
+    remove_incomplete,
+    restore_from_uri,
+    settings_fingerprint,
+    trainer_callback,
+)
 from entrypoints.config import JobConfig, parse_config
 from entrypoints.data import LoadStats, list_data_files, load_conversations
 from entrypoints.errors import DataError, Preempted, run_guarded
@@ -205,7 +212,9 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url), _throughput_callback(tracker)],
+        callbacks=[trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url,
+                                    settings_fingerprint(cfg.to_public_dict())),
+                   _throughput_callback(tracker)],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -288,7 +297,7 @@ def train(trainer: Any, cfg: JobConfig, stop: StopFlag) -> dict[str, Any]:
     ckpt_dir = cfg.checkpoint_path
     if cfg.checkpoint_uri:
         restore_from_uri(cfg.checkpoint_uri, ckpt_dir, cfg.s3_endpoint_url)
-    resume = latest_complete(ckpt_dir) if cfg.resume else None
+    resume = latest_complete(ckpt_dir, settings_fingerprint(cfg.to_public_dict())) if cfg.resume else None
     remove_incomplete(ckpt_dir)
     if resume:
         log.info("resuming from %s", resume)

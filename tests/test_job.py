@@ -155,3 +155,16 @@ def test_packing_path_trains(tmp_path, tiny_model):
                              QLORA_NUM_SAMPLE_GENERATIONS="0", QLORA_REPORT_TO="none", QLORA_OUTPUT=str(tmp_path / "o")))
     assert result.code == 0, result.output[-3000:]
     assert result.summary["global_step"] == 2 and result.summary["train_loss"] > 0
+
+
+def test_resume_refuses_checkpoint_of_other_settings(tmp_path):
+    from entrypoints.checkpoints import latest_complete, mark_complete, settings_fingerprint
+    from entrypoints.errors import ConfigError
+
+    ckpt = tmp_path / "checkpoint-8"
+    ckpt.mkdir()
+    mark_complete(ckpt, 8, settings_fingerprint({"micro_batch_size": 8, "seed": 1}))
+    (tmp_path / "checkpoint-10").mkdir()  # incomplete: ignored
+    assert latest_complete(tmp_path, settings_fingerprint({"micro_batch_size": 8, "seed": 1})) == ckpt
+    with pytest.raises(ConfigError, match="micro_batch_size differ"):
+        latest_complete(tmp_path, settings_fingerprint({"micro_batch_size": 16, "seed": 1}))
