@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model tensor by tensor, at constant memory, uploading as it goes.
 
     python -m entrypoints.merge --adapter s3://bucket/run/adapter --base s3://bucket/models/llama-2-7b \
-        --output s3://bucket/run/merged [--merge-into original|nf4|fp4] [--max-shard-size 5GB]
+        --output s3://bucket/run/merged [--merge-into nf4|fp4|original] [--max-shard-size 5GB]
 
 peft's `merge_and_unload` needs the whole 16-bit model in memory (13.5 GB for 7B, 140 GB for 70B). Here
 each base tensor is read on its own (plain reads at the offsets of the safetensors header, no mmap, so
@@ -45,8 +45,10 @@ from entrypoints.errors import ModelError, OutputExistsError, run_guarded
 log = logging.getLogger("qlora.merge")
 
 MERGE_INTO_CHOICES = ("original", "nf4", "fp4")
-# Evidence in entrypoints/MERGE.md ("Which base to merge into").
-DEFAULT_MERGE_INTO = "original"
+# The base as the 4-bit training saw it: the merged model then computes what was trained and evaluated
+# (measured in entrypoints/MERGE.md, "Which base to merge into"). Adapters trained on a 16-bit base
+# (QLORA_QUANTIZATION=none) must pass `original`.
+DEFAULT_MERGE_INTO = "nf4"
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

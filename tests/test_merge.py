@@ -105,7 +105,8 @@ def test_merge_matches_peft(bases, tmp_path, case, dtype, tie):
         seen_then.append(path.is_file())
         written.append(path)
 
-    summary = merge_adapter(base_dir, adapter_dir, tmp_path / "merged", on_file_written=on_file_written)
+    summary = merge_adapter(base_dir, adapter_dir, tmp_path / "merged", merge_into="original",
+                            on_file_written=on_file_written)
     out = tmp_path / "merged"
     assert all(seen_then) and written[-1].name == INDEX_NAME and not list(out.glob("*.tmp"))
     assert sorted(p.name for p in written) == sorted(p.name for p in out.iterdir())
@@ -142,7 +143,7 @@ def test_nf4_merge_equals_dequantized_4bit_weights(bases, tmp_path):
     base_dir = bases[(torch.bfloat16, False)]
     adapter_dir = make_adapter(base_dir, tmp_path / "adapter", dtype=torch.bfloat16,
                                target_modules=["q_proj", "v_proj", "down_proj"])
-    summary = merge_adapter(base_dir, adapter_dir, tmp_path / "nf4", merge_into="nf4")
+    summary = merge_adapter(base_dir, adapter_dir, tmp_path / "nf4")  # the default
     merge_adapter(base_dir, adapter_dir, tmp_path / "orig", merge_into="original")
     assert summary["weights_requantized"] == 2 * 7  # every decoder Linear was 4-bit in training, not lm_head
 
@@ -174,7 +175,7 @@ def test_max_shard_size_and_tokenizer_from_adapter(bases, tmp_path):
     adapter_dir = make_adapter(base_dir, tmp_path / "adapter", dtype=torch.float32, target_modules="all-linear")
     (adapter_dir / "tokenizer_config.json").write_text(json.dumps({"from": "adapter"}))
     merge_adapter(base_dir, adapter_dir, tmp_path / "one", max_shard_size="10MB")
-    merge_adapter(base_dir, adapter_dir, tmp_path / "many", max_shard_size="40KB")
+    merge_adapter(base_dir, adapter_dir, tmp_path / "many", max_shard_size="40KB", merge_into="nf4")
     assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
     assert len(list((tmp_path / "many").glob("*.safetensors"))) >= 4
     assert json.loads((tmp_path / "many" / "tokenizer_config.json").read_text()) == {"from": "adapter"}
@@ -255,7 +256,8 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_cli_local_paths_and_exit_code(bases, tmp_path):
     base_dir = bases[(torch.bfloat16, True)]
     adapter_dir = make_adapter(base_dir, tmp_path / "adapter", dtype=torch.bfloat16, target_modules="all-linear")
-    done = _cli("--adapter", str(adapter_dir), "--base", str(base_dir), "--output", str(tmp_path / "merged"))
+    done = _cli("--adapter", str(adapter_dir), "--base", str(base_dir), "--output", str(tmp_path / "merged"),
+                "--merge-into", "original")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["lora_modules_merged"] == 14
     reference = PeftModel.from_pretrained(load(base_dir, torch.bfloat16), adapter_dir).merge_and_unload()
@@ -279,7 +281,8 @@ def test_cli_s3_end_to_end(bases, tmp_path, s3_env):
     env = {**server.env(), "QLORA_S3_ENDPOINT_URL": server.endpoint}
     work = tmp_path / "work"
     done = _cli("--adapter", f"s3://{bucket}/run/adapter", "--base", f"s3://{bucket}/models/tiny",
-                "--output", f"s3://{bucket}/run/merged", "--work-dir", str(work), env=env)
+                "--output", f"s3://{bucket}/run/merged", "--work-dir", str(work), "--merge-into", "original",
+                env=env)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["uploaded"][-1] == INDEX_NAME
