@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model tensor by tensor, at constant memory, uploading as it goes.
 
     python -m entrypoints.merge --adapter s3://bucket/run/adapter --base s3://bucket/models/llama-2-7b \
-        --output s3://bucket/run/merged [--merge-into original|nf4|fp4] [--max-shard-size 5GB]
+        --output s3://bucket/run/merged [--merge-into nf4|fp4|original] [--max-shard-size 5GB]
 
 peft's `merge_and_unload` needs the whole 16-bit model in memory (13.5 GB for 7B, 140 GB for 70B). Here
 each base tensor is read on its own (plain reads at the offsets of the safetensors header, no mmap, so
@@ -45,8 +45,10 @@ from entrypoints.errors import ModelError, OutputExistsError, run_guarded
 log = logging.getLogger("qlora.merge")
 
 MERGE_INTO_CHOICES = ("original", "nf4", "fp4")
-# Evidence in entrypoints/MERGE.md ("Which base to merge into").
-DEFAULT_MERGE_INTO = "original"
+# The base as the 4-bit training saw it: the merged model then computes what was trained and evaluated
+# (measured in entrypoints/MERGE.md, "Which base to merge into"). Adapters trained on a 16-bit base
+# (QLORA_QUANTIZATION=none) must pass `original`.
+DEFAULT_MERGE_INTO = "nf4"
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -386,8 +388,10 @@ def inspect_base(base_dir: Path, remote_files: list[str] | None = None) -> BaseM
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{config_path} is not valid JSON ({exc})") from None
-    if config.get("quantization_config"):
-        raise ModelError(f"{config_path} has a quantization_config: the base is a pre-quantized checkpoint. Merge"
+    quant_method = (config.get("quantization_config") or {}).get("quant_method")
+    # A GGUF conversion leaves its quantization_config behind but writes float tensors: that base is fine.
+    if quant_method and quant_method != "gguf":
+        raise ModelError(f"{config_path} has a {quant_method} quantization_config: the base is a pre-quantized checkpoint. Merge"
                          " into the 16-bit base model (the one the 4-bit model was made from)")
     index_path = base_dir / INDEX_NAME
     if index_path.is_file():
@@ -462,7 +466,8 @@ def check_compatible(base: BaseModel, adapter: Adapter) -> None:
             problems.append(f"LoRA module {delta.module!r} makes a {list(delta.out_shape)} delta but the base's {key!r}"
                             f" is {list(shape)}")
         elif not dtype.is_floating_point:
-            problems.append(f"base weight {key!r} is {dtype}, not a floating-point weight")
+            problems.append(f"base weight {key!r} is {dtype}, not a floating-point weight (a pre-quantized base?"
+                            " merge into the 16-bit base)")
     for key, delta in adapter.bias_deltas.items():
         _, shape = base_shape(key)
         if shape is None:
@@ -557,9 +562,9 @@ def apply_delta(weight, delta: LoraDelta, out_dtype, device: str):
         end = min(rows, start + step)
         block = weight[start:end].to(device=device, dtype=torch.float32)
         if delta.kind == "linear":
-            block += (b[start:end] @ a) * delta.scale
+            block.addmm_(b[start:end], a, alpha=delta.scale)
         else:  # embedding: A is (r, num_embeddings), B is (embedding_dim, r); delta = (B @ A).T
-            block += (a[:, start:end].T @ b.T) * delta.scale
+            block.addmm_(a[:, start:end].T, b.T, alpha=delta.scale)
         if magnitude is not None:
             # DoRA: each output row is rescaled to its learned magnitude over the norm of the merged row.
             block *= (magnitude[start:end] / torch.linalg.norm(block, dim=1)).unsqueeze(1)
@@ -670,9 +675,13 @@ def merge_adapter(
     # 4. The shards, one tensor at a time.
     counts = {"lora": 0, "replaced": 0, "requantized": 0}
     open_shards: dict[str, Path] = {}  # downloaded base shards still needed
+    lock = threading.Lock()
 
     def base_info(key: str) -> TensorInfo:
         name = base.weight_map[key]
+        with lock:
+            if name in base.headers:
+                return base.headers[name][key]
         if name not in base.headers:
             path = fetch_shard(name)  # type: ignore[misc]  # only remote shards lack a header
             header = read_header(path)
@@ -680,15 +689,45 @@ def merge_adapter(
             if set(header) != listed or any(tuple(header[k].shape) != tuple(base.shapes[k][1]) for k in listed
                                             if k in base.shapes):
                 raise ModelError(f"{name} of the base does not match {INDEX_NAME} and config.json: re-upload the base")
-            base.headers[name] = header
-            open_shards[name] = path
-        return base.headers[name][key]
+            with lock:
+                base.headers[name] = header
+                open_shards[name] = path
+        return header[key]
 
     last_use = {base.weight_map[base.tied.get(e[0], e[0])]: i for i, s in enumerate(shards) for e in s.entries}
+    # Reading the next base tensor overlaps the arithmetic and the writing of this one (file reads and
+    # torch release the GIL); the queue holds one tensor, so at most three are in memory.
+    order = [key for shard in shards for key, _, _ in shard.entries]
+    reads: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def hand_over(item) -> None:
+        while not stop.is_set():
+            try:
+                reads.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def reader() -> None:
+        for key in order:
+            if stop.is_set():
+                return
+            try:
+                source_key = base.tied.get(key, key) if key not in base.weight_map else key
+                hand_over((key, read_tensor(base_info(source_key)), None))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by produce()
+                hand_over((key, None, exc))
+                return
+
+    threading.Thread(target=reader, name="merge-read", daemon=True).start()
 
     def produce(key: str):
-        source_key = base.tied.get(key, key) if key not in base.weight_map else key
-        tensor = read_tensor(base_info(source_key))
+        read_key, tensor, error = reads.get()
+        if error is not None:
+            raise error
+        if read_key != key:
+            raise AssertionError(f"read {read_key} while writing {key}")
         if key in adapter.replacements:
             tensor = adapter.replacements[key].to(tensor.dtype).clone()
             counts["replaced"] += 1
@@ -708,14 +747,20 @@ def merge_adapter(
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
         path = out_dir / shard.name
-        total_bytes += write_safetensors(path, shard.entries, produce)
+        try:
+            total_bytes += write_safetensors(path, shard.entries, produce)
+        except BaseException:
+            stop.set()  # the reader must not wait forever on a queue nobody reads
+            raise
         weight_map.update({key: shard.name for key, _, _ in shard.entries})
         log.info("wrote %s (%d/%d)", shard.name, i + 1, len(shards))
-        for name in [n for n in open_shards if last_use.get(n, -1) <= i]:
+        with lock:
+            done = [(n, open_shards.pop(n)) for n in list(open_shards) if last_use.get(n, -1) <= i]
+            for name, _ in done:
+                del base.headers[name]
+        for _, local in done:
             if release_shard is not None:
-                release_shard(open_shards[name])
-            del open_shards[name]
-            del base.headers[name]
+                release_shard(local)
         finished(path)
 
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

@@ -2,6 +2,7 @@
 
     python -m entrypoints.merge_benchmark --shape 7b --work-dir /work/merge-bench [--json results.json]
     python -m entrypoints.merge_benchmark --shape 70b --plan-only    # memory bound from the shapes alone
+    python -m entrypoints.merge_benchmark --compare-bases --model DIR --data entrypoints/demo_data --work-dir D
 
 Builds a random bf16 checkpoint of the given Llama-2 shape, written tensor by tensor (never the whole
 model in memory) in the real checkpoint's shard layout, and an r=16 all-linear LoRA adapter in peft's
@@ -10,6 +11,11 @@ first (cold start for both): ours (`entrypoints.merge.merge_adapter`) and what u
 the model in bf16 on CPU, `PeftModel.from_pretrained`, `merge_and_unload`, `save_pretrained`). Peak
 resident memory is the child's ru_maxrss (from wait4); wall time includes process start. A sample of
 output tensors is compared between the two. Everything it wrote is deleted at the end (--keep keeps it).
+
+--compare-bases is the evidence for merge's default `merge_into`: it QLoRA-trains an adapter on a real
+small model (nf4, double quant, r=16 all-linear, on CPU) and reports the held-out loss of the unmerged
+4-bit+adapter model, of the merge into the original 16-bit base and of the merge into the nf4-dequantised
+base.
 """
 
 from __future__ import annotations
@@ -197,9 +203,11 @@ def compare_outputs(ours: Path, peft: Path, keys: list[str]) -> float:
 
 
 def plan_peak(shape: Shape, rank: int = 16, runtime_bytes: float = 0.0) -> dict:
-    """Peak memory of our merge from the shapes: runtime + adapter + the largest tensor + float32 blocks.
+    """Peak memory of our merge from the shapes: runtime + adapter + 3 x the largest tensor + float32 blocks.
 
-    The base is read one tensor at a time (not one shard), so the shard size only bounds it from above.
+    Three tensors: the one being merged and written, one read ahead in the queue, one being read. The base
+    is read one tensor at a time (not one shard), so a shard (plus the adapter and runtime) bounds it from
+    above. `runtime_bytes`: the interpreter, torch and transformers, measured on the 7b run.
     """
     from entrypoints.merge import BLOCK_ELEMENTS
 
@@ -210,13 +218,121 @@ def plan_peak(shape: Shape, rank: int = 16, runtime_bytes: float = 0.0) -> dict:
                   if k.removesuffix(".weight").rsplit(".", 1)[-1] in LORA_TARGETS)
     shard = params * 2 / shape.shards
     blocks = 2 * BLOCK_ELEMENTS * 4  # the float32 block and its delta
-    tensor_bound = runtime_bytes + adapter + largest + blocks
+    tensor_bound = runtime_bytes + adapter + 3 * largest + blocks
     shard_bound = runtime_bytes + adapter + shard + blocks
     return {"params": params, "checkpoint_bytes": params * 2, "largest_tensor_bytes": largest,
             "adapter_bytes": adapter, "shard_bytes": shard, "runtime_bytes": runtime_bytes,
-            "peak_bytes_estimate": tensor_bound, "peak_bytes_shard_bound": shard_bound,
+            "peak_estimate_bytes": tensor_bound, "peak_shard_bound_bytes": shard_bound,
             "fits_g5_2xlarge": shard_bound < G5_2XLARGE_RAM_BYTES,
-            "peft_needs_bytes": params * 2}
+            "peft_needs_at_least_bytes": params * 2}
+
+
+def _chat_examples(path: Path, tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per record; the loss is taken on the assistant reply only."""
+    examples = []
+    for line in path.read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template does not extend the prompt with the reply")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        examples.append((ids, len(prompt_ids)))
+    return examples
+
+
+def _batch(examples, pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+        mask[i, : len(ids)] = 1
+    return input_ids, mask, labels
+
+
+def eval_loss(model, examples, pad_id: int) -> float:
+    """Token-weighted mean cross-entropy over the reply tokens of all examples."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), 8):
+            input_ids, mask, labels = _batch(examples[start: start + 8], pad_id)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+            shifted = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     shifted.reshape(-1), ignore_index=-100, reduction="sum")
+            total += loss.item()
+            count += int((shifted != -100).sum())
+    return total / count
+
+
+def compare_bases(model_dir: Path, data_dir: Path, work: Path, *, epochs: int, learning_rate: float,
+                  rank: int = 16, seed: int = 0) -> dict:
+    """QLoRA-train on the demo data, merge both ways, and measure the held-out loss of each model."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from entrypoints.merge import merge_adapter
+
+    torch.manual_seed(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    base16 = work / "base-bf16"
+    if not (base16 / "config.json").is_file():  # the 16-bit base as published (bf16)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(base16)
+        AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(base16)
+    tokenizer = AutoTokenizer.from_pretrained(str(base16))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = _chat_examples(data_dir / "train.jsonl", tokenizer)
+    held_out = _chat_examples(data_dir / "eval.jsonl", tokenizer)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+
+    def four_bit():
+        return AutoModelForCausalLM.from_pretrained(str(base16), quantization_config=quant, dtype=torch.float32)
+
+    results: dict = {"model": str(model_dir), "train_records": len(train), "eval_records": len(held_out),
+                     "epochs": epochs, "learning_rate": learning_rate, "rank": rank}
+    results["loss_base_16bit"] = eval_loss(AutoModelForCausalLM.from_pretrained(str(base16), dtype=torch.float32),
+                                           held_out, pad_id)
+    model = get_peft_model(four_bit(), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
+                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    started = time.monotonic()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(train)).tolist()
+        for start in range(0, len(order), 8):
+            input_ids, mask, labels = _batch([train[i] for i in order[start: start + 8]], pad_id)
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        print(f"  epoch {epoch + 1}: last batch loss {loss.item():.3f}", flush=True)
+    results["train_seconds"] = round(time.monotonic() - started, 1)
+    adapter_dir = work / "adapter"
+    model.save_pretrained(adapter_dir)
+    results["loss_4bit_plus_adapter"] = eval_loss(PeftModel.from_pretrained(four_bit(), adapter_dir), held_out, pad_id)
+    for merge_into in ("original", "nf4"):
+        out = work / f"merged-{merge_into}"
+        shutil.rmtree(out, ignore_errors=True)
+        merge_adapter(base16, adapter_dir, out, merge_into=merge_into)
+        for dtype_name in ("float32", "bfloat16"):
+            merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=getattr(torch, dtype_name))
+            results[f"loss_merged_{merge_into}_{dtype_name}"] = eval_loss(merged, held_out, pad_id)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="measured runtime overhead (GB) to add in --plan-only (from a 7b run's JSON)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--compare-bases", action="store_true",
+                   help="train a QLoRA adapter on --model/--data and compare the two merge bases' eval loss")
+    p.add_argument("--model", default="", help="--compare-bases: a small causal LM directory (safetensors)")
+    p.add_argument("--data", default="entrypoints/demo_data", help="--compare-bases: dir with train/eval.jsonl")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--child", choices=("ours", "peft"), help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
@@ -236,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         child(args.child, Path(args.base), Path(args.adapter), Path(args.out))
+        return 0
+    if args.compare_bases:
+        results = compare_bases(Path(args.model), Path(args.data), Path(args.work_dir), epochs=args.epochs,
+                                learning_rate=args.learning_rate)
+        print(json.dumps(results, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         return 0
     shape = SHAPES[args.shape]
     if args.plan_only:
