@@ -54,8 +54,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "unpacked": {"packing": "false", "use_liger": "false"},  # the job path with the fast path switched off
     "packed-sdpa": {"use_liger": "false", "varlen": False},  # + BFD packing, block-diagonal SDPA mask
     "packed-varlen": {"use_liger": "false"},  # + varlen flash attention
-    "no-liger": {"use_liger": "false"},
+    "alpha16": {"lora_alpha": "16"},  # default with the baseline's LoRA scale (loss comparison)
     "no-ckpt": {"gradient_checkpointing": "false"},  # default + no gradient checkpointing
+    "ckpt-half": {"layers_without_checkpointing": 16},  # default + the first 16 layers not recomputed
     "fused-adamw": {"optim": "adamw_torch_fused"},  # default + fused AdamW instead of paged AdamW
     "tokens-16k": {"micro_batch_tokens": "16384"},  # default + 16k-token micro-batches
     "tokens-4k": {"micro_batch_tokens": "4096"},
@@ -293,6 +294,7 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
 
     settings = dict(settings)
     varlen = settings.pop("varlen", True)
+    layers_without = int(settings.pop("layers_without_checkpointing", 0))
     cfg = job_config(model_dir, work, max_length, seed, settings)
     original = perf.wants_varlen
     if not varlen:
@@ -303,6 +305,8 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
         perf.wants_varlen = original
     data = train.Prepared(dataset, None, [], dict(stats))
     trainer = train.build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), tokenizer.pad_token)
+    if layers_without:
+        trainer.add_callback(perf.partial_checkpointing_callback(layers_without))
     return trainer, model, cfg
 
 

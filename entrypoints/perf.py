@@ -296,6 +296,22 @@ def patch_model(model: Any, cfg: Any, cuda: bool) -> dict[str, Any]:
     return changed
 
 
+def partial_checkpointing_callback(layers_without: int):
+    """A TrainerCallback that, once the trainer has switched checkpointing on, switches it off again on the
+    first `layers_without` decoder layers: their activations stay in memory (no recompute), the rest are
+    recomputed. Selective checkpointing for GPUs with memory to spare."""
+    from transformers import TrainerCallback
+
+    class PartialCheckpointing(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
+                      and type(m).__name__.endswith("DecoderLayer")]
+            for layer in layers[:layers_without]:
+                layer.gradient_checkpointing = False
+
+    return PartialCheckpointing()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from entrypoints.config import JobConfig
 
