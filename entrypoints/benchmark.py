@@ -51,13 +51,14 @@ WARMUP_STEPS = 2  # optimizer steps left out of the steady-state rate (allocator
 # Lever name -> job settings changed from the default (and `varlen`: whether packed rows use varlen attention).
 LEVERS: dict[str, dict[str, Any]] = {
     "default": {},
-    "unpacked": {"packing": "false", "use_liger": "false"},  # the job path with the fast path switched off
-    "packed-sdpa": {"use_liger": "false", "varlen": False},  # + BFD packing, block-diagonal SDPA mask
-    "packed-varlen": {"use_liger": "false"},  # + varlen flash attention
+    "unpacked": {"packing": "false", "use_liger": "false", "optim": "paged_adamw_32bit"},  # the job path with the fast path switched off
+    "packed-sdpa": {"use_liger": "false", "optim": "paged_adamw_32bit", "varlen": False},  # + BFD packing, block-diagonal SDPA mask
+    "packed-varlen": {"use_liger": "false", "optim": "paged_adamw_32bit"},  # + varlen flash attention
+    "liger": {"use_liger": "true"},  # default + Liger's RMSNorm/SwiGLU/RoPE kernels
+    "paged-adamw": {"optim": "paged_adamw_32bit"},  # default with the recipe's paged AdamW
     "alpha16": {"lora_alpha": "16"},  # default with the baseline's LoRA scale (loss comparison)
     "no-ckpt": {"gradient_checkpointing": "false"},  # default + no gradient checkpointing
     "ckpt-half": {"layers_without_checkpointing": 16},  # default + the first 16 layers not recomputed
-    "fused-adamw": {"optim": "adamw_torch_fused"},  # default + fused AdamW instead of paged AdamW
     "tokens-16k": {"micro_batch_tokens": "16384"},  # default + 16k-token micro-batches
     "tokens-4k": {"micro_batch_tokens": "4096"},
 }
@@ -450,9 +451,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.cuda.set_device(_local_rank())
         dist.init_process_group("nccl")
-    if args.mem_cap_gib and args.device == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * perf.GIB / total))
 
     report: dict[str, Any] = {"gpu": _gpu_name(), "world_size": world, "date": datetime.date.today().isoformat(), "versions": _versions(),
                               "command": "python -m entrypoints.benchmark " + " ".join(argv or sys.argv[1:]),
@@ -470,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch.distributed as dist
 
             dist.barrier()  # the other ranks wait for rank 0's checkpoint
+        if args.mem_cap_gib and args.device == "cuda":  # after the checkpoint is written: it only caps training
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * perf.GIB / total))
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -194,6 +194,10 @@ def liger_available() -> bool:
 def sft_overrides(cfg: Any, plan: BatchPlan | None, cuda: bool) -> dict[str, Any]:
     """SFTConfig keyword arguments of the fast path; empty when packing is off (the plain recipe)."""
     out: dict[str, Any] = {}
+    if cuda and cfg.optim == "auto":
+        # LoRA's optimizer state is small (~0.3 GB for 7B r=16): paging it buys nothing, and the fused
+        # AdamW kernel was 8.7% faster end to end on the 7B shape (PERF.md).
+        out["optim"] = "adamw_torch_fused"
     if getattr(cfg, "use_liger", False) and cuda and liger_available():
         # RMSNorm, SwiGLU and RoPE kernels; TRL keeps its own fused LM head + cross-entropy.
         out["use_liger_kernel"] = True

@@ -75,7 +75,7 @@ def test_sft_overrides():
     out = perf.sft_overrides(_cfg(), plan, cuda=False)
     assert out["packing"] and out["padding_free"] and out["packing_strategy"] == "bfd"
     assert out["per_device_train_batch_size"] == plan.rows
-    assert "use_liger_kernel" not in out  # Liger is CUDA only
+    assert "use_liger_kernel" not in out and "optim" not in out  # Liger and fused AdamW: CUDA only
     assert perf.sft_overrides(_cfg(packing=False), None, cuda=False) == {}
 
 
