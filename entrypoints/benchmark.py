@@ -54,7 +54,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "unpacked": {"packing": "false", "use_liger": "false", "optim": "paged_adamw_32bit"},  # the job path with the fast path switched off
     "packed-sdpa": {"use_liger": "false", "optim": "paged_adamw_32bit", "varlen": False},  # + BFD packing, block-diagonal SDPA mask
     "packed-varlen": {"use_liger": "false", "optim": "paged_adamw_32bit"},  # + varlen flash attention
-    "liger": {"use_liger": "true"},  # default + Liger's RMSNorm/SwiGLU/RoPE kernels
+    "no-liger": {"use_liger": "false"},  # default without Liger's RMSNorm/SwiGLU/RoPE kernels
     "paged-adamw": {"optim": "paged_adamw_32bit"},  # default with the recipe's paged AdamW
     "alpha16": {"lora_alpha": "16"},  # default with the baseline's LoRA scale (loss comparison)
     "no-ckpt": {"gradient_checkpointing": "false"},  # default + no gradient checkpointing

@@ -122,7 +122,7 @@ class JobConfig:
     optim: str = _f("auto", "Optimizer; `auto`: adamw_torch_fused on CUDA, adamw_torch on CPU.", choices=("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit"), group="training")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.", group="training")
     packing: bool = _f(True, "Pack whole samples into rows of max_seq_length (best-fit, padding-free, per-sample attention); off: each micro-batch is padded to its longest sample.", group="training")
-    use_liger: bool = _f(False, "Use Liger's fused RMSNorm, SwiGLU and RoPE kernels on CUDA (needs liger-kernel); measured no gain on top of packing + TRL's fused LM head (entrypoints/PERF.md).", group="training")
+    use_liger: bool = _f(True, "Use Liger's fused RMSNorm, SwiGLU and RoPE kernels on CUDA (when liger-kernel is installed).", group="training")
     assistant_only_loss: bool = _f(True, "Train on assistant tokens only (prompts, system and user turns are masked out of the loss).", group="training")
     seed: int = _f(42, "Random seed for data order, LoRA init and dropout.", group="training")
     logging_steps: int = _f(10, "Log loss, learning rate and throughput every N optimizer steps.", group="training")
