@@ -216,6 +216,16 @@ def _all_sum(value: float) -> float:
     return float(t.item())
 
 
+def _per_rank(value: float) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.zeros(_world_size(), device="cuda", dtype=torch.float64)
+    t[dist.get_rank()] = value
+    dist.all_reduce(t)
+    return [round(float(x), 2) for x in t.tolist()]
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -372,9 +382,12 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
             "loss_last": round(sum(losses[-quarter:]) / quarter, 4) if losses else None,
             "train_loss": round(float(out.training_loss), 4),
         })
-        if cuda:  # this rank's GPU (rank 0 under torchrun)
+        if cuda:  # this rank's GPU (rank 0 under torchrun), and every rank's when several
             result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / perf.GIB, 2)
             result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / perf.GIB, 2)
+            if _world_size() > 1:
+                result["peak_reserved_gib_per_rank"] = _per_rank(result["peak_reserved_gib"])
+                result["peak_allocated_gib_per_rank"] = _per_rank(result["peak_allocated_gib"])
         if peak_flops:
             shape = perf.SHAPES[args.shape]
             flops = perf.train_flops_per_token(shape, 16, stats["mean_attended_keys"])
