@@ -78,22 +78,22 @@ def test_packed_varlen_forward_matches_separate_samples_on_gpu():
     assert rel < 1e-2, f"relative error {rel:.2e}"
 
 
-def test_job_default_path_trains_packed(small_model, tmp_path):
-    from datasets import Dataset
+def test_job_default_path_trains_packed(tmp_path):
+    """The job's default path (load_model + build_trainer) trains packed, varlen, fused AdamW, finite losses.
 
-    from entrypoints import benchmark
-
-    data = benchmark.synthetic_chat(64, 32000, 256, seed=0)
-    stats = benchmark.data_stats(data, 256)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(small_model)
-    trainer, model, cfg = benchmark.job_trainer(small_model, Dataset.from_dict(data), tok, stats, tmp_path, 256, 0, {})
-    assert trainer.args.packing and trainer.args.padding_free and "fused" in str(trainer.args.optim).lower()
-    out = trainer.train()
-    assert out.training_loss == out.training_loss  # not NaN
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses and all(0 < x < 20 for x in losses)
+    Runs in a child process on the first GPU: one process seeing several GPUs is refused by SFTTrainer
+    (nn.DataParallel); multi-GPU training goes through torchrun (next test)."""
+    out = tmp_path / "one.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "entrypoints.benchmark", "--shape", "tiny", "--runs", "default", "--samples", "64",
+         "--max-length", "256", "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = json.loads(out.read_text())["runs"][0]
+    plan = run["plan"]
+    assert plan["packing"] and plan["attn_implementation"] == "qlora_varlen" and "fused" in plan["optim"].lower()
+    assert 0 < run["loss_last"] < 20 and run["tokens"] == json.loads(out.read_text())["data"]["train_tokens"]
 
 
 def test_multi_gpu_launch_ddp(tmp_path):
