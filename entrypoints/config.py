@@ -109,7 +109,8 @@ class JobConfig:
 
     # --- training
     max_seq_length: int = _f(2048, "Samples are truncated to this many tokens (and packed up to it when `packing` is on).", group="training")
-    micro_batch_size: int = _f(4, "Samples per device per forward/backward pass.", group="training")
+    micro_batch_size: int = _f(4, "Samples per device per forward/backward pass without packing; with packing, micro_batch_size x gradient_accumulation_steps x the mean sample length sets the tokens per optimizer step.", group="training")
+    micro_batch_tokens: int = _f(0, "Tokens per packed micro-batch (forward/backward pass); 0: as many as fit the GPU's memory, up to one optimizer step's tokens.", group="training")
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.", group="training")
     num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).", group="training")
     max_steps: int = _f(-1, "Optimizer steps to run; -1 runs `num_epochs` epochs.", group="training")
@@ -118,9 +119,10 @@ class JobConfig:
     warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming the learning rate up.", group="training")
     weight_decay: float = _f(0.0, "AdamW weight decay.", group="training")
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (0.3 as in the QLoRA paper).", group="training")
-    optim: str = _f("auto", "Optimizer; `auto`: paged_adamw_32bit on CUDA, adamw_torch on CPU.", choices=("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit"), group="training")
+    optim: str = _f("auto", "Optimizer; `auto`: adamw_torch_fused on CUDA, adamw_torch on CPU.", choices=("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit"), group="training")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.", group="training")
-    packing: bool = _f(False, "Pack several samples into each sequence (padding-free, with per-sample attention).", group="training")
+    packing: bool = _f(True, "Pack whole samples into rows of max_seq_length (best-fit, padding-free, per-sample attention); off: each micro-batch is padded to its longest sample.", group="training")
+    use_liger: bool = _f(True, "Use Liger's fused RMSNorm, SwiGLU and RoPE kernels on CUDA (when liger-kernel is installed).", group="training")
     assistant_only_loss: bool = _f(True, "Train on assistant tokens only (prompts, system and user turns are masked out of the loss).", group="training")
     seed: int = _f(42, "Random seed for data order, LoRA init and dropout.", group="training")
     logging_steps: int = _f(10, "Log loss, learning rate and throughput every N optimizer steps.", group="training")
@@ -370,7 +372,7 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
         bad("eval_fraction", "must be at least 0 and below 1 (0.05 holds out 5%)")
     if cfg.eval_data and cfg.eval_fraction not in (0.0, FIELDS["eval_fraction"].default):
         p.append(f"{env_name('eval_data')} and {env_name('eval_fraction')} are both set: use one of them")
-    for name in ("max_bad_records", "num_sample_generations", "save_total_limit", "eval_steps"):
+    for name in ("max_bad_records", "num_sample_generations", "save_total_limit", "eval_steps", "micro_batch_tokens"):
         if getattr(cfg, name) < 0:
             bad(name, "must be 0 or more")
     for name in ("lora_r", "lora_alpha", "max_seq_length", "micro_batch_size", "gradient_accumulation_steps",

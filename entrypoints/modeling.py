@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from entrypoints import storage
+from entrypoints import perf, storage
 from entrypoints.config import JobConfig
 from entrypoints.errors import ModelError
 
@@ -133,6 +133,9 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0):
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: the model cannot be loaded ({type(exc).__name__}: {exc})") from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    changed = perf.patch_model(model, cfg, device == "cuda")  # varlen attention for packed rows
+    if changed:
+        log.info("fast path: %s", changed)
     if device == "cuda":
         torch.cuda.empty_cache()
     else:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from entrypoints import storage
+from entrypoints import perf, storage
 from entrypoints.checkpoints import (
     StopFlag,
     latest_complete,
@@ -161,7 +161,7 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
     dtype = compute_dtype(cfg)
     optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
     has_eval = data.eval is not None
-    args = SFTConfig(
+    kwargs = dict(
         output_dir=str(cfg.checkpoint_path),
         run_name=cfg.run_name or None,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -197,6 +197,13 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
+    # The fast path (entrypoints/perf.py, measured in entrypoints/PERF.md): packed micro-batches sized
+    # from the GPU's memory, Liger kernels.
+    plan = perf.plan_for(cfg, model, data.stats) if cfg.packing else None
+    if plan is not None:
+        log.info("batch plan: %s", plan)
+    kwargs.update(perf.sft_overrides(cfg, plan, cuda))
+    args = SFTConfig(**kwargs)
     peft_config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

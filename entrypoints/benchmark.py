@@ -1,0 +1,516 @@
+"""Throughput, memory and MFU of the job's default path against the standard QLoRA recipe, side by side.
+
+    python -m entrypoints.benchmark --shape 7b --runs baseline,default --out results.json
+    python -m entrypoints.benchmark --shape tiny --device cpu --samples 24     # the CPU smoke test
+
+On the GPU it finds, one process: measures the bf16 matmul peak, writes a Llama-2-shaped checkpoint
+with random bf16 weights (7b by default; 13b, 70b, or `tiny` for CPUs), generates a synthetic chat data
+set (lengths: log-normal, median 250 tokens, sigma 1.0, clipped to [32, max length]; see PERF.md),
+then trains one pass over the same samples with each run named in --runs:
+
+- `baseline`: the recipe users copy (transformers + peft + bitsandbytes + TRL SFTTrainer; nf4, double
+  quant, bf16 compute, LoRA r=16 alpha=16 all-linear, paged AdamW 32-bit, gradient checkpointing,
+  batch 4 x 4 accumulation padded to the longest sample, no packing, max length 2048, sdpa), written
+  out here independently of the job's code;
+- `default`: the job's own path: entrypoints.modeling.load_model + entrypoints.train.build_trainer
+  with the job's default settings (plus --set overrides);
+- the levers in LEVERS: the job's path with one setting changed, for the table in PERF.md.
+
+Per run it prints and writes to --out: trained (non-padding) tokens per second, seconds per step, peak
+GPU memory allocated and reserved, model-FLOPs utilisation (entrypoints.perf.train_flops_per_token over
+the measured peak), first and last losses, and every run's tokens/s over the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from entrypoints import perf
+
+log = logging.getLogger("qlora.benchmark")
+
+MEDIAN_TOKENS = 250
+LENGTH_SIGMA = 1.0
+MIN_TOKENS = 32
+WARMUP_STEPS = 2  # optimizer steps left out of the steady-state rate (allocator growth, kernel autotuning)
+
+# Lever name -> job settings changed from the default (and `varlen`: whether packed rows use varlen attention).
+LEVERS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "unpacked": {"packing": "false", "use_liger": "false", "optim": "paged_adamw_32bit"},  # the job path with the fast path switched off
+    "packed-sdpa": {"use_liger": "false", "optim": "paged_adamw_32bit", "varlen": False},  # + BFD packing, block-diagonal SDPA mask
+    "packed-varlen": {"use_liger": "false", "optim": "paged_adamw_32bit"},  # + varlen flash attention
+    "no-liger": {"use_liger": "false"},  # default without Liger's RMSNorm/SwiGLU/RoPE kernels
+    "paged-adamw": {"optim": "paged_adamw_32bit"},  # default with the recipe's paged AdamW
+    "alpha16": {"lora_alpha": "16"},  # default with the baseline's LoRA scale (loss comparison)
+    "no-ckpt": {"gradient_checkpointing": "false"},  # default + no gradient checkpointing
+    "ckpt-half": {"layers_without_checkpointing": 16},  # default + the first 16 layers not recomputed
+    "tokens-16k": {"micro_batch_tokens": "16384"},  # default + 16k-token micro-batches
+    "tokens-4k": {"micro_batch_tokens": "4096"},
+}
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def write_tokenizer(model_dir: Path, vocab_size: int) -> Any:
+    """A word-level tokenizer over the model's vocabulary size (<unk>, <s>, </s>, then t3..tN): the data
+    is made of token ids already, the trainer only needs pad/eos ids that exist in the vocabulary."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<unk>")
+    tok.save_pretrained(model_dir)
+    return tok
+
+
+def build_checkpoint(shape_name: str, model_dir: Path, device: str) -> dict[str, Any]:
+    """Write a Llama-2-shaped checkpoint with random bf16 weights (initialised on `device`) + tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = perf.SHAPES[shape_name]
+    started = time.monotonic()
+    config = LlamaConfig(**shape, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(model_dir, safe_serialization=True, max_shard_size="5GB")
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    write_tokenizer(model_dir, shape["vocab_size"])
+    return {"shape": shape_name, "parameters": n_params, "build_seconds": round(time.monotonic() - started, 1)}
+
+
+def sample_lengths(n: int, max_tokens: int, seed: int, fixed: int = 0) -> list[int]:
+    """Log-normal lengths, median MEDIAN_TOKENS, sigma LENGTH_SIGMA, clipped to [MIN_TOKENS, max_tokens]."""
+    if fixed:
+        return [fixed] * n
+    rng = random.Random(seed)
+    return [int(min(max_tokens, max(MIN_TOKENS, round(rng.lognormvariate(math.log(MEDIAN_TOKENS), LENGTH_SIGMA)))))
+            for _ in range(n)]
+
+
+def synthetic_chat(n: int, vocab_size: int, max_tokens: int, seed: int = 0, fixed: int = 0) -> dict[str, list]:
+    """Pre-tokenized chat samples: `input_ids` (BOS, a prompt, an answer ending in EOS) and `assistant_masks`
+    (1 on the answer). Token ids follow a Zipf law (s=1.1) over the vocabulary, so the loss has something
+    to learn (the unigram distribution) and the runs' losses can be compared."""
+    rng = random.Random(seed + 1)
+    ids = list(range(3, vocab_size))
+    weights = [1.0 / (rank + 1) ** 1.1 for rank in range(len(ids))]
+    rng.shuffle(ids)
+    cumulative = []
+    total = 0.0
+    for w in weights:
+        total += w
+        cumulative.append(total)
+    out: dict[str, list] = {"input_ids": [], "assistant_masks": []}
+    for length in sample_lengths(n, max_tokens, seed, fixed):
+        prompt = max(1, int(length * rng.uniform(0.2, 0.6)))
+        answer = length - 1 - prompt
+        body = rng.choices(ids, cum_weights=cumulative, k=length - 2)
+        out["input_ids"].append([1, *body, 2])
+        out["assistant_masks"].append([0] * (1 + prompt) + [1] * answer)
+    return out
+
+
+def data_stats(data: dict[str, list], max_tokens: int) -> dict[str, Any]:
+    lengths = sorted(min(len(x), max_tokens) for x in data["input_ids"])
+    n = len(lengths)
+    return {"records": n, "train_records": n, "train_tokens": sum(lengths),
+            "median_tokens": lengths[n // 2], "p90_tokens": lengths[int(n * 0.9)], "max_tokens": lengths[-1],
+            "mean_tokens": round(sum(lengths) / n, 1), "at_max_length": sum(x >= max_tokens for x in lengths),
+            "mean_attended_keys": round(perf.mean_attended_keys(lengths), 1)}
+
+
+# ------------------------------------------------------------------------------------------- measuring
+class Meter:
+    """Counts non-padding tokens per micro-batch (wrapping the trainer's collator) and times optimizer steps."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.batch_tokens: list[int] = []
+        self.batch_trained: list[int] = []
+        self.step_end: list[float] = []
+        self.start = 0.0
+
+    def wrap(self, collator):
+        def collate(examples):
+            batch = collator(examples)
+            if "attention_mask" in batch:
+                self.batch_tokens.append(int(batch["attention_mask"].sum()))
+            else:  # padding-free: one row, no padding
+                self.batch_tokens.append(int(batch["input_ids"].numel()))
+            self.batch_trained.append(int((batch["labels"] != -100).sum()))
+            return batch
+        return collate
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class StepTimer(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                meter._sync()
+                meter.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                meter._sync()
+                meter.step_end.append(time.perf_counter())
+
+        return StepTimer()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _all_sum(value: float) -> float:
+    """Sum over the ranks of a torchrun launch (the identity in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _per_rank(value: float) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.zeros(_world_size(), device="cuda", dtype=torch.float64)
+    t[dist.get_rank()] = value
+    dist.all_reduce(t)
+    return [round(float(x), 2) for x in t.tolist()]
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "liger-kernel",
+                 "triton"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+
+def _free(*objs) -> None:
+    import torch
+
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- runs
+def baseline_trainer(model_dir: Path, dataset: Any, tokenizer: Any, out_dir: Path, cuda: bool, max_length: int,
+                     seed: int):
+    """The standard QLoRA SFT recipe, as users copy it from the QLoRA / TRL examples."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=dtype,
+                                                 attn_implementation="sdpa",
+                                                 device_map={"": 0} if cuda else {"": "cpu"})
+    model.config.use_cache = False
+    args = SFTConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=4, gradient_accumulation_steps=4, num_train_epochs=1,
+        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, max_grad_norm=0.3,
+        optim="paged_adamw_32bit" if cuda else "adamw_torch", gradient_checkpointing=True, bf16=cuda,
+        use_cpu=not cuda, max_length=max_length, packing=False, logging_steps=1, save_strategy="no",
+        report_to="none", seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", bias="none",
+                             task_type="CAUSAL_LM")
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config), model
+
+
+def job_config(model_dir: Path, work: Path, max_length: int, seed: int, settings: dict[str, Any]):
+    """The job's JobConfig exactly as `train` would parse it (defaults + the given settings)."""
+    from entrypoints.config import parse_config
+
+    argv = ["--model", str(model_dir), "--data", str(work / "unused.jsonl"), "--base-dir", str(work / "opt-ml"),
+            "--max-seq-length", str(max_length), "--seed", str(seed), "--logging-steps", "1",
+            "--save-steps", "1000000", "--report-to", "none", "--num-sample-generations", "0",
+            "--eval-fraction", "0", "--merge", "false"]
+    for name, value in settings.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    return parse_config({}, argv, check_paths=False)
+
+
+def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, Any], work: Path, max_length: int,
+                seed: int, settings: dict[str, Any]):
+    """The job's own path: modeling.load_model + train.build_trainer, as entrypoints.train.run calls them."""
+    from entrypoints import modeling, train
+    from entrypoints.checkpoints import StopFlag
+    from entrypoints.tracking import NullTracker
+
+    settings = dict(settings)
+    varlen = settings.pop("varlen", True)
+    layers_without = int(settings.pop("layers_without_checkpointing", 0))
+    cfg = job_config(model_dir, work, max_length, seed, settings)
+    original = perf.wants_varlen
+    if not varlen:
+        perf.wants_varlen = lambda *a, **k: False  # the lever: packed rows through SDPA's block-diagonal mask
+    try:
+        model = modeling.load_model(model_dir, cfg, _local_rank())
+    finally:
+        perf.wants_varlen = original
+    data = train.Prepared(dataset, None, [], dict(stats))
+    trainer = train.build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), tokenizer.pad_token)
+    if layers_without:
+        trainer.add_callback(perf.partial_checkpointing_callback(layers_without))
+    return trainer, model, cfg
+
+
+def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, Any], tokenizer: Any, work: Path,
+            args: argparse.Namespace, peak_flops: float | None, extra: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+
+    cuda = args.device == "cuda"
+    dataset = Dataset.from_dict(data)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.monotonic()
+    result: dict[str, Any] = {"run": name}
+    try:
+        if name == "baseline":
+            trainer, model = baseline_trainer(model_dir, dataset, tokenizer, work / name, cuda, args.max_length,
+                                              args.seed)
+            result["settings"] = "r=16 alpha=16 all-linear, batch 4x4 padded, paged_adamw_32bit, ckpt, sdpa"
+        else:
+            settings = {**LEVERS[name], **extra} if name in LEVERS else dict(extra)
+            trainer, model, cfg = job_trainer(model_dir, dataset, tokenizer, stats, work / name, args.max_length,
+                                              args.seed, settings)
+            targs = trainer.args
+            result["settings"] = {k: v for k, v in settings.items()}
+            result["plan"] = {"per_device_train_batch_size": targs.per_device_train_batch_size,
+                              "gradient_accumulation_steps": targs.gradient_accumulation_steps,
+                              "packing": targs.packing, "gradient_checkpointing": targs.gradient_checkpointing,
+                              "use_liger_kernel": targs.use_liger_kernel, "optim": str(targs.optim),
+                              "attn_implementation": model.config._attn_implementation,
+                              "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
+        result["load_seconds"] = round(time.monotonic() - started, 1)
+        meter = Meter(cuda)
+        trainer.data_collator = meter.wrap(trainer.data_collator)
+        trainer.add_callback(meter.callback())
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        out = trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        steps = len(meter.step_end)
+        accum = trainer.args.gradient_accumulation_steps
+        total_time = meter.step_end[-1] - meter.start
+        total_tokens = sum(meter.batch_tokens)
+        warm = min(WARMUP_STEPS, steps - 1) if steps > 1 else 0
+        steady_time = meter.step_end[-1] - (meter.step_end[warm - 1] if warm else meter.start)
+        steady_tokens = total_tokens - sum(meter.batch_tokens[: warm * accum])
+        # Under torchrun every rank trains its share of the samples: the rate is the sum over ranks.
+        steady_tokens = _all_sum(steady_tokens)
+        total_tokens = int(_all_sum(total_tokens))
+        tokens_per_second = steady_tokens / steady_time
+        quarter = max(1, len(losses) // 4)
+        result.update({
+            "steps": steps, "micro_batches": len(meter.batch_tokens), "tokens": total_tokens,
+            "trained_tokens": int(_all_sum(sum(meter.batch_trained))), "world_size": _world_size(),
+            "tokens_per_second": round(tokens_per_second, 1),
+            "tokens_per_second_all_steps": round(total_tokens / total_time, 1),
+            "seconds_per_step": round(steady_time / max(steps - warm, 1), 3),
+            "tokens_per_micro_batch": round(total_tokens / max(len(meter.batch_tokens), 1), 1),
+            "train_seconds": round(total_time, 1),
+            "loss_first": round(sum(losses[:quarter]) / quarter, 4) if losses else None,
+            "loss_last": round(sum(losses[-quarter:]) / quarter, 4) if losses else None,
+            "train_loss": round(float(out.training_loss), 4),
+        })
+        if cuda:  # this rank's GPU (rank 0 under torchrun), and every rank's when several
+            result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / perf.GIB, 2)
+            result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / perf.GIB, 2)
+            if _world_size() > 1:
+                result["peak_reserved_gib_per_rank"] = _per_rank(result["peak_reserved_gib"])
+                result["peak_allocated_gib_per_rank"] = _per_rank(result["peak_allocated_gib"])
+        if peak_flops:
+            shape = perf.SHAPES[args.shape]
+            flops = perf.train_flops_per_token(shape, 16, stats["mean_attended_keys"])
+            peak_flops = peak_flops * _world_size()  # MFU against all the GPUs of the launch
+            result["model_tflops_per_second"] = round(tokens_per_second * flops / 1e12, 1)
+            result["mfu"] = round(tokens_per_second * flops / peak_flops, 4)
+            result["mfu_4n"] = round(tokens_per_second * 4 * perf.matmul_params(shape) / peak_flops, 4)
+    except torch.OutOfMemoryError as exc:
+        result["error"] = f"out of memory: {str(exc).splitlines()[0]}"
+        if cuda:
+            result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / perf.GIB, 2)
+    finally:
+        trainer = model = None
+        _free(trainer, model)
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def print_table(report: dict[str, Any]) -> None:
+    cols = ["run", "tokens_per_second", "ratio", "seconds_per_step", "peak_allocated_gib", "peak_reserved_gib",
+            "mfu", "loss_first", "loss_last", "steps", "error"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + " --- |" * len(cols))
+    for r in report["runs"]:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(perf.SHAPES), default="7b")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--runs", default="baseline,default", help=f"comma-separated: baseline, {', '.join(LEVERS)}")
+    p.add_argument("--samples", type=int, default=512, help="samples in the one pass each run makes")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--fixed-length", type=int, default=0, help="every sample this long (memory checks)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a job setting for every non-baseline run, e.g. --set micro_batch_tokens=4096")
+    p.add_argument("--mem-cap-gib", type=float, default=0.0,
+                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
+    p.add_argument("--model-dir", default="", help="reuse a checkpoint written before (else built in a temp dir)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default="", help="write the report as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is visible", file=sys.stderr)
+        return 2
+    extra = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"--set {item!r}: expected NAME=VALUE", file=sys.stderr)
+            return 2
+        extra[name.strip()] = value.strip()
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in runs if r != "baseline" and r not in LEVERS]
+    if unknown:
+        print(f"--runs: unknown run(s) {unknown}; choose from baseline, {', '.join(LEVERS)}", file=sys.stderr)
+        return 2
+    rank, world = int(os.environ.get("RANK", "0")), _world_size()
+    if world > 1:
+        if not args.model_dir or "baseline" in runs:
+            print("under torchrun: pass --model-dir (a path all ranks share) and leave out the baseline run",
+                  file=sys.stderr)
+            return 2
+        import torch.distributed as dist
+
+        torch.cuda.set_device(_local_rank())
+        dist.init_process_group("nccl")
+
+    report: dict[str, Any] = {"gpu": _gpu_name(), "world_size": world, "date": datetime.date.today().isoformat(), "versions": _versions(),
+                              "command": "python -m entrypoints.benchmark " + " ".join(argv or sys.argv[1:]),
+                              "mem_cap_gib": args.mem_cap_gib or None, "runs": []}
+    peak = perf.measure_bf16_peak_flops() if args.device == "cuda" else None
+    report["bf16_peak_tflops"] = round(peak / 1e12, 1) if peak else None
+
+    with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = Path(args.model_dir) if args.model_dir else work / "model"
+        if rank == 0 and not (model_dir / "config.json").is_file():
+            model_dir.mkdir(parents=True, exist_ok=True)
+            report["checkpoint"] = build_checkpoint(args.shape, model_dir, args.device)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the other ranks wait for rank 0's checkpoint
+        if args.mem_cap_gib and args.device == "cuda":  # after the checkpoint is written: it only caps training
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * perf.GIB / total))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        data = synthetic_chat(args.samples, perf.SHAPES[args.shape]["vocab_size"], args.max_length, args.seed,
+                              args.fixed_length)
+        stats = data_stats(data, args.max_length)
+        report["data"] = stats
+        log.info("data: %s", json.dumps(stats))
+        for name in runs:
+            result = run_one(name, model_dir, data, stats, tokenizer, work, args, peak, extra)
+            report["runs"].append(result)
+            base = next((r for r in report["runs"] if r["run"] == "baseline" and "tokens_per_second" in r), None)
+            for r in report["runs"]:
+                if base and "tokens_per_second" in r:
+                    r["ratio"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2)
+            log.info("result: %s", json.dumps(result))
+            if args.out and rank == 0:
+                Path(args.out).write_text(json.dumps(report, indent=2))
+    if rank == 0:
+        print_table(report)
+        print("BENCHMARK_JSON " + json.dumps(report), flush=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0 if all("error" not in r for r in report["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

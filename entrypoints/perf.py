@@ -1,0 +1,335 @@
+"""Speed and memory decisions of the training job: batch plan, packing, kernels, FLOPs accounting.
+
+    python -m entrypoints.perf --shape 7b --gpu-mem-gib 24 --mean-tokens 410   # print the batch plan
+
+Plain functions the job (entrypoints.train / entrypoints.modeling) and the benchmark both call, so the
+benchmark measures the job's real path. What each lever gave, measured, is in entrypoints/PERF.md.
+
+- `plan_batch`: tokens per packed micro-batch and gradient accumulation, from the GPU's memory and the
+  data's mean sample length, keeping the tokens per optimizer step of the unpacked recipe (so packing
+  does not silently change the optimisation: same samples per step on average, fewer kernel launches).
+- `sft_overrides`: the SFTConfig arguments that follow from the plan (BFD packing, padding-free, Liger).
+- `patch_model`: per-sample (varlen) flash attention over packed rows, through PyTorch's own kernel.
+- `train_flops_per_token` / `measure_bf16_peak_flops`: the model-FLOPs-utilisation accounting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GIB = 1024**3
+VARLEN_ATTENTION = "qlora_varlen"  # the name registered with transformers' AttentionInterface
+
+# Llama-2 shapes (config.json of meta-llama/Llama-2-{7,13,70}b-hf); `tiny` runs on a laptop CPU.
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "vocab_size": 32000},
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000},
+    "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+            "num_key_value_heads": 40, "vocab_size": 32000},
+    "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "vocab_size": 32000},
+}
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+def matmul_params(shape: dict[str, int]) -> int:
+    """Weights that take part in matmuls: q,k,v,o, gate/up/down per layer, and the LM head (not the embedding)."""
+    d, ff, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * ff
+    return layers * per_layer + d * shape["vocab_size"]
+
+
+def lora_params(shape: dict[str, int], r: int) -> int:
+    """LoRA A+B parameters on every linear layer of the blocks (all-linear; the LM head is not adapted)."""
+    d, ff, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = r * ((d + d) * 2 + (d + kv) * 2 + (d + ff) * 3)
+    return layers * per_layer
+
+
+def mean_attended_keys(lengths: Sequence[int]) -> float:
+    """Keys each token attends to on average under causal per-sample attention: sum n(n+1)/2 / sum n."""
+    total = sum(lengths)
+    return sum(n * (n + 1) / 2 for n in lengths) / total if total else 0.0
+
+
+def train_flops_per_token(shape: dict[str, int], lora_r: int, attended_keys: float) -> float:
+    """Model FLOPs of one trained token of QLoRA (recomputation by checkpointing is NOT counted).
+
+    frozen 4-bit matmuls: forward 2N + gradient w.r.t. the input 2N (no weight gradient) = 4N
+    LoRA adapters:        forward 2P + input gradient 2P + weight gradient 2P        = 6P
+    attention (QK^T, AV): forward 2 x 2 x d x c per layer, backward twice that       = 12 L d c
+    with N = matmul weights (LM head included), P = LoRA weights, c = mean attended keys per token.
+    """
+    n = matmul_params(shape)
+    p = lora_params(shape, lora_r)
+    return 4.0 * n + 6.0 * p + 12.0 * shape["num_hidden_layers"] * shape["hidden_size"] * attended_keys
+
+
+def measure_bf16_peak_flops(device: Any = None, size: int = 8192, repeats: int = 20) -> float:
+    """bf16 matmul FLOP/s measured on this GPU now (median of `repeats` timed products on random data)."""
+    import torch
+
+    device = device or torch.device("cuda")
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2.0 * size**3 / sorted(times)[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------------------- batch plan
+@dataclass(frozen=True)
+class BatchPlan:
+    rows: int  # packed rows of max_seq_length tokens per micro-batch (per_device_train_batch_size)
+    micro_batch_tokens: int  # rows * max_seq_length: tokens per forward/backward pass
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    reason: str
+
+
+def weight_bytes(shape: dict[str, int], quantized: bool = True) -> float:
+    """Resident bytes of the frozen model: nf4 + double-quantized constants (~4.13 bits) or bf16, and bf16 embeddings."""
+    n = matmul_params(shape) - shape["hidden_size"] * shape["vocab_size"]
+    bits = 4.13 if quantized else 16.0
+    return n * bits / 8 + 2 * 2 * shape["hidden_size"] * shape["vocab_size"]
+
+
+def activation_bytes_per_token(shape: dict[str, int], checkpointing: bool) -> float:
+    """Peak activation bytes per token of a packed micro-batch (Liger kernels, fused LM head).
+
+    Calibrated on the Llama-2-7B shape on an H100/H200 (entrypoints/PERF.md): with checkpointing about
+    0.55 MB per token (the bf16 input of every layer, plus one layer's activations during its recompute);
+    without it about 6 MB per token. Other shapes scale with layers x hidden size.
+    """
+    scale = shape["num_hidden_layers"] * shape["hidden_size"] / (32 * 4096)
+    return (0.55e6 if checkpointing else 6.0e6) * scale
+
+
+def plan_batch(cfg: Any, gpu_mem_bytes: int, shape: dict[str, int], mean_sample_tokens: float) -> BatchPlan:
+    """Pick packed rows per micro-batch and gradient accumulation for this GPU and data.
+
+    Tokens per optimizer step = micro_batch_size x gradient_accumulation_steps x mean sample length, i.e.
+    the same number of samples per step as the unpacked recipe, so the learning dynamics stay the same.
+    Tokens per micro-batch: `cfg.micro_batch_tokens` when set, else as many as fit in 70% of the GPU's
+    memory after the weights, never above one step's tokens. Gradient checkpointing follows the config.
+    """
+    seq = cfg.max_seq_length
+    step_tokens = max(seq, cfg.micro_batch_size * cfg.gradient_accumulation_steps * max(mean_sample_tokens, 1.0))
+    ckpt = bool(cfg.gradient_checkpointing)
+    requested = int(getattr(cfg, "micro_batch_tokens", 0) or 0)
+    if requested:
+        micro = max(seq, requested)
+        reason = f"micro_batch_tokens={requested} set"
+    else:
+        budget = 0.70 * gpu_mem_bytes - weight_bytes(shape, cfg.quantization != "none") - 1.5 * GIB
+        fit = int(budget / activation_bytes_per_token(shape, ckpt)) if budget > 0 else 0
+        micro = max(seq, min(fit, int(step_tokens)))
+        reason = (f"{fit} tokens fit in 70% of {gpu_mem_bytes / GIB:.0f} GiB; one step is"
+                  f" ~{int(step_tokens)} tokens ({cfg.micro_batch_size}x{cfg.gradient_accumulation_steps} samples"
+                  f" of ~{mean_sample_tokens:.0f})")
+    rows = max(1, micro // seq)
+    accum = max(1, round(step_tokens / (rows * seq)))
+    return BatchPlan(rows, rows * seq, accum, ckpt, reason)
+
+
+def shape_of(config: Any) -> dict[str, int]:
+    """The SHAPES-style dict of a transformers config (any Llama-class model)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    return {"hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
+            "num_hidden_layers": text.num_hidden_layers, "num_attention_heads": heads,
+            "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
+            "vocab_size": text.vocab_size}
+
+
+def usable_gpu_bytes() -> int | None:
+    """This process's share of the current GPU's memory (honours set_per_process_memory_fraction); None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(device) if get_fraction else 1.0
+    return int(total * min(fraction, 1.0))
+
+
+def plan_for(cfg: Any, model: Any, stats: dict[str, Any]) -> BatchPlan:
+    """plan_batch for a loaded model and the job's data statistics (train_tokens / train_records)."""
+    records = max(int(stats.get("train_records") or 0), 1)
+    mean_tokens = float(stats.get("train_tokens") or cfg.max_seq_length * records) / records
+    memory = usable_gpu_bytes()
+    # Without a GPU there is no memory limit to plan for: one micro-batch per optimizer step.
+    return plan_batch(cfg, memory if memory is not None else 1 << 50, shape_of(model.config), mean_tokens)
+
+
+# ------------------------------------------------------------------------------------------- trainer args
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def sft_overrides(cfg: Any, plan: BatchPlan | None, cuda: bool) -> dict[str, Any]:
+    """SFTConfig keyword arguments of the fast path; empty when packing is off (the plain recipe)."""
+    out: dict[str, Any] = {}
+    if cuda and cfg.optim == "auto":
+        # LoRA's optimizer state is small (~0.3 GB for 7B r=16): paging it buys nothing, and the fused
+        # AdamW kernel was 8.7% faster end to end on the 7B shape (PERF.md).
+        out["optim"] = "adamw_torch_fused"
+    if getattr(cfg, "use_liger", False) and cuda and liger_available():
+        # RMSNorm, SwiGLU and RoPE kernels; TRL keeps its own fused LM head + cross-entropy.
+        out["use_liger_kernel"] = True
+    if cfg.packing and plan is not None:
+        out.update({
+            "packing": True,
+            "packing_strategy": "bfd",  # best-fit decreasing: whole samples per row, truncated at max length
+            "padding_free": True,  # rows are concatenated into one sequence with per-sample position ids
+            "per_device_train_batch_size": plan.rows,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "gradient_checkpointing": plan.gradient_checkpointing,
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------------- attention
+def _varlen_kwargs() -> dict[str, Any]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # torch >= 2.11
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True}  # torch 2.10
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention within each packed sample: flash attention over cumulative sequence lengths.
+
+    query/key/value: (1, heads, tokens, head_dim), samples delimited by TRL's padding-free `cu_seq_lens_q`.
+    Returns (1, tokens, heads, head_dim) like transformers' kernels. Everything else (padded batches,
+    generation with a KV cache) goes to transformers' SDPA path with the usual mask.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch, heads, tokens, head_dim = query.shape
+    cu = kwargs.get("cu_seq_lens_q")
+    if batch != 1 or cu is None or key.shape[2] != tokens:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    max_len = int(kwargs.get("max_length_q") or int(cu.diff().max()))
+    q = query[0].transpose(0, 1)  # (tokens, heads, head_dim)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    if k.shape[1] != heads:  # grouped-query attention (70B): one key/value head per group of query heads
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    if query.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        extra = _varlen_kwargs()
+        if "scale" in inspect.signature(varlen_attn).parameters:
+            extra["scale"] = scaling
+        out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **extra)
+    else:  # the same function, sample by sample (tests on CPU)
+        pieces = []
+        bounds = cu.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            if end > start:
+                qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+                pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1))
+        out = torch.cat(pieces, dim=0)
+    return out.unsqueeze(0), None
+
+
+def register_varlen_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    # The SDPA mask serves the calls that fall back to SDPA; packed calls ignore it.
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+    return VARLEN_ATTENTION
+
+
+def wants_varlen(cfg: Any, cuda: bool) -> bool:
+    """Packed rows need per-sample attention. SDPA gets it through a dense block-diagonal mask (correct,
+    but it computes every masked-out block); varlen flash attention skips them. CUDA only."""
+    return bool(cfg.packing) and cuda and cfg.attn_implementation == "sdpa" and _has_varlen()
+
+
+def _has_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def patch_model(model: Any, cfg: Any, cuda: bool) -> dict[str, Any]:
+    """Switch a loaded model to the fast path's kernels; returns what was changed (for the logs)."""
+    changed: dict[str, Any] = {}
+    if wants_varlen(cfg, cuda):
+        name = register_varlen_attention()
+        model.config._attn_implementation = name  # read by every attention layer at call time
+        changed["attn_implementation"] = name
+    return changed
+
+
+def partial_checkpointing_callback(layers_without: int):
+    """A TrainerCallback that, once the trainer has switched checkpointing on, switches it off again on the
+    first `layers_without` decoder layers: their activations stay in memory (no recompute), the rest are
+    recomputed. Selective checkpointing for GPUs with memory to spare."""
+    from transformers import TrainerCallback
+
+    class PartialCheckpointing(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
+                      and type(m).__name__.endswith("DecoderLayer")]
+            for layer in layers[:layers_without]:
+                layer.gradient_checkpointing = False
+
+    return PartialCheckpointing()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from entrypoints.config import JobConfig
+
+    parser = argparse.ArgumentParser(description="Print the job's batch plan for a model shape and GPU memory.")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    parser.add_argument("--mean-tokens", type=float, default=410.0)
+    args = parser.parse_args(argv)
+    cfg = JobConfig(data="x")
+    plan = plan_batch(cfg, int(args.gpu_mem_gib * GIB), SHAPES[args.shape], args.mean_tokens)
+    print(json.dumps({**asdict(plan), "flops_per_token": train_flops_per_token(SHAPES[args.shape], cfg.lora_r,
+                                                                                 math.sqrt(args.mean_tokens))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

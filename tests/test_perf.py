@@ -1,0 +1,156 @@
+"""Unit tests of the fast path's decisions and of the benchmark, on CPU.
+
+    PYTHONPATH=$PWD python -m pytest tests/test_perf.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from entrypoints import benchmark, perf
+from entrypoints.config import JobConfig
+
+GIB = perf.GIB
+
+
+def test_matmul_params_match_llama2_7b_and_13b():
+    # Llama-2-7B has 6.74e9 parameters, of which 2 x 131M are the embedding and the LM head.
+    n7 = perf.matmul_params(perf.SHAPES["7b"])
+    assert abs(n7 + 4096 * 32000 - 6.738e9) / 6.738e9 < 0.002
+    n13 = perf.matmul_params(perf.SHAPES["13b"])
+    assert abs(n13 + 5120 * 32000 - 13.016e9) / 13.016e9 < 0.002
+    # 70B uses grouped-query attention: 8 key/value heads of 64.
+    n70 = perf.matmul_params(perf.SHAPES["70b"])
+    assert abs(n70 + 8192 * 32000 - 68.977e9) / 68.977e9 < 0.002
+
+
+def test_flops_per_token_formula():
+    shape = perf.SHAPES["7b"]
+    flops = perf.train_flops_per_token(shape, 16, attended_keys=0.0)
+    assert flops == 4 * perf.matmul_params(shape) + 6 * perf.lora_params(shape, 16)
+    # LoRA r=16 on all linear layers of 7B: 40M parameters.
+    assert abs(perf.lora_params(shape, 16) - 39.98e6) / 39.98e6 < 0.01
+    with_attention = perf.train_flops_per_token(shape, 16, attended_keys=1000.0)
+    assert with_attention - flops == 12 * 32 * 4096 * 1000.0
+
+
+def test_mean_attended_keys_is_causal_average():
+    assert perf.mean_attended_keys([1]) == 1.0
+    assert perf.mean_attended_keys([4]) == (1 + 2 + 3 + 4) / 4
+    assert perf.mean_attended_keys([4, 2]) == (10 + 3) / 6
+
+
+def _cfg(**kw):
+    return JobConfig(data="x", **kw)
+
+
+def test_plan_keeps_tokens_per_step_of_the_unpacked_recipe():
+    plan = perf.plan_batch(_cfg(), 80 * GIB, perf.SHAPES["7b"], mean_sample_tokens=400)
+    step_tokens = 4 * 4 * 400  # micro_batch_size x gradient_accumulation_steps x mean length
+    assert plan.rows * 2048 * plan.gradient_accumulation_steps == pytest.approx(step_tokens, rel=0.35)
+    assert plan.gradient_checkpointing is True
+    assert plan.micro_batch_tokens == plan.rows * 2048
+
+
+def test_plan_shrinks_micro_batch_on_small_gpus_and_accumulates():
+    big = perf.plan_batch(_cfg(micro_batch_size=8), 80 * GIB, perf.SHAPES["13b"], mean_sample_tokens=1000)
+    small = perf.plan_batch(_cfg(micro_batch_size=8), 22 * GIB, perf.SHAPES["13b"], mean_sample_tokens=1000)
+    assert small.micro_batch_tokens < big.micro_batch_tokens
+    assert small.gradient_accumulation_steps > big.gradient_accumulation_steps
+    # never less than one row of max_seq_length, even when nothing fits
+    tiny_gpu = perf.plan_batch(_cfg(), 4 * GIB, perf.SHAPES["13b"], mean_sample_tokens=300)
+    assert tiny_gpu.rows == 1
+
+
+def test_plan_override():
+    plan = perf.plan_batch(_cfg(micro_batch_tokens=16384), 80 * GIB, perf.SHAPES["7b"], mean_sample_tokens=400)
+    assert plan.rows == 8 and plan.micro_batch_tokens == 16384 and plan.gradient_accumulation_steps == 1
+
+
+def test_sft_overrides():
+    plan = perf.plan_batch(_cfg(), 80 * GIB, perf.SHAPES["7b"], mean_sample_tokens=400)
+    out = perf.sft_overrides(_cfg(), plan, cuda=False)
+    assert out["packing"] and out["padding_free"] and out["packing_strategy"] == "bfd"
+    assert out["per_device_train_batch_size"] == plan.rows
+    assert "use_liger_kernel" not in out and "optim" not in out  # Liger and fused AdamW: CUDA only
+    assert perf.sft_overrides(_cfg(packing=False), None, cuda=False) == {}
+
+
+def test_lengths_look_like_instruction_data():
+    lengths = benchmark.sample_lengths(4000, 2048, seed=1)
+    assert 225 <= statistics.median(lengths) <= 275
+    assert max(lengths) == 2048 and min(lengths) >= benchmark.MIN_TOKENS
+    assert 0.005 < sum(n == 2048 for n in lengths) / len(lengths) < 0.04  # the long tail reaches the maximum
+
+
+def test_synthetic_chat_masks_answers_only():
+    data = benchmark.synthetic_chat(20, 32000, 512, seed=3)
+    for ids, mask in zip(data["input_ids"], data["assistant_masks"], strict=True):
+        assert len(ids) == len(mask) and ids[0] == 1 and ids[-1] == 2 and mask[-1] == 1 and mask[0] == 0
+        assert all(3 <= t < 32000 for t in ids[1:-1])
+
+
+def test_varlen_attention_equals_attention_per_sample():
+    """The packed path (CPU reference of the varlen kernel) gives each sample exactly its own causal attention."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    lengths = [5, 9, 3]
+    heads, dim = 4, 16
+    q, k, v = (torch.randn(1, heads, sum(lengths), dim) for _ in range(3))
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    out, _ = perf.varlen_attention_forward(None, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu, max_length_q=9)
+    assert out.shape == (1, sum(lengths), heads, dim)
+    start = 0
+    for n in lengths:
+        ref = F.scaled_dot_product_attention(q[:, :, start:start + n], k[:, :, start:start + n],
+                                             v[:, :, start:start + n], is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(out[:, start:start + n], ref)
+        start += n
+
+
+def test_packed_model_forward_matches_separate_samples(tmp_path):
+    """A whole Llama forward over a packed row (varlen attention, per-sample positions) = each sample alone."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    perf.register_varlen_attention()
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**perf.SHAPES["tiny"], "vocab_size": 100}, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    samples = [torch.randint(3, 100, (n,)) for n in (7, 12, 4)]
+    with torch.no_grad():
+        alone = [model(input_ids=s[None]).logits[0] for s in samples]
+        model.config._attn_implementation = perf.VARLEN_ATTENTION
+        ids = torch.cat(samples)[None]
+        pos = torch.cat([torch.arange(len(s)) for s in samples])[None]
+        cu = torch.tensor([0, 7, 19, 23], dtype=torch.int32)
+        packed = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12,
+                       max_length_k=12).logits[0]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.integration
+def test_benchmark_runs_end_to_end_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = benchmark.main(["--shape", "tiny", "--device", "cpu", "--samples", "12", "--max-length", "96",
+                           "--runs", "baseline,default", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    runs = {r["run"]: r for r in report["runs"]}
+    assert set(runs) == {"baseline", "default"}
+    # both runs see the same samples: the same non-padding and trained tokens
+    assert runs["baseline"]["tokens"] == runs["default"]["tokens"] == report["data"]["train_tokens"]
+    assert runs["baseline"]["trained_tokens"] == runs["default"]["trained_tokens"]
+    assert runs["default"]["plan"]["packing"] is True
+    assert runs["default"]["ratio"] > 0 and runs["baseline"]["ratio"] == 1.0
+    assert "BENCHMARK_JSON" in capsys.readouterr().out
+
+
+def test_benchmark_rejects_unknown_runs(capsys):
+    assert benchmark.main(["--runs", "baseline,turbo", "--device", "cpu"]) == 2
+    assert "turbo" in capsys.readouterr().err
