@@ -87,7 +87,7 @@ class JobConfig:
         choices=("error", "overwrite", "version"),
         group="outputs",
     )
-    merge: bool = _f(True, "Merge the adapter into the 16-bit base model and write the merged model too.", group="outputs")
+    merge: bool = _f(True, "Also write the merged model: the adapter merged into the 16-bit base weights as the adapter saw them in training (the nf4/fp4 round trip; entrypoints/MERGE.md), loadable without peft.", group="outputs")
     checkpoint_dir: str = _f("", "Local checkpoint directory; a rerun resumes from its newest complete checkpoint. Default: <base_dir>/checkpoints.", group="outputs")
     checkpoint_uri: str = _f("", "Optional s3:// prefix that checkpoints are mirrored to and restored from (Kubernetes; SageMaker syncs checkpoint_dir itself).", group="outputs")
     resume: bool = _f(True, "Resume from the newest complete checkpoint when one exists.", group="outputs")
@@ -96,7 +96,7 @@ class JobConfig:
     # --- model loading
     quantization: str = _f("nf4", "4-bit quantization of the frozen base weights (bitsandbytes); `none` trains plain LoRA on 16-bit weights.", choices=("nf4", "fp4", "none"), group="model")
     double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit per parameter).", group="model")
-    compute_dtype: str = _f("auto", "Dtype of the 4-bit matmuls and LoRA weights; `auto`: bfloat16 where the GPU supports it, else float16; float32 on CPU.", choices=("auto", "bfloat16", "float16", "float32"), group="model")
+    compute_dtype: str = _f("auto", "Dtype of the 4-bit matmuls and LoRA weights; `auto`: bfloat16 where the GPU supports it, else float16; bfloat16 on CPU.", choices=("auto", "bfloat16", "float16", "float32"), group="model")
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers.", choices=("sdpa", "eager", "flash_attention_2"), group="model")
     trust_remote_code: bool = _f(False, "Allow model code from the model repository to run. Off: only transformers' own architectures.", group="model")
     allow_pickle_weights: bool = _f(False, "Allow loading .bin/.pt (pickle) weights, which can run arbitrary code. Off: safetensors only.", group="model")

@@ -83,7 +83,9 @@ def compute_dtype(cfg: JobConfig):
         return getattr(torch, cfg.compute_dtype)
     if device_kind() == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    # On CPU, bitsandbytes' bf16 dequantization path is several times faster than its float32 one
+    # (measured on this project's 2-core CI machines: one SmolLM2 step 20-25 s vs 75-100 s, shared CPU).
+    return torch.bfloat16
 
 
 def load_tokenizer(model_dir: Path, cfg: JobConfig):

@@ -393,7 +393,11 @@ def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop
             from entrypoints.merge import merge_adapter
 
             log.info("merging the adapter into the 16-bit base model")
-            merge_summary = merge_adapter(inputs.model_dir, adapter_dir, stage / "merged", on_file_written=publisher.submit)
+            # Into the base as the adapter saw it in training (nf4/fp4 round trip): measured closest to
+            # the trained model (entrypoints/MERGE.md); plain LoRA merges into the original weights.
+            merge_into = {"nf4": "nf4", "fp4": "fp4", "none": "original"}[cfg.quantization]
+            merge_summary = merge_adapter(inputs.model_dir, adapter_dir, stage / "merged", merge_into=merge_into,
+                                          double_quant=cfg.double_quant, on_file_written=publisher.submit)
             metrics["merge"] = {k: v for k, v in merge_summary.items() if isinstance(v, (str, int, float, bool))}
         write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge)
         manifest = build_manifest(stage, cfg, {

@@ -72,14 +72,18 @@ def test_end_to_end_s3(s3_job):
     assert "config.json" not in [p for p in listed if p.startswith("adapter/")]
     assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
 
-    # The merged model, loaded with transformers alone, equals base + adapter (the adapter applied by peft).
+    # The merged model, loaded with transformers alone, equals the model as trained: the 4-bit (nf4, double
+    # quantization) base with the adapter applied by peft.
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     ids = torch.tensor([[1, 450, 775, 338, 29871, 29906, 29941, 29889]])
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(env_model_dir(tmp, server, bucket), dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, out / "adapter")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(env_model_dir(tmp, server, bucket), dtype=torch.float32,
+                                                quantization_config=quant, device_map={"": "cpu"})
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
         a, b = merged(ids).logits, peft_model(ids).logits
     assert torch.allclose(a, b, atol=3e-2, rtol=0), (a - b).abs().max()
