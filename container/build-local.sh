@@ -7,7 +7,8 @@
 # made by debootstrap (no registry is reachable here) stands in for debian:bookworm-slim. buildah runs
 # with --isolation chroot --storage-driver vfs, which need no daemon, no overlay and no user namespaces.
 # Environment: WORK_DIR (default /var/tmp/qlora-build) holds the base root file system and the pip config;
-# IMAGE (default localhost/qlora-job:local) names the result; SKIP_DEMO=1 stops after the checks.
+# IMAGE (default localhost/qlora-job:local) names the result; SKIP_DEMO=1 stops after the checks;
+# SKIP_BUILD=1 reruns the checks and the demo on the image built last time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,9 +55,11 @@ host_ca=$(python3 -c 'import ssl; print(ssl.get_default_verify_paths().cafile or
 [ -f "$host_ca" ] || host_ca=/etc/ssl/certs/ca-certificates.crt
 printf '[global]\ncert = /etc/pip-build-ca.crt\ntimeout = 180\n' > "$WORK_DIR/pip.conf"
 
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
 step "build $IMAGE from ./Dockerfile (BASE_IMAGE=$BASE)"
 start=$(date +%s)
-"${buildah[@]}" bud --isolation chroot --layers=false \
+# --format docker: what `docker build` produces (the OCI format drops the SHELL instruction's setting).
+"${buildah[@]}" bud --isolation chroot --layers=false --format docker \
   --build-arg BASE_IMAGE="$BASE" \
   --build-arg VERSION="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])' 2>/dev/null || echo 0.0.0)" \
   --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
@@ -65,14 +68,20 @@ start=$(date +%s)
   --volume "$host_ca:/etc/pip-build-ca.crt:ro" \
   -f Dockerfile -t "$IMAGE" .
 echo "build took $(( $(date +%s) - start )) s"
+fi
 
 # ---------------------------------------------------------------- checks of the built image
 step "image size"
 size=$("${buildah[@]}" images --format '{{.Size}}' "$IMAGE")
 echo "image $IMAGE: $size"
-entrypoint=$("${buildah[@]}" inspect --type image --format '{{json .OCIv1.Config.Entrypoint}}' "$IMAGE")
-echo "entrypoint: $entrypoint"
-"${buildah[@]}" inspect --type image --format '{{range $k, $v := .OCIv1.Config.Labels}}label {{$k}}={{$v}}{{"\n"}}{{end}}' "$IMAGE"
+config=$("${buildah[@]}" inspect --type image "$IMAGE")
+entrypoint=$(python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["OCIv1"]["config"]["Entrypoint"]))' <<<"$config")
+python3 -c '
+import json, sys
+c = json.load(sys.stdin)["OCIv1"]["config"]
+print("entrypoint:", json.dumps(c["Entrypoint"]), "cmd:", json.dumps(c.get("Cmd")), "user:", repr(c.get("User", "")))
+for key, value in sorted(c.get("Labels", {}).items()):
+    print(f"label {key}={value}")' <<<"$config"
 
 ctr=$("${buildah[@]}" from --quiet "$IMAGE")
 cleanup() { "${buildah[@]}" rm "$ctr" >/dev/null 2>&1 || true; }
@@ -83,10 +92,14 @@ mapfile -t ep < <(python3 -c 'import json, sys; print("\n".join(json.loads(sys.a
 
 mnt=$("${buildah[@]}" mount "$ctr")
 step "largest folders of the image"
-du -x -d 6 -m "$mnt" 2>/dev/null | sort -rn | awk '$1 >= 100' | head -n 15 | sed "s#$mnt#/#; s#//#/#"
+site="$mnt/opt/venv/lib/python3.11/site-packages"
+# One du per folder: du counts a file once per run, so folders in one run would hide each other.
+{ du -sm "$mnt"; du -sm "$mnt/usr"; du -m -d 1 "$site"; du -m -d 1 "$site/nvidia"; } 2>/dev/null \
+  | sort -rn | awk '$1 >= 80' | sed "s#$mnt##; s#^\([0-9]*\)\t\$#\1\t/#"
 "${buildah[@]}" umount "$ctr" >/dev/null
 
 step "no compilers, no caches in the final stage"
+# shellcheck disable=SC2016 # the script is expanded by the image's shell, not this one
 run "$ctr" -- sh -c 'found=0
 for tool in gcc cc c++ g++ clang ld as make; do
   if command -v "$tool" >/dev/null; then echo "found compiler tool: $tool"; found=1; fi
@@ -99,17 +112,19 @@ if ls /var/cache/apt/archives/*.deb >/dev/null 2>&1; then echo "found .deb files
 exit "$found"'
 
 step "the job's libraries import; bitsandbytes' CUDA library loads"
+# shellcheck disable=SC2016 # Python source
 run "$ctr" -- python -c '
 import ctypes, pathlib
 import entrypoints.config, torch, transformers, peft, trl, bitsandbytes, datasets, accelerate, wandb
 print("torch", torch.__version__, "CUDA", torch.version.cuda, "| transformers", transformers.__version__,
       "| peft", peft.__version__, "| trl", trl.__version__, "| bitsandbytes", bitsandbytes.__version__)
-lib = pathlib.Path(bitsandbytes.__file__).parent / f"libbitsandbytes_cuda{torch.version.cuda.replace(".", "")}.so"
+lib = pathlib.Path(bitsandbytes.__file__).parent / ("libbitsandbytes_cuda" + torch.version.cuda.replace(".", "") + ".so")
 ctypes.CDLL(str(lib))  # its libcudart/libcublas come from the nvidia-*-cu12 wheels that torch loaded
 print("ok: loaded", lib.name)'
 
 step "the entrypoint drops root to uid 1000 (started as root, as SageMaker and docker run do)"
 run "$ctr" -- "${ep[@]}" --dry-run train
+# shellcheck disable=SC2016 # Python source
 run --user 0:0 "$ctr" -- "${ep[@]:0:3}" /opt/venv/bin/python -c '
 import os, subprocess, sys
 # The entrypoint execs the job through setpriv; the job here is `id`, run the same way.
@@ -132,7 +147,9 @@ then
   echo "train without QLORA_DATA exited $rc (2 = configuration error)"
   run "$ctr" -- sh -c 'stat -c "failure file %n: owner uid %u" /opt/ml/output/failure && head -c 300 /opt/ml/output/failure; echo'
   owner=$(run "$ctr" -- stat -c %u /opt/ml/output/failure)
-  [ "$rc" = 2 ] && [ "$owner" = 1000 ] || die "expected exit 2 and a failure file written by uid 1000 (got $rc, $owner)"
+  if [ "$rc" != 2 ] || [ "$owner" != 1000 ]; then
+    die "expected exit 2 and a failure file written by uid 1000 (got $rc, $owner)"
+  fi
   echo "ok: the job ran as uid 1000"
   run "$ctr" -- rm -f /opt/ml/output/failure
 fi
