@@ -157,7 +157,10 @@ fi
 if [ "${SKIP_DEMO:-0}" != 1 ]; then
   if python3 -c 'import importlib.util, sys; sys.path.insert(0, "."); sys.exit(0 if importlib.util.find_spec("entrypoints.demo") else 1)'; then
     step "the demo, inside the image, through its entrypoint"
-    run "$ctr" -- "${ep[@]}" demo
+    # The demo fetches its small model with `pip download` (no model hub is reachable here), so pip in the
+    # container gets the host's CA bundle, as the build did. Nothing else of the host is visible.
+    run --volume "$host_ca:/etc/demo-ca.crt:ro" --env PIP_CERT=/etc/demo-ca.crt "$ctr" -- "${ep[@]}" demo
+    echo "demo files written by uid $(run "$ctr" -- stat -c %u /tmp/.demo/job.log) (the job's user)"
   else
     echo "entrypoints.demo is not in this checkout yet: demo skipped"
   fi
