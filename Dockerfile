@@ -12,6 +12,8 @@ ARG BASE_IMAGE=debian:bookworm-slim
 # ---------------------------------------------------------------- build: a virtual environment from the lock
 FROM ${BASE_IMAGE} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# An ARG, not an ENV: apt's prompts are off during the build and the setting does not reach the image.
+ARG DEBIAN_FRONTEND=noninteractive
 # Debian package versions are not pinned: the archive drops superseded versions (security updates), so
 # exact pins stop building; the pinned base image and the hashed lock file make the build repeatable.
 # hadolint ignore=DL3008
@@ -37,6 +39,7 @@ ARG BASE_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
+ARG DEBIAN_FRONTEND=noninteractive
 LABEL org.opencontainers.image.title="qlora-job" \
       org.opencontainers.image.description="QLoRA fine-tuning job for Llama-class models: S3 in, TRL SFT with W&B, merged model out" \
       org.opencontainers.image.version="${VERSION}" \
