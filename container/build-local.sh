@@ -95,7 +95,7 @@ step "largest folders of the image"
 site="$mnt/opt/venv/lib/python3.11/site-packages"
 # One du per folder: du counts a file once per run, so folders in one run would hide each other.
 { du -sm "$mnt"; du -sm "$mnt/usr"; du -m -d 1 "$site"; du -m -d 1 "$site/nvidia"; } 2>/dev/null \
-  | sort -rn | awk '$1 >= 80' | sed "s#$mnt##; s#^\([0-9]*\)\t\$#\1\t/#"
+  | sort -rn | uniq | awk '$1 >= 80' | sed "s#$mnt##; s#^\([0-9]*\)\t\$#\1\t/#"
 "${buildah[@]}" umount "$ctr" >/dev/null
 
 step "no compilers, no caches in the final stage"
@@ -111,9 +111,9 @@ if ls /var/cache/apt/archives/*.deb >/dev/null 2>&1; then echo "found .deb files
 [ "$found" = 0 ] && echo "ok: no compiler, no pip/apt cache, no build sources"
 exit "$found"'
 
-step "the job's libraries import; bitsandbytes' CUDA library loads"
+step "the job's libraries import; bitsandbytes' CUDA library loads (as uid 1000, as Kubernetes starts it)"
 # shellcheck disable=SC2016 # Python source
-run "$ctr" -- python -c '
+run --user 1000:1000 "$ctr" -- python -c '
 import ctypes, pathlib
 import entrypoints.config, torch, transformers, peft, trl, bitsandbytes, datasets, accelerate, wandb
 print("torch", torch.__version__, "CUDA", torch.version.cuda, "| transformers", transformers.__version__,
