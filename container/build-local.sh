@@ -9,7 +9,7 @@
 # Environment: WORK_DIR (default /var/tmp/qlora-build) holds the base root file system and the pip config;
 # IMAGE (default localhost/qlora-job:local) names the result; SKIP_DEMO=1 stops after the checks;
 # SKIP_BUILD=1 reruns the checks and the demo on the image built last time; DEMO_ARGS are passed to the demo
-# (e.g. DEMO_ARGS="--set QLORA_NUM_EPOCHS=2" on a busy machine: the full demo is 100 steps on CPU).
+# (e.g. DEMO_ARGS="--set QLORA_NUM_EPOCHS=2" on a busy machine: the full demo is 80 steps on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
