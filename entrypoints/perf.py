@@ -19,11 +19,16 @@ import argparse
 import importlib.util
 import inspect
 import json
+import logging
 import math
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+log = logging.getLogger("qlora.perf")
 
 GIB = 1024**3
 VARLEN_ATTENTION = "qlora_varlen"  # the name registered with transformers' AttentionInterface
@@ -188,7 +193,14 @@ def plan_for(cfg: Any, model: Any, stats: dict[str, Any]) -> BatchPlan:
 
 # ------------------------------------------------------------------------------------------- trainer args
 def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
+    """Liger's kernels are Triton kernels, and Triton compiles a small C launcher on first use: without a C
+    compiler (the job's image ships none) they would fail mid-run, so they are only used when one exists."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    if not any(shutil.which(cc) for cc in (os.environ.get("CC", ""), "cc", "gcc", "clang") if cc):
+        log.warning("Liger kernels skipped: Triton needs a C compiler to build its launcher and none is installed")
+        return False
+    return True
 
 
 def sft_overrides(cfg: Any, plan: BatchPlan | None, cuda: bool) -> dict[str, Any]:
