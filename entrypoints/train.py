@@ -236,6 +236,13 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
                                     settings_fingerprint(cfg.to_public_dict())),
                    _throughput_callback(tracker)],
     )
+    # TRL casts a quantized model's LoRA weights to bfloat16, but a resumed run reloads them through peft, which
+    # upcasts adapters to float32: every resume switched the precision and ended with a different adapter than
+    # an uninterrupted run. Float32 adapter weights (peft's own default) in both cases; under bf16/fp16 autocast
+    # the matmuls still run in the compute dtype, so these are the usual float32 master weights.
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Throughput callback logs each step once, via logging
