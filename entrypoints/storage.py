@@ -99,12 +99,18 @@ def _storage_error(exc: Exception, uri: str, action: str) -> StorageError:
 
 def _retrying(fn, uri: str, action: str, attempts: int = 4):
     """Retry a whole transfer (botocore retries single requests; this covers a connection dropped mid-stream)."""
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     delay = 2.0
     for attempt in range(1, attempts + 1):
         try:
-            return fn()
+            try:
+                return fn()
+            except S3UploadFailedError as wrapped:  # boto3's transfer manager wraps the ClientError of an upload
+                raise (wrapped.__context__ if isinstance(wrapped.__context__, ClientError) else OSError(str(wrapped))) from None
+            except RetriesExceededError as wrapped:  # ... and the last network error of a download
+                raise OSError(f"{type(wrapped.last_exception).__name__}: {wrapped.last_exception}") from None
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404", "NotFound",
