@@ -43,18 +43,32 @@ def write_dataset(path: Path, rows: int, seed: int = 0) -> int:
     return path.stat().st_size
 
 
-class MemorySampler:
-    """Peak memory of this process and its children: RSS of the main process, and the tree's total PSS
-    (proportional set size, which splits pages shared between forked workers instead of counting them twice)."""
+def _anon_bytes(pid: int) -> int:
+    """Anonymous resident memory (heap, not file pages): what a container's memory limit really has to hold.
+    Arrow cache files are memory-mapped, so plain RSS also counts file pages the kernel can drop at will."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
-    def __init__(self, interval_seconds: float = 0.2):
+
+class MemorySampler:
+    """Peak memory while a block runs: RSS of this process, and anonymous memory of it plus its children
+    (the tokenizing workers), sampled every `interval_seconds`."""
+
+    def __init__(self, interval_seconds: float = 0.1):
         import psutil
 
         self.proc = psutil.Process()
         self.interval_seconds = interval_seconds
-        self.peak_rss_bytes = 0
-        self.peak_tree_pss_bytes = 0
         self.baseline_rss_bytes = self.proc.memory_info().rss
+        self.baseline_anon_bytes = _anon_bytes(self.proc.pid)
+        self.peak_rss_bytes = self.baseline_rss_bytes
+        self.peak_tree_anon_bytes = self.baseline_anon_bytes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
@@ -62,13 +76,12 @@ class MemorySampler:
         import psutil
 
         self.peak_rss_bytes = max(self.peak_rss_bytes, self.proc.memory_info().rss)
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
-                total += p.memory_full_info().pss
-            except (psutil.Error, AttributeError):
-                continue
-        self.peak_tree_pss_bytes = max(self.peak_tree_pss_bytes, total)
+        try:
+            children = self.proc.children(recursive=True)
+        except psutil.Error:
+            children = []
+        total = _anon_bytes(self.proc.pid) + sum(_anon_bytes(c.pid) for c in children)
+        self.peak_tree_anon_bytes = max(self.peak_tree_anon_bytes, total)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -117,7 +130,9 @@ def run(rows: int, work: Path, tokenizer_dir: Path, keep: bool = False) -> dict:
         "baseline_rss_mib": round(mem.baseline_rss_bytes / 2**20, 1),
         "peak_rss_mib": round(mem.peak_rss_bytes / 2**20, 1),
         "peak_rss_growth_mib": round((mem.peak_rss_bytes - mem.baseline_rss_bytes) / 2**20, 1),
-        "peak_tree_pss_mib": round(mem.peak_tree_pss_bytes / 2**20, 1),
+        "baseline_anon_mib": round(mem.baseline_anon_bytes / 2**20, 1),
+        "peak_tree_anon_mib": round(mem.peak_tree_anon_bytes / 2**20, 1),
+        "peak_anon_growth_mib": round((mem.peak_tree_anon_bytes - mem.baseline_anon_bytes) / 2**20, 1),
         "cores": cores,
     }
     if not keep:
@@ -149,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rows: {result['rows']}  data: {result['data_bytes'] / 2**20:.0f} MiB  prepare: {result['prepare_seconds']} s"
           f"  -> {result['rows_per_second']} rows/s on {result['cores']} core(s)")
     print(f"memory: main process RSS {result['baseline_rss_mib']} -> peak {result['peak_rss_mib']} MiB"
-          f" (+{result['peak_rss_growth_mib']} MiB); peak PSS of the process tree {result['peak_tree_pss_mib']} MiB")
+          f" (+{result['peak_rss_growth_mib']} MiB, file pages of the Arrow cache included); anonymous memory of the"
+          f" process tree {result['baseline_anon_mib']} -> peak {result['peak_tree_anon_mib']} MiB"
+          f" (+{result['peak_anon_growth_mib']} MiB)")
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 
