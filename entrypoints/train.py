@@ -34,7 +34,7 @@ from entrypoints.checkpoints import (
 )
 from entrypoints.config import JobConfig, parse_config
 from entrypoints.data import LoadStats, list_data_files, load_conversations
-from entrypoints.errors import DataError, Preempted, run_guarded
+from entrypoints.errors import DataError, JobError, Preempted, run_guarded
 from entrypoints.outputs import (
     OutputTarget,
     Publisher,
@@ -88,6 +88,7 @@ def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
 
 def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str | None) -> Prepared:
     from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
 
     from entrypoints.templating import tokenize_conversation, tokenize_text
 
@@ -101,7 +102,13 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
         def gen():
             for conv in load_conversations(path, cfg.data_format, cfg.max_bad_records, stats):
                 yield {"record": json.dumps(conv)}
-        return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False)
+        try:
+            return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False)
+        except DatasetGenerationError as exc:
+            # datasets wraps whatever the generator raised; a bad record is a data error, not a crash.
+            if isinstance(exc.__cause__, JobError):
+                raise exc.__cause__ from None
+            raise
 
     def tokenize(batch):
         out: dict[str, list] = {"input_ids": [], "assistant_masks": []}
