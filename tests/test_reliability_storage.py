@@ -242,6 +242,7 @@ def manifest(flaky) -> dict | None:
     return json.loads(text) if text else None
 
 
+@pytest.mark.slow  # about 60-100 s; the integration tier shows the same retries mid-transfer, in-process, above
 def test_job_rides_out_crashes_during_download_checkpoint_upload_and_final_upload(flaky, job_setup):
     job = Job({**job_setup, "QLORA_MERGE": "true"})
     job.on("downloading s3://jobs/data/train.jsonl", flaky.outage)  # the model download comes next
