@@ -14,15 +14,19 @@ import json
 import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from entrypoints import train
+from entrypoints.data import FORMATS, load_conversations
 from entrypoints.demo_assets import smollm2, tiny_llama2
-from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT_EXISTS, EXIT_STORAGE
+from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT_EXISTS, EXIT_STORAGE, DataError
 
 pytestmark = pytest.mark.integration
 
@@ -303,3 +307,37 @@ def test_the_table_covers_every_area_and_at_least_40_cases():
     codes = [c.code for c in CASES]
     assert len(CASES) >= 40
     assert {EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_STORAGE, EXIT_OUTPUT_EXISTS} <= set(codes)
+
+
+# --------------------------------------------------------------------------------------- property test
+KEYS = ["messages", "conversations", "instruction", "input", "output", "context", "response", "prompt", "completion",
+        "text", "system", "role", "content", "from", "value", "type"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12) | st.sampled_from(["user", "assistant", "gpt"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
+    max_leaves=12)
+LINES = st.one_of(st.dictionaries(st.sampled_from(KEYS), JSON_VALUES, max_size=4).map(json.dumps),
+                  JSON_VALUES.map(json.dumps), st.binary(max_size=40))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(LINES, min_size=1, max_size=5), st.sampled_from(["auto", *FORMATS]))
+def test_any_file_is_either_normalised_or_a_data_error_naming_it(lines, fmt):
+    """Whatever bytes a JSONL file holds, the reader either yields conversations every chat template accepts
+    or raises a DataError naming the file (never another exception: that would be exit 1, a traceback)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.jsonl"
+        path.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
+        try:
+            out = list(load_conversations(path, fmt))
+        except DataError as exc:
+            assert str(path) in str(exc)
+            return
+    assert out
+    for conv in out:
+        if isinstance(conv, str):
+            assert conv.strip()
+            continue
+        body = conv[1:] if conv[0]["role"] == "system" else conv
+        assert body and all(m["role"] == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(body))
+        assert body[-1]["role"] == "assistant" and all(isinstance(m["content"], str) for m in conv)
