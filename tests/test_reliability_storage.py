@@ -42,7 +42,13 @@ class FlakyS3:
     """A SeaweedFS server that can crash and come back on the same ports with the same data."""
 
     def __init__(self, data_dir: Path):
-        self.server = S3Server(data_dir).start()
+        for attempt in range(3):  # a free port can be taken by another process before weed binds it
+            try:
+                self.server = S3Server(data_dir / f"try{attempt}").start()
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
         self.outages: list[tuple[float, float]] = []  # (killed at, serving again at), time.monotonic()
         self.threads: list[threading.Thread] = []
 
