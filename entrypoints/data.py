@@ -25,6 +25,9 @@ log = logging.getLogger("qlora.data")
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 FORMATS = ("messages", "sharegpt", "alpaca", "dolly", "prompt_completion", "text")
+# No context window holds a record this large (128k tokens are about 0.5 MB of text); tokenizing one would
+# take minutes and gigabytes for a sample that is truncated anyway. Larger lines are bad records.
+MAX_RECORD_BYTES = 8 * 2**20
 ROLE_ALIASES = {
     "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
     "model": "assistant", "chatgpt": "assistant", "bot": "assistant",
@@ -71,6 +74,11 @@ def _iter_jsonl(file: Path) -> Iterator[Record]:
             if not raw.strip():
                 continue
             where = f"{file}:{line_no}"
+            if len(raw) > MAX_RECORD_BYTES:
+                yield Record(where, {"__error__": f"the line is {len(raw) / 2**20:.1f} MiB; records over"
+                                     f" {MAX_RECORD_BYTES // 2**20} MiB are refused (far beyond any context window):"
+                                     " split it into several records or drop it"})
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

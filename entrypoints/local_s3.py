@@ -71,7 +71,9 @@ class S3Server:
             weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
             f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.s3_port}",
-            "-volume.max=20", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+            # Every bucket is a collection that grabs several volumes of its own: 20 in all ran out after a
+            # dozen test buckets ("No writable volumes and no free volumes left"). Volume files grow as written.
+            "-volume.max=400", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
             # The Iceberg and Lance catalog servers listen on fixed ports (8181, 9101): off, so that several
             # servers (parallel tests, the demo) can run side by side.
             "-s3.port.iceberg=0", "-s3.port.lance=0",

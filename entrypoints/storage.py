@@ -31,6 +31,11 @@ MAX_CONCURRENCY = 8
 # Adaptive retry mode backs off exponentially and rate-limits itself on throttling; 10 attempts ride
 # out a storage endpoint restart of about a minute.
 MAX_ATTEMPTS = 10
+# botocore's retries draw on a per-client quota that connection errors drain (10 units of 500 each) and only
+# successes refill: after a couple of outages in one job it stops retrying at all. The whole-transfer loop
+# below does not depend on it: 8 tries, 2, 4, 8, 16, 30, 30, 30 s apart, ride out about two minutes.
+TRANSFER_ATTEMPTS = 8
+TRANSFER_MAX_DELAY_SECONDS = 30.0
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024
 
 
@@ -56,17 +61,24 @@ def join(uri: str, *parts: str) -> str:
 @lru_cache(maxsize=8)
 def _client(endpoint_url: str):
     import boto3
+    import botocore.session
     from boto3.s3.transfer import TransferConfig
     from botocore.config import Config
 
+    core = botocore.session.get_session()
+    # AWS_MAX_ATTEMPTS (or max_attempts in an AWS config profile) is botocore's own retry knob, but an explicit
+    # max_attempts in the client Config silently overrides it: ours applies only when the user set none.
+    retries = {"mode": "adaptive"}
+    if core.get_config_variable("max_attempts") is None:
+        retries["max_attempts"] = MAX_ATTEMPTS
     config = Config(
-        retries={"max_attempts": MAX_ATTEMPTS, "mode": "adaptive"},
+        retries=retries,
         connect_timeout=10,
         read_timeout=120,
         # Path-style addressing works with every S3-compatible store; AWS still accepts it.
         s3={"addressing_style": "path"} if endpoint_url else {},
     )
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+    client = boto3.session.Session(botocore_session=core).client("s3", endpoint_url=endpoint_url or None, config=config)
     transfer = TransferConfig(
         multipart_threshold=MULTIPART_BYTES,
         multipart_chunksize=MULTIPART_BYTES,
@@ -92,19 +104,32 @@ def _storage_error(exc: Exception, uri: str, action: str) -> StorageError:
         return StorageError(f"no AWS credentials found to {action} {uri}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,"
                             " AWS_PROFILE, or run with an IAM role")
     if isinstance(exc, EndpointConnectionError):
-        return StorageError(f"cannot reach the S3 endpoint to {action} {uri} after {MAX_ATTEMPTS} attempts ({exc}):"
+        return StorageError(f"cannot reach the S3 endpoint to {action} {uri} after retrying ({exc}):"
                             " check QLORA_S3_ENDPOINT_URL / the network, then rerun")
     return StorageError(f"could not {action} {uri}: {type(exc).__name__}: {exc}")
 
 
-def _retrying(fn, uri: str, action: str, attempts: int = 4):
-    """Retry a whole transfer (botocore retries single requests; this covers a connection dropped mid-stream)."""
+def _retrying(fn, uri: str, action: str, attempts: int | None = None):
+    """Retry a whole transfer (botocore retries single requests; this covers a connection dropped mid-stream).
+
+    A user who set botocore's AWS_MAX_ATTEMPTS chose how persistent to be: the whole transfer is tried as
+    many times, so one knob bounds how long an outage is waited out.
+    """
+    import botocore.session
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
+    if attempts is None:
+        attempts = botocore.session.get_session().get_config_variable("max_attempts") or TRANSFER_ATTEMPTS
     delay = 2.0
     for attempt in range(1, attempts + 1):
         try:
-            return fn()
+            try:
+                return fn()
+            except S3UploadFailedError as wrapped:  # boto3's transfer manager wraps the ClientError of an upload
+                raise (wrapped.__context__ if isinstance(wrapped.__context__, ClientError) else OSError(str(wrapped))) from None
+            except RetriesExceededError as wrapped:  # ... and the last network error of a download
+                raise OSError(f"{type(wrapped.last_exception).__name__}: {wrapped.last_exception}") from None
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404", "NotFound",
@@ -116,7 +141,7 @@ def _retrying(fn, uri: str, action: str, attempts: int = 4):
                 raise _storage_error(exc, uri, action) from None
             log.warning("%s %s failed (%s), retrying in %.0fs (%d/%d)", action, uri, exc, delay, attempt, attempts)
         time.sleep(delay)
-        delay = min(delay * 2, 30.0)
+        delay = min(delay * 2, TRANSFER_MAX_DELAY_SECONDS)
     raise AssertionError("unreachable")
 
 

@@ -34,7 +34,7 @@ from entrypoints.checkpoints import (
 )
 from entrypoints.config import JobConfig, parse_config
 from entrypoints.data import LoadStats, list_data_files, load_conversations
-from entrypoints.errors import DataError, Preempted, run_guarded
+from entrypoints.errors import DataError, JobError, Preempted, run_guarded
 from entrypoints.outputs import (
     OutputTarget,
     Publisher,
@@ -88,14 +88,27 @@ def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
 
 def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str | None) -> Prepared:
     from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
 
     from entrypoints.templating import tokenize_conversation, tokenize_text
+
+    # Arrow cache files in the job's work dir keep memory flat however large the data is. The directory is
+    # emptied first: `datasets` fingerprints a generator by its code, not by the file's content, so a cache
+    # left by an earlier run over changed data at the same path would otherwise be reused silently.
+    cache_dir = cfg.paths.work_dir / "datasets-cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
 
     def tokenized(path: Path, stats: LoadStats):
         def gen():
             for conv in load_conversations(path, cfg.data_format, cfg.max_bad_records, stats):
                 yield {"record": json.dumps(conv)}
-        return Dataset.from_generator(gen, cache_dir=None, keep_in_memory=True)
+        try:
+            return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False)
+        except DatasetGenerationError as exc:
+            # datasets wraps whatever the generator raised; a bad record is a data error, not a crash.
+            if isinstance(exc.__cause__, JobError):
+                raise exc.__cause__ from None
+            raise
 
     def tokenize(batch):
         out: dict[str, list] = {"input_ids": [], "assistant_masks": []}
@@ -133,20 +146,34 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
             if sample:
                 samples.append(sample)
 
-    num_proc = min(os.cpu_count() or 1, 8) if len(train_raw) > 20_000 else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    num_proc = min(cores, 8) if len(train_raw) > 20_000 and cores > 1 else None
     train_ds = train_raw.map(tokenize, batched=True, remove_columns=["record"], num_proc=num_proc, desc="tokenizing train")
     eval_ds = eval_raw.map(tokenize, batched=True, remove_columns=["record"], desc="tokenizing eval") if eval_raw is not None else None
-    lengths = [len(x) for x in train_ds["input_ids"]]
-    trained = [sum(m) for m in train_ds["assistant_masks"]]
     stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
-                  "train_tokens": int(sum(min(n, cfg.max_seq_length) for n in lengths)),
-                  "train_loss_tokens": int(sum(trained)),
-                  "median_tokens_per_record": int(sorted(lengths)[len(lengths) // 2]) if lengths else 0,
-                  "records_over_max_seq_length": int(sum(n > cfg.max_seq_length for n in lengths))})
+                  **_token_stats(train_ds, cfg.max_seq_length)})
     if stats["train_loss_tokens"] == 0:
         raise DataError("no token is trained on: every record's answer was masked out (check the data format)")
     log.info("data: %s", json.dumps(stats))
     return Prepared(train_ds, eval_ds, samples, stats)
+
+
+def _token_stats(ds: Any, max_seq_length: int) -> dict[str, int]:
+    """Token counts by batched iteration over the Arrow table (reading whole columns would load them into RAM)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = []  # one int32 per record: 4 MB per million records
+    train_tokens = loss_tokens = 0
+    for batch in ds.select_columns(["input_ids", "assistant_masks"]).with_format("arrow").iter(batch_size=10_000):
+        n = pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+        lengths.append(n.astype(np.int32))
+        train_tokens += int(np.minimum(n, max_seq_length).sum())
+        loss_tokens += int(pc.sum(pc.list_flatten(batch["assistant_masks"])).as_py() or 0)
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
+    return {"train_tokens": train_tokens, "train_loss_tokens": loss_tokens,
+            "median_tokens_per_record": int(np.sort(all_lengths)[len(all_lengths) // 2]) if len(all_lengths) else 0,
+            "records_over_max_seq_length": int((all_lengths > max_seq_length).sum())}
 
 
 def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tracker: Any, stop: StopFlag,
@@ -223,6 +250,13 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
                                     settings_fingerprint(cfg.to_public_dict())),
                    _throughput_callback(tracker)],
     )
+    # TRL casts a quantized model's LoRA weights to bfloat16, but a resumed run reloads them through peft, which
+    # upcasts adapters to float32: every resume switched the precision and ended with a different adapter than
+    # an uninterrupted run. Float32 adapter weights (peft's own default) in both cases; under bf16/fp16 autocast
+    # the matmuls still run in the compute dtype, so these are the usual float32 master weights.
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Throughput callback logs each step once, via logging

@@ -1,0 +1,343 @@
+"""Bad input, table-driven: every case runs the job's real `main()` and must fail with one clear paragraph.
+
+    PYTHONPATH=$PWD python -m pytest tests/test_bad_input.py
+
+Each case sets up a real input (settings, files, a model directory, an S3 prefix on the test server) and
+checks: the documented exit code, a message naming the source (the variable, file:line or URI) and the fix,
+the same message as the last log line and in the SageMaker failure file, and no traceback. `main()` runs
+in-process (the subprocess path, the same code, is covered by tests/test_job.py) so the 40-odd cases stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from entrypoints import train
+from entrypoints.data import FORMATS, load_conversations
+from entrypoints.demo_assets import smollm2, tiny_llama2
+from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT_EXISTS, EXIT_STORAGE, DataError
+
+pytestmark = pytest.mark.integration
+
+GOOD = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]}
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    model: Path
+    smol: Path
+    bucket: str
+    endpoint: str
+    s3: object
+
+    def data(self, name: str, text: str | bytes) -> str:
+        path = self.tmp / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return str(path)
+
+    def jsonl(self, *records) -> str:
+        return self.data("train.jsonl", "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+
+    def model_copy(self, drop: tuple[str, ...] = (), add: dict[str, bytes] | None = None, source: Path | None = None) -> str:
+        target = self.tmp / "model-copy"
+        shutil.copytree(source or self.model, target, ignore=shutil.ignore_patterns(*drop))
+        for name, content in (add or {}).items():
+            (target / name).write_bytes(content)
+        return str(target)
+
+
+@dataclass
+class Case:
+    name: str
+    code: int
+    setup: Callable[[Ctx], dict[str, str]]  # -> QLORA_* settings (and other variables) for the case
+    names: tuple[str, ...]  # the message must name the source ...
+    fix: str  # ... and say how to fix it (a phrase of the advice)
+    argv: tuple[str, ...] = ()
+
+
+def ok_data(c: Ctx) -> dict[str, str]:
+    return {"QLORA_DATA": c.jsonl(GOOD, GOOD)}
+
+
+def no_template_model(c: Ctx) -> dict[str, str]:
+    """SmolLM2 (not a Llama tokenizer) with its chat template removed."""
+    target = c.tmp / "smol-no-template"
+    target.mkdir()
+    for item in c.smol.iterdir():
+        if item.name == "chat_template.jinja":
+            continue
+        if item.name == "tokenizer_config.json":
+            config = json.loads(item.read_text())
+            config.pop("chat_template", None)
+            (target / item.name).write_text(json.dumps(config))
+        else:
+            (target / item.name).symlink_to(item)
+    return {"QLORA_MODEL": str(target), **ok_data(c)}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES = [
+    # ---------------------------------------------------------------- configuration (exit 2)
+    Case("data not set", EXIT_CONFIG, lambda c: {}, ("QLORA_DATA",), "give the training data"),
+    Case("integer expected", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_MAX_STEPS": "many"},
+         ("QLORA_MAX_STEPS='many'",), "expected an integer"),
+    Case("unknown variable", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_LORA_RANK": "8"},
+         ("QLORA_LORA_RANK",), "did you mean QLORA_LORA_R"),
+    Case("unknown flag", EXIT_CONFIG, ok_data, ("--lora-rank",), "did you mean --lora-r", argv=("--lora-rank", "8")),
+    Case("learning rate out of range", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_LEARNING_RATE": "5"},
+         ("QLORA_LEARNING_RATE",), "2e-4 is typical"),
+    Case("eval fraction out of range", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_EVAL_FRACTION": "1.5"},
+         ("QLORA_EVAL_FRACTION",), "below 1"),
+    Case("choice not offered", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_QUANTIZATION": "int3"},
+         ("QLORA_QUANTIZATION='int3'",), "expected one of nf4, fp4, none"),
+    Case("boolean expected", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_MERGE": "maybe"},
+         ("QLORA_MERGE='maybe'",), "true/false"),
+    Case("foreign URI scheme", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_OUTPUT": "gs://bucket/out"},
+         ("QLORA_OUTPUT='gs://bucket/out'",), "only s3:// URIs and local paths"),
+    Case("checkpoint URI not s3", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_CHECKPOINT_URI": "/tmp/ck"},
+         ("QLORA_CHECKPOINT_URI",), "must be an s3:// prefix"),
+    Case("s3 URI without bucket", EXIT_CONFIG, lambda c: {"QLORA_DATA": "s3://"}, ("QLORA_DATA='s3://'",),
+         "needs a bucket"),
+    Case("local data missing", EXIT_CONFIG, lambda c: {"QLORA_DATA": str(c.tmp / "nope.jsonl")},
+         ("QLORA_DATA", "nope.jsonl"), "no such file or directory"),
+    Case("eval data and eval fraction both set", EXIT_CONFIG,
+         lambda c: {**ok_data(c), "QLORA_EVAL_DATA": c.data("eval.jsonl", json.dumps(GOOD)),
+                    "QLORA_EVAL_FRACTION": "0.2"}, ("QLORA_EVAL_DATA", "QLORA_EVAL_FRACTION"), "use one of them"),
+    Case("epochs zero with max_steps -1", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_NUM_EPOCHS": "0"},
+         ("QLORA_NUM_EPOCHS",), "above 0 when max_steps is -1"),
+    Case("lora dropout 1", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_LORA_DROPOUT": "1"},
+         ("QLORA_LORA_DROPOUT",), "below 1"),
+    Case("zero sequence length", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_MAX_SEQ_LENGTH": "0"},
+         ("QLORA_MAX_SEQ_LENGTH",), "1 or more"),
+    Case("hyperparameters.json broken", EXIT_CONFIG,
+         lambda c: {**ok_data(c), "_HP": "{not json"}, ("hyperparameters.json",), "fix or remove the file"),
+    Case("hyperparameters.json unknown key", EXIT_CONFIG,
+         lambda c: {**ok_data(c), "_HP": json.dumps({"lora_rank": 8})}, ("hyperparameters.json", "'lora_rank'"),
+         "did you mean lora_r"),
+    Case("secrets dir missing", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_SECRETS_DIR": str(c.tmp / "nosecrets")},
+         ("QLORA_SECRETS_DIR",), "mount the secret there or unset it"),
+    # ---------------------------------------------------------------- storage (exit 5)
+    Case("data bucket does not exist", EXIT_STORAGE,
+         lambda c: {"QLORA_DATA": "s3://no-such-bucket-x1/train.jsonl"}, ("no-such-bucket-x1",), "create it or fix the URI"),
+    Case("data prefix is empty", EXIT_STORAGE, lambda c: {"QLORA_DATA": f"s3://{c.bucket}/empty/"},
+         ("/empty/",), "the prefix is empty or the key does not exist"),
+    Case("output bucket does not exist", EXIT_STORAGE,
+         lambda c: {**ok_data(c), "QLORA_OUTPUT": "s3://no-such-bucket-x2/out"}, ("s3://no-such-bucket-x2",),
+         "check the URI"),
+    Case("endpoint unreachable", EXIT_STORAGE,
+         lambda c: {"QLORA_DATA": f"s3://{c.bucket}/d.jsonl", "AWS_MAX_ATTEMPTS": "1",
+                    "QLORA_S3_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}"},
+         ("/d.jsonl", "cannot reach the S3 endpoint"), "check QLORA_S3_ENDPOINT_URL"),
+    # ---------------------------------------------------------------- data (exit 3)
+    Case("empty file", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.jsonl", "")}, ("train.jsonl",),
+         "remove it or point the data setting elsewhere"),
+    Case("invalid JSON line", EXIT_DATA, lambda c: {"QLORA_DATA": c.jsonl(GOOD, '{"messages": [')},
+         ("train.jsonl:2",), "QLORA_MAX_BAD_RECORDS"),
+    Case("line is not an object", EXIT_DATA, lambda c: {"QLORA_DATA": c.jsonl(GOOD, "[1, 2]")},
+         ("train.jsonl:2",), "expected a JSON object per line"),
+    Case("wrong schema", EXIT_DATA, lambda c: {"QLORA_DATA": c.jsonl({"question": "q", "answer": "a"})},
+         ("train.jsonl:1",), "or set QLORA_DATA_FORMAT"),
+    Case("missing assistant turn", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.jsonl(GOOD, {"messages": [{"role": "user", "content": "hi"}]})},
+         ("train.jsonl:2",), "needs at least one assistant answer"),
+    Case("empty assistant answer", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.jsonl({"messages": [{"role": "user", "content": "q"},
+                                                        {"role": "assistant", "content": " "}]})},
+         ("train.jsonl:1",), "assistant turn 2 is empty"),
+    Case("duplicate roles", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                                        {"role": "assistant", "content": "c"}]})},
+         ("train.jsonl:1",), "merge duplicate roles into one turn"),
+    Case("unknown role", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.jsonl({"messages": [{"role": "narrator", "content": "a"},
+                                                        {"role": "assistant", "content": "c"}]})},
+         ("train.jsonl:1", "'narrator'"), "system, user, assistant"),
+    Case("system message not first", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"},
+                                                        {"role": "assistant", "content": "c"}]})},
+         ("train.jsonl:1",), "may only come first"),
+    Case("content not a string", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.jsonl({"messages": [{"role": "user", "content": 5},
+                                                        {"role": "assistant", "content": "c"}]})},
+         ("train.jsonl:1", "messages[0].content"), "must be a string"),
+    Case("non-UTF-8", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.jsonl", json.dumps(GOOD).encode() + b"\n"
+                                                                 + b'{"text": "caf\xe9"}\n')},
+         ("train.jsonl:2",), "re-encode the file as UTF-8"),
+    Case("a single 50 MB line", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.data("train.jsonl", json.dumps(
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * 50_000_000}]}))},
+         ("train.jsonl:1", "47.7 MiB"), "split it into several records or drop it"),
+    Case("prefix without data files", EXIT_DATA,
+         lambda c: {"QLORA_DATA": str(Path(c.data("notes.txt", "hello")).parent)}, ("data",),
+         "no .jsonl, .json or .parquet files found"),
+    Case("unsupported file type", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.csv", "a,b\n")},
+         ("train.csv",), "use .jsonl, .json or .parquet"),
+    Case(".json that is not an array", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.json", '{"a": 1}')},
+         ("train.json",), "expected a JSON array of records"),
+    Case(".json that is not JSON", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.json", "[{,]")},
+         ("train.json:1",), "use .jsonl for one record per line"),
+    Case("parquet that is not parquet", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.parquet", "PAR1 nope")},
+         ("train.parquet",), "not a readable Parquet file"),
+    Case("explicit format does not match", EXIT_DATA,
+         lambda c: {**ok_data(c), "QLORA_DATA_FORMAT": "alpaca"}, ("train.jsonl:1", "`instruction`"), "missing field"),
+    Case("too many bad records for the budget", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.jsonl(GOOD, "{", "{", GOOD), "QLORA_MAX_BAD_RECORDS": "1"},
+         ("train.jsonl:3",), "more than QLORA_MAX_BAD_RECORDS=1 bad records"),
+    Case("bad data on S3 names the object", EXIT_DATA,
+         lambda c: {"QLORA_DATA": f"s3://{c.bucket}/bad/train.jsonl"}, ("train.jsonl:1",), "invalid JSON"),
+    # ---------------------------------------------------------------- model (exit 4)
+    Case("model config missing", EXIT_MODEL, lambda c: {**ok_data(c), "QLORA_MODEL": c.model_copy(drop=("config.json",))},
+         ("model-copy", "config.json"), "point QLORA_MODEL at the model's root directory"),
+    Case("pickle-only weights", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_MODEL": c.model_copy(drop=("*.safetensors",),
+                                                              add={"pytorch_model.bin": b"\x80\x02pickle"})},
+         ("pytorch_model.bin",), "QLORA_ALLOW_PICKLE_WEIGHTS=true if you trust their source"),
+    Case("no weights at all", EXIT_MODEL, lambda c: {**ok_data(c), "QLORA_MODEL": c.model_copy(drop=("*.safetensors",))},
+         ("model-copy",), "no weight files"),
+    Case("tokenizer files missing", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_MODEL": c.model_copy(drop=("tokenizer*", "special_tokens_map.json"))},
+         ("model-copy",), "needs tokenizer.json or tokenizer.model"),
+    Case("no chat template, not a Llama tokenizer", EXIT_MODEL, no_template_model, ("chat template",),
+         "QLORA_DATA_FORMAT=text"),
+    Case("llama-2 template forced on another tokenizer", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_MODEL": str(c.smol), "QLORA_CHAT_TEMPLATE": "llama-2"},
+         ("QLORA_CHAT_TEMPLATE=llama-2",), "use QLORA_CHAT_TEMPLATE=auto"),
+    Case("model is not a path, URI or Hub id", EXIT_MODEL, lambda c: {**ok_data(c), "QLORA_MODEL": "not a model!"},
+         ("QLORA_MODEL='not a model!'",), "a Hub id like meta-llama/Llama-2-7b-hf"),
+    Case("Hub model unreachable", EXIT_MODEL, lambda c: {**ok_data(c), "QLORA_MODEL": "acme/no-such-model"},
+         ("acme/no-such-model",), "point QLORA_MODEL there"),
+    # ---------------------------------------------------------------- outputs (exit 6)
+    Case("output holds a result", EXIT_OUTPUT_EXISTS,
+         lambda c: {**ok_data(c), "QLORA_OUTPUT": str(Path(c.data("out/manifest.json", "{}")).parent)},
+         ("out",), "QLORA_OUTPUT_EXISTS=version"),
+    Case("S3 output holds a result", EXIT_OUTPUT_EXISTS,
+         lambda c: {**ok_data(c), "QLORA_OUTPUT": f"s3://{c.bucket}/done"}, ("s3://bad-input-cases/done",),
+         "QLORA_OUTPUT_EXISTS=overwrite"),
+]
+
+
+@pytest.fixture(scope="module")
+def assets(cache_dir):
+    return tiny_llama2(cache_dir), smollm2(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    from entrypoints import storage
+
+    name = "bad-input-cases"
+    s3_server.client().create_bucket(Bucket=name)
+    client = s3_server.client()
+    client.put_object(Bucket=name, Key="bad/train.jsonl", Body=b'{"messages": [\n')
+    client.put_object(Bucket=name, Key="done/manifest.json", Body=b"{}")
+    storage._client.cache_clear()
+    return name
+
+
+@pytest.fixture
+def restore_signals():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case, assets, bucket, s3_server, tmp_path, monkeypatch, capsys, restore_signals):
+    from entrypoints import storage
+
+    model, smol = assets
+    ctx = Ctx(tmp_path, model, smol, bucket, s3_server.endpoint, s3_server)
+    import os
+
+    for key in list(os.environ):
+        if key.startswith(("QLORA_", "SM_CHANNEL_", "AWS_")):
+            monkeypatch.delenv(key)
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    base = tmp_path / "opt-ml"
+    settings = {"QLORA_MODEL": str(model), "QLORA_OUTPUT": str(tmp_path / "output"), "QLORA_BASE_DIR": str(base),
+                "QLORA_S3_ENDPOINT_URL": s3_server.endpoint, "QLORA_REPORT_TO": "none", **case.setup(ctx)}
+    hp = settings.pop("_HP", None)
+    if hp is not None:
+        (base / "input" / "config").mkdir(parents=True)
+        (base / "input" / "config" / "hyperparameters.json").write_text(hp)
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    storage._client.cache_clear()  # AWS_MAX_ATTEMPTS and credentials are read when the client is made
+
+    code = train.main(list(case.argv))
+    out = capsys.readouterr()
+    output = out.out + out.err
+    storage._client.cache_clear()
+
+    assert code == case.code, output[-3000:]
+    failure = (base / "output" / "failure").read_text()
+    assert "Traceback" not in output and "Traceback" not in failure
+    last_line = out.out.rstrip().splitlines()[-1]  # the log (stdout); stderr holds progress bars
+    # One paragraph, logged last: the failure file's first line ends the log.
+    assert failure.splitlines()[0] in last_line or failure.splitlines()[-1].strip() in last_line, (last_line, failure)
+    for name in case.names:
+        assert name in failure, (name, failure)
+    assert case.fix in failure, (case.fix, failure)
+    assert len(failure) <= 1024
+
+
+def test_the_table_covers_every_area_and_at_least_40_cases():
+    codes = [c.code for c in CASES]
+    assert len(CASES) >= 40
+    assert {EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_STORAGE, EXIT_OUTPUT_EXISTS} <= set(codes)
+
+
+# --------------------------------------------------------------------------------------- property test
+KEYS = ["messages", "conversations", "instruction", "input", "output", "context", "response", "prompt", "completion",
+        "text", "system", "role", "content", "from", "value", "type"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12) | st.sampled_from(["user", "assistant", "gpt"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
+    max_leaves=12)
+LINES = st.one_of(st.dictionaries(st.sampled_from(KEYS), JSON_VALUES, max_size=4).map(json.dumps),
+                  JSON_VALUES.map(json.dumps), st.binary(max_size=40))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(LINES, min_size=1, max_size=5), st.sampled_from(["auto", *FORMATS]))
+def test_any_file_is_either_normalised_or_a_data_error_naming_it(lines, fmt):
+    """Whatever bytes a JSONL file holds, the reader either yields conversations every chat template accepts
+    or raises a DataError naming the file (never another exception: that would be exit 1, a traceback)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.jsonl"
+        path.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
+        try:
+            out = list(load_conversations(path, fmt))
+        except DataError as exc:
+            assert str(path) in str(exc)
+            return
+    assert out
+    for conv in out:
+        if isinstance(conv, str):
+            assert conv.strip()
+            continue
+        body = conv[1:] if conv[0]["role"] == "system" else conv
+        assert body and all(m["role"] == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(body))
+        assert body[-1]["role"] == "assistant" and all(isinstance(m["content"], str) for m in conv)
