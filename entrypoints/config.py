@@ -372,6 +372,9 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
         bad("eval_fraction", "must be at least 0 and below 1 (0.05 holds out 5%)")
     if cfg.eval_data and cfg.eval_fraction not in (0.0, FIELDS["eval_fraction"].default):
         p.append(f"{env_name('eval_data')} and {env_name('eval_fraction')} are both set: use one of them")
+    if cfg.save_total_limit == 1:
+        bad("save_total_limit", "must be 0 (keep all) or at least 2: with 1, the old checkpoint is deleted before"
+            " the new one is complete, so a kill in between leaves nothing to resume from")
     for name in ("max_bad_records", "num_sample_generations", "save_total_limit", "eval_steps", "micro_batch_tokens"):
         if getattr(cfg, name) < 0:
             bad(name, "must be 0 or more")
