@@ -128,7 +128,7 @@ class JobConfig:
     logging_steps: int = _f(10, "Log loss, learning rate and throughput every N optimizer steps.", group="training")
     eval_steps: int = _f(0, "Evaluate every N steps; 0: only before and after training.", group="training")
     save_steps: int = _f(100, "Save a checkpoint every N optimizer steps.", group="training")
-    save_total_limit: int = _f(2, "Checkpoints kept on local disk (oldest deleted first).", group="training")
+    save_total_limit: int = _f(2, "Checkpoints kept on local disk (oldest deleted first); 0 keeps all, 1 is refused.", group="training")
     num_sample_generations: int = _f(4, "Held-out prompts answered before and after training (logged and put in the model card); 0 disables.", group="training")
     max_new_tokens: int = _f(128, "Token budget of each sample generation.", group="training")
 

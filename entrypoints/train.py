@@ -212,7 +212,7 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
         eval_steps=cfg.eval_steps or None,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=cfg.save_total_limit or None,  # 0: keep every checkpoint
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=tracker.report_to,
