@@ -231,7 +231,8 @@ def test_entrypoint_execs_the_job_which_receives_sigterm(probe_package, tmp_path
 def test_missing_job_module_is_a_clear_error(probe_package, tmp_path):
     root, _ = probe_package
     (root / "entrypoints" / "train.py").unlink()
-    out = subprocess.run([PY, str(ENTRYPOINT), "train"], env=_env(tmp_path, PYTHONPATH=str(root)), cwd=root,
+    # -S: no site-packages, so an editable install of the project (CI's) cannot supply the deleted module.
+    out = subprocess.run([PY, "-S", str(ENTRYPOINT), "train"], env=_env(tmp_path, PYTHONPATH=str(root)), cwd=root,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "needs the module entrypoints.train, which this image does not contain" in out.stderr
