@@ -50,6 +50,18 @@ def s3_env(s3_server, monkeypatch):
     return s3_server, bucket
 
 
+@pytest.fixture(scope="module")
+def moto_url():
+    """moto's AWS server over real HTTP on loopback (SageMaker, Scheduler, Secrets Manager)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     d = Path(os.environ.get("QLORA_TEST_CACHE", REPO / ".cache"))

@@ -38,17 +38,6 @@ def validate(service: str, operation: str, params: dict) -> None:
     assert not report.has_errors(), report.generate_report()
 
 
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def aws_env(moto_url, monkeypatch, tmp_path):
     config = tmp_path / "sagemaker-config.yaml"

@@ -32,17 +32,6 @@ WANDB = "wandbRELIABILITYfake0123456789abcdef0123"
 ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:qlora-job-test"
 
 
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 def make_secret(moto_url: str, name: str, value: dict | str) -> str:
     import boto3
 
