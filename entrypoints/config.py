@@ -120,7 +120,8 @@ class JobConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.", group="training")
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (0.3 as in the QLoRA paper).", group="training")
     optim: str = _f("auto", "Optimizer; `auto`: adamw_torch_fused on CUDA, adamw_torch on CPU.", choices=("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit"), group="training")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.", group="training")
+    gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass to save memory. `auto`: on a GPU with packing, as many decoder layers as the GPU's memory allows keep their activations (all of them for 7B on an 80 GB GPU) and the rest are recomputed; on CPU or without packing every layer is recomputed. `true`/`false` (or any boolean) force it.", choices=("auto", "true", "false"), group="training")
+    max_gpu_memory_gib: float = _f(0.0, "Cap on the GPU memory the job may use, in GiB: the allocator is limited to it and the batch plan (micro-batch tokens, checkpointed layers) is fitted into it; for a shared GPU or a smaller card's budget. 0: the whole GPU.", group="training")
     packing: bool = _f(True, "Pack whole samples into rows of max_seq_length (best-fit, padding-free, per-sample attention); off: each micro-batch is padded to its longest sample.", group="training")
     use_liger: bool = _f(True, "Use Liger's fused RMSNorm, SwiGLU and RoPE kernels on CUDA (when liger-kernel is installed).", group="training")
     assistant_only_loss: bool = _f(True, "Train on assistant tokens only (prompts, system and user turns are masked out of the loss).", group="training")
@@ -221,8 +222,17 @@ def _convert(f: dataclasses.Field, raw: Any) -> Any:
         if not math.isfinite(value):
             raise ValueError("expected a finite number")
         return value
-    value = raw if isinstance(raw, str) else json.dumps(raw) if isinstance(raw, (list, dict)) else str(raw)
     choices = f.metadata["choices"]
+    if set(choices) == {"auto", "true", "false"}:  # a boolean that also takes `auto`: any boolean spelling
+        text = str(raw).strip().lower()
+        if raw is True or text in _TRUE:
+            return "true"
+        if raw is False or text in _FALSE:
+            return "false"
+        if text == "auto":
+            return "auto"
+        raise ValueError("expected auto or a boolean: true/false (also 1/0, yes/no, on/off)")
+    value = raw if isinstance(raw, str) else json.dumps(raw) if isinstance(raw, (list, dict)) else str(raw)
     if choices and value not in choices:
         raise ValueError(f"expected one of {', '.join(choices)}")
     return value
@@ -384,6 +394,8 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             bad(name, "must be 1 or more")
     if cfg.max_seq_length > 131072:
         bad("max_seq_length", "is larger than any Llama-class context (131072)")
+    if cfg.max_gpu_memory_gib < 0:
+        bad("max_gpu_memory_gib", "must be 0 (the whole GPU) or a number of GiB, e.g. 22 for a 24 GB card")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         bad("lora_dropout", "must be at least 0 and below 1")
     if not cfg.target_modules:

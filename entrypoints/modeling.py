@@ -129,6 +129,8 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0):
     }
     if not cfg.allow_pickle_weights:
         kwargs["use_safetensors"] = True
+    if device == "cuda" and cfg.max_gpu_memory_gib:
+        cap_gpu_memory(cfg.max_gpu_memory_gib, local_rank)
     log.info("loading %s (%s, compute %s) on %s", model_dir, cfg.quantization, str(dtype).removeprefix("torch."), device)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -143,6 +145,21 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0):
     else:
         keep_cpu_weights_trainable(model)
     return model
+
+
+def cap_gpu_memory(gib: float, device_index: int = 0) -> float:
+    """Limit this process's CUDA allocator to `gib` GiB (the batch plan reads the same limit); returns the fraction."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device_index).total_memory
+    fraction = gib * perf.GIB / total
+    if fraction >= 1.0:
+        log.warning("max_gpu_memory_gib=%s is not below this GPU's %.1f GiB: the whole GPU is used", gib,
+                    total / perf.GIB)
+        return 1.0
+    torch.cuda.set_per_process_memory_fraction(fraction, device_index)
+    log.info("GPU memory capped at %.1f of %.1f GiB (max_gpu_memory_gib)", gib, total / perf.GIB)
+    return fraction
 
 
 def keep_cpu_weights_trainable(model: Any) -> None:

@@ -105,12 +105,18 @@ def measure_bf16_peak_flops(device: Any = None, size: int = 8192, repeats: int =
 
 
 # ------------------------------------------------------------------------------------------- batch plan
+# Share of the GPU's memory the plan fills with its estimates; the rest absorbs allocator fragmentation
+# (peak reserved was 1.5-2 GiB above peak allocated on 7B/13B) and estimate error.
+MEMORY_SHARE = 0.80
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     rows: int  # packed rows of max_seq_length tokens per micro-batch (per_device_train_batch_size)
     micro_batch_tokens: int  # rows * max_seq_length: tokens per forward/backward pass
     gradient_accumulation_steps: int
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool  # whether any decoder layer is recomputed in the backward pass
+    layers_without_checkpointing: int  # decoder layers that keep their activations (the first ones)
     reason: str
 
 
@@ -122,41 +128,88 @@ def weight_bytes(shape: dict[str, int], quantized: bool = True) -> float:
 
 
 def activation_bytes_per_token(shape: dict[str, int], checkpointing: bool) -> float:
-    """Peak activation bytes per token of a packed micro-batch (Liger kernels, fused LM head).
+    """Peak activation bytes per token of a packed micro-batch with every layer recomputed (True) or none.
 
-    Calibrated on the Llama-2-7B shape on an H100/H200 (entrypoints/PERF.md): with checkpointing about
-    0.55 MB per token (the bf16 input of every layer, plus one layer's activations during its recompute);
-    without it about 6 MB per token. Other shapes scale with layers x hidden size.
+    With checkpointing about 0.55 MB per token on the Llama-2-7B shape, measured on an H100/H200 (the bf16
+    input of every layer, one layer's activations during its recompute, the LM head and loss), scaled with
+    layers x hidden size for other shapes; without it, that plus `layer_bytes_per_token` for every layer.
     """
     scale = shape["num_hidden_layers"] * shape["hidden_size"] / (32 * 4096)
-    return (0.55e6 if checkpointing else 6.0e6) * scale
+    recomputed = 0.55e6 * scale
+    if checkpointing:
+        return recomputed
+    return recomputed + shape["num_hidden_layers"] * layer_bytes_per_token(shape, lora_dropout=True)
 
 
-def plan_batch(cfg: Any, gpu_mem_bytes: int, shape: dict[str, int], mean_sample_tokens: float) -> BatchPlan:
-    """Pick packed rows per micro-batch and gradient accumulation for this GPU and data.
+def layer_bytes_per_token(shape: dict[str, int], lora_dropout: bool) -> float:
+    """Extra activation bytes per token of one decoder layer that is not recomputed (QLoRA, Liger kernels).
+
+    bf16 tensors kept for the backward pass: the normalised inputs, residuals and attention output (~7 x
+    hidden), q/k/v (hidden + 2 x kv), the SwiGLU gate and up projections (2 x intermediate); with LoRA dropout,
+    every adapted module also keeps its own dropped-out bf16 copy of its input (6 x hidden + intermediate).
+    Plus 10% margin. Measured on 7B (H200, 2026-11-28, PERF.md; all 32 layers kept vs none at 6,144-token
+    micro-batches): 118 KB per token and layer without dropout, 187 KB with; this gives 130 and 208 KB.
+    """
+    d, ff = shape["hidden_size"], shape["intermediate_size"]
+    kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    kept = 2.0 * (7 * d + 2 * kv + 2 * ff)
+    if lora_dropout:
+        kept += 2.0 * (6 * d + ff)
+    return 1.10 * kept
+
+
+def fixed_bytes(shape: dict[str, int], cfg: Any) -> float:
+    """Memory that does not grow with the micro-batch: frozen weights, LoRA weights + AdamW state (fp32:
+    weight, gradient, two moments = 16 bytes each), and 1 GiB for the CUDA context's share and workspaces."""
+    return (weight_bytes(shape, cfg.quantization != "none") + 16.0 * lora_params(shape, cfg.lora_r)
+            + 1.0 * GIB)
+
+
+def plan_batch(cfg: Any, gpu_mem_bytes: int, shape: dict[str, int], mean_sample_tokens: float,
+               on_gpu: bool = True) -> BatchPlan:
+    """Pick packed rows per micro-batch, gradient accumulation and checkpointed layers for this GPU and data.
 
     Tokens per optimizer step = micro_batch_size x gradient_accumulation_steps x mean sample length, i.e.
     the same number of samples per step as the unpacked recipe, so the learning dynamics stay the same.
-    Tokens per micro-batch: `cfg.micro_batch_tokens` when set, else as many as fit in 70% of the GPU's
-    memory after the weights, never above one step's tokens. Gradient checkpointing follows the config.
+    Tokens per micro-batch: `cfg.micro_batch_tokens` when set, else as many as fit in 80% of the GPU's
+    memory after the weights with every layer recomputed, never above one step's tokens.
+    Checkpointing: `true` recomputes every layer, `false` none; `auto` (on a GPU) then spends what is left of
+    80% of the memory on layers that keep their activations, each costing `layer_bytes_per_token` x the
+    micro-batch's tokens, and switches checkpointing off when all of them fit. Recomputation is a third of
+    a layer's work, so every layer kept is ~1/3 of its backward saved (PERF.md).
     """
     seq = cfg.max_seq_length
+    layers = shape["num_hidden_layers"]
+    mode = {True: "true", False: "false"}.get(cfg.gradient_checkpointing, str(cfg.gradient_checkpointing))
     step_tokens = max(seq, cfg.micro_batch_size * cfg.gradient_accumulation_steps * max(mean_sample_tokens, 1.0))
-    ckpt = bool(cfg.gradient_checkpointing)
     requested = int(getattr(cfg, "micro_batch_tokens", 0) or 0)
+    fixed = fixed_bytes(shape, cfg)
     if requested:
         micro = max(seq, requested)
         reason = f"micro_batch_tokens={requested} set"
     else:
-        budget = 0.70 * gpu_mem_bytes - weight_bytes(shape, cfg.quantization != "none") - 1.5 * GIB
-        fit = int(budget / activation_bytes_per_token(shape, ckpt)) if budget > 0 else 0
+        budget = MEMORY_SHARE * gpu_mem_bytes - fixed
+        fit = int(budget / activation_bytes_per_token(shape, mode != "false")) if budget > 0 else 0
         micro = max(seq, min(fit, int(step_tokens)))
-        reason = (f"{fit} tokens fit in 70% of {gpu_mem_bytes / GIB:.0f} GiB; one step is"
+        reason = (f"{fit} tokens fit in {MEMORY_SHARE:.0%} of {gpu_mem_bytes / GIB:.0f} GiB; one step is"
                   f" ~{int(step_tokens)} tokens ({cfg.micro_batch_size}x{cfg.gradient_accumulation_steps} samples"
                   f" of ~{mean_sample_tokens:.0f})")
     rows = max(1, micro // seq)
-    accum = max(1, round(step_tokens / (rows * seq)))
-    return BatchPlan(rows, rows * seq, accum, ckpt, reason)
+    tokens = rows * seq
+    accum = max(1, round(step_tokens / tokens))
+    if mode == "false":
+        kept = layers
+    elif mode == "true" or not on_gpu:
+        kept = 0
+        if mode == "auto":
+            reason += "; every layer recomputed (no GPU memory to plan from)"
+    else:
+        spare = MEMORY_SHARE * gpu_mem_bytes - fixed - tokens * activation_bytes_per_token(shape, True)
+        per_layer = tokens * layer_bytes_per_token(shape, float(cfg.lora_dropout) > 0)
+        kept = max(0, min(layers, int(spare // per_layer))) if spare > 0 else 0
+        reason += (f"; {kept} of {layers} layers keep their activations ({per_layer / GIB:.2f} GiB each at"
+                   f" {tokens} tokens, {max(spare, 0) / GIB:.1f} GiB spare in {MEMORY_SHARE:.0%})")
+    return BatchPlan(rows, tokens, accum, kept < layers, kept, reason)
 
 
 def shape_of(config: Any) -> dict[str, int]:
@@ -188,7 +241,8 @@ def plan_for(cfg: Any, model: Any, stats: dict[str, Any]) -> BatchPlan:
     mean_tokens = float(stats.get("train_tokens") or cfg.max_seq_length * records) / records
     memory = usable_gpu_bytes()
     # Without a GPU there is no memory limit to plan for: one micro-batch per optimizer step.
-    return plan_batch(cfg, memory if memory is not None else 1 << 50, shape_of(model.config), mean_tokens)
+    return plan_batch(cfg, memory if memory is not None else 1 << 50, shape_of(model.config), mean_tokens,
+                      on_gpu=memory is not None)
 
 
 # ------------------------------------------------------------------------------------------- trainer args
@@ -324,8 +378,12 @@ def partial_checkpointing_callback(layers_without: int):
                       and type(m).__name__.endswith("DecoderLayer")]
             for layer in layers[:layers_without]:
                 layer.gradient_checkpointing = False
+            log.info("gradient checkpointing: %d of %d decoder layers keep their activations",
+                     min(layers_without, len(layers)), len(layers))
 
-    return PartialCheckpointing()
+    callback = PartialCheckpointing()
+    callback.layers_without = layers_without
+    return callback
 
 
 def main(argv: Sequence[str] | None = None) -> int:

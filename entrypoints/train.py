@@ -202,7 +202,7 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=optim,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing != "false",  # `auto`: decided by the batch plan below
         bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,
@@ -231,6 +231,9 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
         log.info("batch plan: %s", plan)
     kwargs.update(perf.sft_overrides(cfg, plan, cuda))
     args = SFTConfig(**kwargs)
+    extra_callbacks = []
+    if plan is not None and plan.gradient_checkpointing and plan.layers_without_checkpointing:
+        extra_callbacks.append(perf.partial_checkpointing_callback(plan.layers_without_checkpointing))
     peft_config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -248,7 +251,7 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
         peft_config=peft_config,
         callbacks=[trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url,
                                     settings_fingerprint(cfg.to_public_dict())),
-                   _throughput_callback(tracker)],
+                   _throughput_callback(tracker), *extra_callbacks],
     )
     # TRL casts a quantized model's LoRA weights to bfloat16, but a resumed run reloads them through peft, which
     # upcasts adapters to float32: every resume switched the precision and ended with a different adapter than

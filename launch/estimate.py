@@ -145,7 +145,8 @@ def gpu_memory(shape: ModelShape, cfg: JobConfig) -> MemoryEstimate:
     lora = n_lora * 16
     b, s = cfg.micro_batch_size, cfg.max_seq_length
     one_layer = b * s * (10 * shape.hidden_size + 4 * shape.intermediate_size) * 2
-    if cfg.gradient_checkpointing:
+    # `auto` fits the un-recomputed layers into whatever memory is left, so its minimum is the recomputing plan.
+    if cfg.gradient_checkpointing != "false":
         activations = b * s * shape.hidden_size * 2 * shape.num_layers + one_layer
     else:
         activations = one_layer * shape.num_layers

@@ -42,6 +42,28 @@ def test_booleans_are_strict(tmp_path, raw, expected):
     assert parse_config(_env(tmp_path, QLORA_PACKING=raw)).packing is expected
 
 
+@pytest.mark.parametrize("raw,expected", [("auto", "auto"), ("AUTO", "auto"), ("1", "true"), ("yes", "true"),
+                                          ("False", "false"), ("off", "false")])
+def test_checkpointing_takes_auto_or_any_boolean(tmp_path, raw, expected):
+    assert parse_config(_env(tmp_path, QLORA_GRADIENT_CHECKPOINTING=raw)).gradient_checkpointing == expected
+
+
+def test_checkpointing_boolean_from_hyperparameters_json(tmp_path):
+    hp = tmp_path / "ml" / "input" / "config" / "hyperparameters.json"
+    hp.parent.mkdir(parents=True)
+    hp.write_text(json.dumps({"gradient_checkpointing": False, "max_gpu_memory_gib": 22}))
+    cfg = parse_config(_env(tmp_path))
+    assert (cfg.gradient_checkpointing, cfg.max_gpu_memory_gib) == ("false", 22.0)
+
+
+def test_bad_checkpointing_and_memory_cap_are_errors(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_env(tmp_path, QLORA_GRADIENT_CHECKPOINTING="some", QLORA_MAX_GPU_MEMORY_GIB="-1"))
+    text = str(info.value)
+    assert "QLORA_GRADIENT_CHECKPOINTING='some': expected auto or a boolean" in text
+    assert "QLORA_MAX_GPU_MEMORY_GIB=-1" in text and "must be 0 (the whole GPU)" in text
+
+
 def test_bad_boolean_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"QLORA_PACKING='maybe': expected a boolean"):
         parse_config(_env(tmp_path, QLORA_PACKING="maybe"))

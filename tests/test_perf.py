@@ -51,8 +51,48 @@ def test_plan_keeps_tokens_per_step_of_the_unpacked_recipe():
     plan = perf.plan_batch(_cfg(), 80 * GIB, perf.SHAPES["7b"], mean_sample_tokens=400)
     step_tokens = 4 * 4 * 400  # micro_batch_size x gradient_accumulation_steps x mean length
     assert plan.rows * 2048 * plan.gradient_accumulation_steps == pytest.approx(step_tokens, rel=0.35)
-    assert plan.gradient_checkpointing is True
     assert plan.micro_batch_tokens == plan.rows * 2048
+
+
+def test_auto_checkpointing_spends_spare_memory_on_layers_that_keep_activations():
+    seven = perf.SHAPES["7b"]
+    # 80 GB: every layer of 7B fits without recomputation, so checkpointing is switched off.
+    big = perf.plan_batch(_cfg(), 80 * GIB, seven, mean_sample_tokens=400)
+    assert big.gradient_checkpointing is False and big.layers_without_checkpointing == 32
+    # A 24 GB card: some layers kept, the rest recomputed; the estimate stays inside 80% of the card.
+    small = perf.plan_batch(_cfg(lora_dropout=0.05), 22 * GIB, seven, mean_sample_tokens=400)
+    assert small.gradient_checkpointing is True and 0 < small.layers_without_checkpointing < 32
+    estimate = (perf.fixed_bytes(seven, _cfg(lora_dropout=0.05)) + small.micro_batch_tokens * perf.activation_bytes_per_token(seven, True)
+                + small.layers_without_checkpointing * small.micro_batch_tokens
+                * perf.layer_bytes_per_token(seven, lora_dropout=True))
+    assert estimate <= perf.MEMORY_SHARE * 22 * GIB
+    # Without LoRA dropout a kept layer is cheaper, so at least as many fit.
+    no_dropout = perf.plan_batch(_cfg(lora_dropout=0.0), 22 * GIB, seven, mean_sample_tokens=400)
+    assert no_dropout.layers_without_checkpointing > small.layers_without_checkpointing
+    # Nothing spare: every layer recomputed.
+    tight = perf.plan_batch(_cfg(), 8 * GIB, seven, mean_sample_tokens=400)
+    assert tight.gradient_checkpointing is True and tight.layers_without_checkpointing == 0
+
+
+def test_forced_checkpointing_and_cpu_keep_every_layer_recomputed():
+    seven = perf.SHAPES["7b"]
+    forced = perf.plan_batch(_cfg(gradient_checkpointing="true"), 80 * GIB, seven, mean_sample_tokens=400)
+    assert forced.gradient_checkpointing is True and forced.layers_without_checkpointing == 0
+    off = perf.plan_batch(_cfg(gradient_checkpointing="false"), 22 * GIB, seven, mean_sample_tokens=400)
+    assert off.gradient_checkpointing is False and off.layers_without_checkpointing == 32
+    # `false` sizes the micro-batch for activations of every layer: smaller than with recomputation.
+    assert off.micro_batch_tokens <= forced.micro_batch_tokens
+    cpu = perf.plan_batch(_cfg(), 1 << 50, seven, mean_sample_tokens=400, on_gpu=False)
+    assert cpu.gradient_checkpointing is True and cpu.layers_without_checkpointing == 0
+
+
+def test_layer_memory_model_matches_the_measured_7b_numbers():
+    # PERF.md (H200, 2026-11-28): every layer kept vs every layer recomputed, 6,144-token micro-batches:
+    # 41.25 GiB vs 7.08 allocated with LoRA dropout 0.05, 28.77 GiB vs 7.08 without.
+    for dropout, kept_gib in ((True, 41.25), (False, 28.77)):
+        measured = (kept_gib - 7.08) * GIB / 32 / 6144
+        model = perf.layer_bytes_per_token(perf.SHAPES["7b"], lora_dropout=dropout)
+        assert measured <= model <= 1.2 * measured, (dropout, measured, model)
 
 
 def test_plan_shrinks_micro_batch_on_small_gpus_and_accumulates():
