@@ -57,8 +57,15 @@ LEVERS: dict[str, dict[str, Any]] = {
     "no-liger": {"use_liger": "false"},  # default without Liger's RMSNorm/SwiGLU/RoPE kernels
     "paged-adamw": {"optim": "paged_adamw_32bit"},  # default with the recipe's paged AdamW
     "alpha16": {"lora_alpha": "16"},  # default with the baseline's LoRA scale (loss comparison)
-    "no-ckpt": {"gradient_checkpointing": "false"},  # default + no gradient checkpointing
-    "ckpt-half": {"layers_without_checkpointing": 16},  # default + the first 16 layers not recomputed
+    "ckpt-all": {"gradient_checkpointing": "true"},  # every layer recomputed (the default before `auto`)
+    "no-ckpt": {"gradient_checkpointing": "false"},  # no layer recomputed
+    "ckpt-half": {"gradient_checkpointing": "true", "layers_without_checkpointing": 16},  # the first 16 layers kept
+    "dropout0": {"lora_dropout": "0"},  # default without LoRA dropout (no dropped-out input copies)
+    # the default with the GPU capped at the baseline's peak reserved memory of the same process
+    "at-baseline-memory": {"max_gpu_memory_gib": "baseline"},
+    # torch.compile of every decoder layer (regional); Liger's Triton kernels do not trace, so without them
+    "compile-layers": {"compile_layers": True, "use_liger": "false"},
+    "compile-dropout0": {"compile_layers": True, "use_liger": "false", "lora_dropout": "0"},
     "tokens-16k": {"micro_batch_tokens": "16384"},  # default + 16k-token micro-batches
     "tokens-4k": {"micro_batch_tokens": "4096"},
 }
@@ -226,6 +233,18 @@ def _per_rank(value: float) -> list[float]:
     return [round(float(x), 2) for x in t.tolist()]
 
 
+def _layers_kept(trainer: Any) -> int:
+    """Decoder layers that will keep their activations: all when checkpointing is off, else those the
+    partial-checkpointing callback exempts (the plan's count)."""
+    layers = sum(1 for m in trainer.model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    if not trainer.args.gradient_checkpointing:
+        return layers
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "PartialCheckpointing":
+            return min(layers, cb.layers_without)
+    return 0
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -306,6 +325,7 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
     settings = dict(settings)
     varlen = settings.pop("varlen", True)
     layers_without = int(settings.pop("layers_without_checkpointing", 0))
+    compile_layers = bool(settings.pop("compile_layers", False))
     cfg = job_config(model_dir, work, max_length, seed, settings)
     original = perf.wants_varlen
     if not varlen:
@@ -318,11 +338,17 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
     trainer = train.build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), tokenizer.pad_token)
     if layers_without:
         trainer.add_callback(perf.partial_checkpointing_callback(layers_without))
+    if compile_layers:
+        # Regional compilation: each decoder layer compiled in place (identical layers share the compiled code).
+        for module in trainer.model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                module.compile(dynamic=True)
     return trainer, model, cfg
 
 
 def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, Any], tokenizer: Any, work: Path,
-            args: argparse.Namespace, peak_flops: float | None, extra: dict[str, Any]) -> dict[str, Any]:
+            args: argparse.Namespace, peak_flops: float | None, extra: dict[str, Any],
+            baseline_reserved_gib: float | None = None) -> dict[str, Any]:
     import torch
     from datasets import Dataset
 
@@ -340,6 +366,11 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
             result["settings"] = "r=16 alpha=16 all-linear, batch 4x4 padded, paged_adamw_32bit, ckpt, sdpa"
         else:
             settings = {**LEVERS[name], **extra} if name in LEVERS else dict(extra)
+            if settings.get("max_gpu_memory_gib") == "baseline":
+                if not baseline_reserved_gib:
+                    result["error"] = "needs a baseline run on the GPU before it, in the same process"
+                    return result
+                settings["max_gpu_memory_gib"] = str(baseline_reserved_gib)
             trainer, model, cfg = job_trainer(model_dir, dataset, tokenizer, stats, work / name, args.max_length,
                                               args.seed, settings)
             targs = trainer.args
@@ -349,11 +380,15 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
                               "packing": targs.packing, "gradient_checkpointing": targs.gradient_checkpointing,
                               "use_liger_kernel": targs.use_liger_kernel, "optim": str(targs.optim),
                               "attn_implementation": model.config._attn_implementation,
-                              "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
+                              "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+                              "layers_without_checkpointing": _layers_kept(trainer),
+                              "max_gpu_memory_gib": cfg.max_gpu_memory_gib or None}
         result["load_seconds"] = round(time.monotonic() - started, 1)
         meter = Meter(cuda)
         trainer.data_collator = meter.wrap(trainer.data_collator)
         trainer.add_callback(meter.callback())
+        if args.profile == name:
+            trainer.add_callback(profiler_callback(result))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         out = trainer.train()
@@ -402,8 +437,43 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
     finally:
         trainer = model = None
         _free(trainer, model)
+        if cuda:  # a run's own cap (max_gpu_memory_gib) must not outlive it
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, (args.mem_cap_gib * perf.GIB / total)
+                                                           if args.mem_cap_gib else 1.0))
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     return result
+
+
+def profiler_callback(result: dict[str, Any], first_step: int = 3, steps: int = 2):
+    """Profile optimizer steps [first_step, first_step + steps) with torch.profiler; print the kernels that took
+    the most GPU time and keep the top of the table in the run's result (`profile`)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first_step and self.prof is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == first_step + steps:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+                table = self.prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+                print(f"profile of steps {first_step}..{first_step + steps - 1}:\n{table}", flush=True)
+                result["profile"] = table.splitlines()[:32]
+                self.prof = None
+
+    return Profile()
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -429,6 +499,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     p.add_argument("--model-dir", default="", help="reuse a checkpoint written before (else built in a temp dir)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--profile", default="", metavar="RUN", help="profile two steps of this run (torch.profiler)")
     p.add_argument("--out", default="", help="write the report as JSON here")
     return p.parse_args(argv)
 
@@ -493,7 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["data"] = stats
         log.info("data: %s", json.dumps(stats))
         for name in runs:
-            result = run_one(name, model_dir, data, stats, tokenizer, work, args, peak, extra)
+            base = next((r for r in report["runs"] if r["run"] == "baseline" and "peak_reserved_gib" in r), None)
+            result = run_one(name, model_dir, data, stats, tokenizer, work, args, peak, extra,
+                             base["peak_reserved_gib"] if base else None)
             report["runs"].append(result)
             base = next((r for r in report["runs"] if r["run"] == "baseline" and "tokens_per_second" in r), None)
             for r in report["runs"]:
