@@ -104,7 +104,7 @@ class JobConfig:
     # --- LoRA
     lora_r: int = _f(16, "LoRA rank.", group="lora")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).", group="lora")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.", group="lora")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input. 0 (the default) saves every adapted module a dropped-out copy of its input: 45% vs 44% MFU and 29 vs 41 GiB on 7B with the same loss (entrypoints/PERF.md); 0.05-0.1 regularises small data sets over many epochs.", group="lora")
     lora_target_modules: str = _f("all-linear", "Comma-separated module names to adapt, or `all-linear` for every linear layer except the output head.", group="lora")
 
     # --- training
