@@ -74,7 +74,8 @@ def output_format(out: Path) -> dict:
                     if f["path"].endswith(".safetensors")},
         "adapter_config": adapter_config,
         "merged_config": json.loads((out / "merged" / "config.json").read_text()),
-        "generation_config": json.loads((out / "merged" / "generation_config.json").read_text()),
+        "generation_config": (json.loads((out / "merged" / "generation_config.json").read_text())
+                              if (out / "merged" / "generation_config.json").is_file() else None),
         "settings": config,
         "steps": manifest["metrics"]["global_step"],
         "records": (manifest["data"]["train_records"], manifest["data"]["eval_records"]),
