@@ -128,6 +128,31 @@ class StopFlag:
     def is_set(self) -> bool:
         return self.event.is_set()
 
+    def set_by_other_rank(self) -> None:
+        """Another rank of a torchrun launch got the signal first: stop at the same step as it does."""
+        if not self.event.is_set():
+            self.signal_name = "SIGTERM (seen by another rank)"
+            self.event.set()
+
+
+def _any_rank(flag: bool, args) -> bool:
+    """True when `flag` is true on any rank (the flag itself in a single process)."""
+    if args.world_size <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], device=args.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _wait_for_every_rank(args) -> None:
+    if args.world_size > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
 
 def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str, fingerprint: dict | None = None):
     """A transformers TrainerCallback (built lazily so this module stays importable without torch)."""
@@ -135,12 +160,17 @@ def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str, fin
 
     class CheckpointCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if stop.is_set():
+            # Under torchrun each rank gets the signal on its own, possibly a step apart: they agree on it every
+            # step, so all of them stop and save at the same step instead of one waiting in a collective forever.
+            if _any_rank(stop.is_set(), args):
+                stop.set_by_other_rank()
                 control.should_save = True
                 control.should_training_stop = True
             return control
 
         def on_save(self, args, state, control, **kwargs):
+            # Each rank writes its own RNG state into the checkpoint: complete only once every rank has written.
+            _wait_for_every_rank(args)
             if not state.is_world_process_zero:
                 return control
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -85,12 +86,17 @@ def write_failure_file(failure_file: Path | None, message: str) -> None:
         log.debug("could not write failure file %s: %s", failure_file, exc)
 
 
-def run_guarded(main_fn: Callable[[], object], failure_file: Callable[[], Path | None]) -> int:
+def run_guarded(main_fn: Callable[[], object], failure_file: Callable[[], Path | None],
+                first_failure_wins: bool = False) -> int:
     """Run `main_fn`, turning every failure into one message, the failure file and an exit code.
 
     `failure_file` is a callable because the path is only known once configuration has been parsed
     (and a configuration error may happen before that: then the default base dir is used).
+    `first_failure_wins`: several processes of one job (torchrun ranks) share the failure file. The first
+    failure is the cause; the others follow from it (torchrun stops the other ranks with SIGTERM when one
+    fails), so a failure file written by another process after this one started is kept.
     """
+    started = time.time()
     try:
         main_fn()
         return EXIT_OK
@@ -108,6 +114,17 @@ def run_guarded(main_fn: Callable[[], object], failure_file: Callable[[], Path |
         # A traceback helps here, but never as the only message: the summary line comes last.
         log.error("%s", traceback.format_exc().rstrip())
         log.error("%s", message)
-    write_failure_file(failure_file(), message)
+    path = failure_file()
+    if first_failure_wins and path is not None and _written_since(path, started):
+        log.info("%s already holds the failure of another process of this job; kept", path)
+    else:
+        write_failure_file(path, message)
     sys.stdout.flush()
     return code
+
+
+def _written_since(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False

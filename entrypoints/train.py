@@ -18,10 +18,11 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from entrypoints import perf, storage
 from entrypoints.checkpoints import (
@@ -34,7 +35,7 @@ from entrypoints.checkpoints import (
 )
 from entrypoints.config import JobConfig, parse_config
 from entrypoints.data import LoadStats, list_data_files, load_conversations
-from entrypoints.errors import DataError, JobError, Preempted, run_guarded
+from entrypoints.errors import EXIT_INTERNAL, EXIT_PREEMPTED, ConfigError, DataError, JobError, Preempted, run_guarded
 from entrypoints.outputs import (
     OutputTarget,
     Publisher,
@@ -49,6 +50,11 @@ from entrypoints.tracking import NullTracker, WandbTracker, wandb_wanted
 
 log = logging.getLogger("qlora")
 SUMMARY_PREFIX = "QLORA_SUMMARY "  # the last stdout line: one JSON object a caller can parse
+# How long a rank waits for its host's local rank 0 to download the inputs and build the data caches (or for
+# world rank 0 to check the output). Long on purpose: a 70B model or millions of records take a while, and a
+# leader that dies is not waited for (torchrun stops the other ranks when one exits with an error).
+RANK_WAIT_TIMEOUT = timedelta(hours=4)
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,6 +71,119 @@ class Prepared:
     eval: Any | None
     samples: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- ranks
+class RankFailed(JobError):
+    """Another rank's failure, raised here too so that every rank stops with the same exit code and message."""
+
+    def __init__(self, exit_code: int, kind: str, message: str):
+        super().__init__(message)
+        self.exit_code, self.kind = exit_code, kind
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun launch (one process per GPU); a plain process is rank 0 of 1.
+
+    Who does what: local rank 0 of each host downloads the inputs, builds the data caches and tidies the local
+    checkpoint directory while the host's other ranks wait, then they reuse its files; world rank 0 alone
+    checks the output location, opens the W&B run, generates the sample answers and writes the outputs.
+    Everything else (loading the model, eval, training) runs on every rank.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    group: Any = None  # a gloo group for the waits above: its own long timeout, apart from training's collectives
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def host_leader(self) -> int:
+        return self.rank - self.local_rank  # torchrun numbers the ranks of one host contiguously
+
+    def from_local_main(self, fn: Callable[[], T], what: str) -> T:
+        """Local rank 0 runs `fn`; the host's other ranks wait and get its result (or fail with its error)."""
+        return self._lead(fn, what, self.is_local_main, self.host_leader)
+
+    def from_main(self, fn: Callable[[], T], what: str) -> T:
+        """World rank 0 runs `fn`; every other rank waits and gets its result (or fails with its error)."""
+        return self._lead(fn, what, self.is_main, 0)
+
+    def local_main_first(self, fn: Callable[[], T], what: str) -> T:
+        """Local rank 0 runs `fn` first; the host's other ranks run it once it has finished (reusing its files)."""
+        if self.world_size == 1:
+            return fn()
+        result = self._lead(fn, what, self.is_local_main, self.host_leader)
+        return result if self.is_local_main else fn()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value`, in rank order."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
+    def _lead(self, fn: Callable[[], T], what: str, leading: bool, leader: int) -> T:
+        if self.world_size == 1:
+            return fn()
+        outcome: tuple[str, Any] | None = None
+        error: BaseException | None = None
+        if leading:
+            try:
+                outcome = ("ok", fn())
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the waiting ranks have been told
+                error = exc
+                outcome = ("error", _describe(exc))
+        else:
+            log.info("waiting for rank %d: %s", leader, what)
+        status, value = self.gather(outcome)[leader]
+        if error is not None:
+            raise error
+        if status == "error":
+            exit_code, kind, message = value
+            log.error("rank %d failed during %s; stopping with its error", leader, what)
+            raise RankFailed(exit_code, kind, message)
+        return value
+
+
+def _describe(exc: BaseException) -> tuple[int, str, str]:
+    if isinstance(exc, JobError):
+        return exc.exit_code, exc.kind, str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_PREEMPTED, "preempted", "interrupted before a checkpoint could be saved; rerun to resume"
+    return EXIT_INTERNAL, "internal error", f"{type(exc).__name__}: {exc}"
+
+
+def join_ranks(env: Mapping[str, str]) -> Ranks:
+    """Start the process group when torchrun launched several processes; a plain process gets rank 0 of 1."""
+    if int(env.get("WORLD_SIZE", "1") or "1") <= 1:
+        return Ranks()
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from transformers import TrainingArguments
+
+    from entrypoints.modeling import device_kind
+
+    # The process group the Trainer would start later, started now so the steps before it can wait for each
+    # other: the same accelerate state with the arguments TrainingArguments passes (use_cpu off CUDA, gloo; its
+    # ddp_timeout on CUDA, NCCL). The Trainer finds the group initialized and uses it.
+    cuda = device_kind() == "cuda"
+    state = PartialState(cpu=not cuda, **({"timeout": timedelta(seconds=TrainingArguments.ddp_timeout)} if cuda else {}))
+    group = dist.new_group(backend="gloo", timeout=RANK_WAIT_TIMEOUT)
+    ranks = Ranks(state.num_processes, state.process_index, state.local_process_index, group)
+    log.info("rank %d of %d (local rank %d, backend %s)", ranks.rank, ranks.world_size, ranks.local_rank, state.backend)
+    return ranks
 
 
 # ------------------------------------------------------------------------------------------- steps
@@ -86,7 +205,10 @@ def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
     return {"messages": conv[:last], "prompt": question, "reference": conv[last]["content"]}
 
 
-def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str | None) -> Prepared:
+def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str | None,
+                 fresh_cache: bool = True) -> Prepared:
+    """Tokenize the data into Arrow caches. `fresh_cache=False` (a host's other ranks, after its local rank 0
+    has built them) reuses the caches of this job instead of starting over."""
     from datasets import Dataset
     from datasets.exceptions import DatasetGenerationError
 
@@ -96,7 +218,8 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
     # emptied first: `datasets` fingerprints a generator by its code, not by the file's content, so a cache
     # left by an earlier run over changed data at the same path would otherwise be reused silently.
     cache_dir = cfg.paths.work_dir / "datasets-cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    if fresh_cache:
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
     def tokenized(path: Path, stats: LoadStats):
         def gen():
@@ -154,7 +277,11 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
                   **_token_stats(train_ds, cfg.max_seq_length)})
     if stats["train_loss_tokens"] == 0:
         raise DataError("no token is trained on: every record's answer was masked out (check the data format)")
-    log.info("data: %s", json.dumps(stats))
+    if fresh_cache or train_stats.records:
+        log.info("data: %s", json.dumps(stats))
+    else:  # the generator did not run: every split came from the caches local rank 0 built
+        log.info("data: reused the Arrow caches in %s (%d train, %d eval records)", cache_dir,
+                 stats["train_records"], stats["eval_records"])
     return Prepared(train_ds, eval_ds, samples, stats)
 
 
@@ -337,12 +464,22 @@ def evaluate(trainer: Any, has_eval: bool) -> float | None:
     return float(loss) if loss is not None and math.isfinite(loss) else None
 
 
-def train(trainer: Any, cfg: JobConfig, stop: StopFlag) -> dict[str, Any]:
+def train(trainer: Any, cfg: JobConfig, stop: StopFlag, ranks: Ranks | None = None) -> dict[str, Any]:
+    ranks = ranks or Ranks()
     ckpt_dir = cfg.checkpoint_path
-    if cfg.checkpoint_uri:
-        restore_from_uri(cfg.checkpoint_uri, ckpt_dir, cfg.s3_endpoint_url)
-    resume = latest_complete(ckpt_dir, settings_fingerprint(cfg.to_public_dict())) if cfg.resume else None
-    remove_incomplete(ckpt_dir)
+
+    def tidy_checkpoints() -> Path | None:
+        if cfg.checkpoint_uri:
+            restore_from_uri(cfg.checkpoint_uri, ckpt_dir, cfg.s3_endpoint_url)
+        found = latest_complete(ckpt_dir, settings_fingerprint(cfg.to_public_dict())) if cfg.resume else None
+        remove_incomplete(ckpt_dir)
+        return found
+
+    # One process per host restores and prunes the (host-local) checkpoint directory; its ranks share the answer.
+    resume = ranks.from_local_main(tidy_checkpoints, "checkpoint restore")
+    if len(set(ranks.gather(resume.name if resume else None))) > 1:
+        raise ConfigError([f"the hosts of this job would resume from different checkpoints in {ckpt_dir}: give every"
+                           " host the same checkpoints (set QLORA_CHECKPOINT_URI, or a shared QLORA_CHECKPOINT_DIR)"])
     if resume:
         log.info("resuming from %s", resume)
     stop.training = True
@@ -370,9 +507,11 @@ def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop
     started = time.monotonic()
     work = cfg.paths.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    target = plan_output(cfg)
+    ranks = join_ranks(env)
+    # World rank 0 checks the output (and picks the versioned prefix) once; every rank fails alike on a conflict.
+    target = ranks.from_main(lambda: plan_output(cfg), "the output check")
     log.info("output: %s%s", target.uri, " (versioned run)" if target.versioned else "")
-    inputs = resolve_inputs(cfg, work, secrets.get("HF_TOKEN"))
+    inputs = ranks.from_local_main(lambda: resolve_inputs(cfg, work, secrets.get("HF_TOKEN")), "the input downloads")
 
     from entrypoints.modeling import device_kind, load_model, load_tokenizer
     from entrypoints.templating import choose_pad_token, resolve_chat_template
@@ -383,20 +522,22 @@ def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop
     tokenizer.pad_token = pad_token
     if template is not None:
         tokenizer.chat_template = template  # saved with the adapter, so inference formats prompts the same way
-    data = prepare_data(cfg, inputs, tokenizer, template)
+    data = ranks.local_main_first(
+        lambda: prepare_data(cfg, inputs, tokenizer, template, fresh_cache=ranks.is_local_main), "data preparation")
 
+    # One W&B run per job: transformers' WandbCallback logs from world rank 0 only, so only it opens the run.
     tracker = (WandbTracker(cfg.wandb_project, cfg.wandb_entity, cfg.run_name, cfg.to_public_dict(), work / "wandb")
-               if wandb_wanted(cfg.report_to, {**env, **secrets}) else NullTracker())
+               if ranks.is_main and wandb_wanted(cfg.report_to, {**env, **secrets}) else NullTracker())
     exit_code = 1
     try:
-        model = load_model(inputs.model_dir, cfg, int(env.get("LOCAL_RANK", "0")))
+        model = load_model(inputs.model_dir, cfg, ranks.local_rank)
         trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, pad_token)
         is_main = trainer.is_world_process_zero()
         has_eval = data.eval is not None
         eval_before = evaluate(trainer, has_eval)
         before = generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens) if is_main else []
         log.info("eval loss before training: %s", eval_before)
-        result = train(trainer, cfg, stop)
+        result = train(trainer, cfg, stop, ranks)
         eval_after = evaluate(trainer, has_eval)
         after = generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens) if is_main else []
         log.info("eval loss after training: %s", eval_after)
@@ -473,9 +614,11 @@ def print_summary(summary: Mapping[str, Any], target: OutputTarget | None = None
     print(SUMMARY_PREFIX + json.dumps(summary, default=str), flush=True)
 
 
-def setup_logging(level: str = "info") -> None:
+def setup_logging(level: str = "info", rank: int | None = None) -> None:
+    """`rank`: under torchrun every rank logs to the same stream, so each line says which rank wrote it."""
+    tag = f"rank{rank} " if rank is not None else ""
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+                        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s", force=True)
     for noisy in ("httpx", "urllib3", "botocore", "s3transfer", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     install_redactor()
@@ -484,7 +627,9 @@ def setup_logging(level: str = "info") -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     argv = list(sys.argv[1:] if argv is None else argv)
-    setup_logging(env.get("QLORA_LOG_LEVEL", "info") if env.get("QLORA_LOG_LEVEL") in ("debug", "info", "warning", "error") else "info")
+    distributed = int(env.get("WORLD_SIZE", "1") or "1") > 1  # launched by torchrun with several processes
+    setup_logging(env.get("QLORA_LOG_LEVEL", "info") if env.get("QLORA_LOG_LEVEL") in ("debug", "info", "warning", "error") else "info",
+                  rank=int(env.get("RANK", "0")) if distributed else None)
     state: dict[str, Any] = {}
     stop = StopFlag()
     stop.install()
@@ -505,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if summary:
             print_summary(summary)
 
-    return run_guarded(job, failure_file)
+    return run_guarded(job, failure_file, first_failure_wins=distributed)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,94 @@ def test_multi_gpu_launch_ddp(tmp_path):
     assert report["world_size"] == 2 and run["world_size"] == 2
     # the two ranks together saw every sample once (the sampler may repeat a row to even the shards)
     assert run["tokens"] >= report["data"]["train_tokens"]
+
+
+def test_two_gpus_through_the_container_entrypoint_match_one_gpu(small_model):
+    """`container/entrypoint.py train` (torchrun, one process per visible GPU) on 2 GPUs against the same job on
+    CUDA_VISIBLE_DEVICES=<first GPU>: one output of the same format, one W&B run, rank 1 reusing rank 0's work.
+
+    As root the entrypoint drops to uid 1000 like the image does, so the job's code, model, data and outputs live
+    in one world-writable folder under /tmp, and every cache a library keeps below HOME is pointed there too."""
+    import importlib.util
+    import shutil
+    import tempfile
+
+    import torch
+
+    from .test_distributed import SUMMARY_PREFIX, output_format, rank_lines
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    as_root = os.geteuid() == 0
+    if as_root and shutil.which("setpriv") is None:
+        pytest.fail("as root the entrypoint drops to uid 1000 with setpriv (util-linux), which this machine lacks")
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()] or ["0", "1"]
+    has_wandb = importlib.util.find_spec("wandb") is not None
+    root = Path(tempfile.mkdtemp(prefix="qlora-2gpu-", dir="/tmp"))
+    try:
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(REPO / "entrypoints", root / "repo" / "entrypoints", ignore=ignore)
+        shutil.copytree(REPO / "container", root / "repo" / "container", ignore=ignore)
+        shutil.copytree(small_model, root / "model")
+        data = root / "train.jsonl"
+        # Plain text over the benchmark tokenizer's words (t3..t31999); that tokenizer has no chat template.
+        data.write_text("".join(json.dumps({"text": " ".join(f"t{(i * 7 + j * 13) % 997 + 3}" for j in range(48))})
+                                + "\n" for i in range(64)))
+        for name in ("one", "two", "cache"):
+            (root / name).mkdir()
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o777 if path.is_dir() else 0o644)
+
+        def run(name: str, devices: list[str]) -> tuple[int, str]:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_") and k not in (
+                "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "NNODES")}
+            cache = root / "cache"
+            env.update({
+                "PYTHONPATH": os.pathsep.join([str(root / "repo"), os.environ.get("PYTHONPATH", "")]),
+                "CUDA_VISIBLE_DEVICES": ",".join(devices),
+                "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(root / name),
+                "WANDB_CONFIG_DIR": str(cache / "wandb-config"), "WANDB_CACHE_DIR": str(cache / "wandb"),
+                "XDG_CACHE_HOME": str(cache), "XDG_CONFIG_HOME": str(cache / "config"), "HF_HOME": str(cache / "hf"),
+                "TRITON_HOME": str(cache), "TRITON_CACHE_DIR": str(cache / "triton"),
+                "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "MPLCONFIGDIR": str(cache / "mpl"),
+                "QLORA_BASE_DIR": str(root / name / "opt-ml"), "QLORA_OUTPUT": str(root / name / "out"),
+                "QLORA_MODEL": str(root / "model"), "QLORA_DATA": str(data), "QLORA_DATA_FORMAT": "text",
+                "QLORA_MAX_SEQ_LENGTH": "256", "QLORA_MAX_STEPS": "3", "QLORA_MICRO_BATCH_SIZE": "2",
+                "QLORA_GRADIENT_ACCUMULATION_STEPS": "1", "QLORA_EVAL_FRACTION": "0.25", "QLORA_LOGGING_STEPS": "1",
+                "QLORA_SAVE_STEPS": "2", "QLORA_LORA_R": "8", "QLORA_LORA_ALPHA": "16",
+                "QLORA_REPORT_TO": "auto" if has_wandb else "none",
+            })
+            proc = subprocess.run([sys.executable, str(root / "repo" / "container" / "entrypoint.py"), "train"],
+                                  env=env, cwd=root / "repo", capture_output=True, text=True, timeout=600)
+            return proc.returncode, proc.stdout + proc.stderr
+
+        code, one_log = run("one", visible[:1])
+        assert code == 0, one_log[-5000:]
+        assert "torch.distributed.run" not in one_log  # one GPU: the job runs directly
+        code, two_log = run("two", visible[:2])
+        assert code == 0, two_log[-6000:]
+        assert "torch.distributed.run" in two_log and "--nproc-per-node=2" in two_log, two_log[-3000:]
+        assert "rank 1 of 2 (local rank 1, backend nccl)" in two_log, two_log[-3000:]
+
+        lines = two_log.splitlines()
+        assert sum(line.startswith(SUMMARY_PREFIX) for line in lines) == 1
+        summary = json.loads(next(x for x in lines if x.startswith(SUMMARY_PREFIX))[len(SUMMARY_PREFIX):])
+        assert summary["device"] == "cuda" and summary["global_step"] == 3
+        assert sorted(str(p.relative_to(root / "two")) for p in (root / "two").rglob("manifest.json")) == [
+            "opt-ml/work/output/manifest.json", "out/manifest.json"]
+        one, two = output_format(root / "one" / "out"), output_format(root / "two" / "out")
+        assert two["files"] == one["files"] and "adapter/adapter_model.safetensors" in two["files"]
+        assert any(f.startswith("merged/") and f.endswith(".safetensors") for f in two["files"])
+        for key in ("tensors", "adapter_config", "merged_config", "generation_config", "settings", "steps", "records"):
+            assert two[key] == one[key], key
+
+        rank1 = "\n".join(rank_lines(two_log, 1))
+        assert "waiting for rank 0: the input downloads" in rank1 and "data: reused the Arrow caches" in rank1
+        assert "W&B run" not in rank1
+        if has_wandb:
+            assert len(list((root / "two").rglob("offline-run-*/run-*.wandb"))) == 1
+            assert len(list((root / "one").rglob("offline-run-*/run-*.wandb"))) == 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,318 @@
+"""The job under torchrun with two processes on CPU (gloo): who downloads, who writes, and what comes out.
+
+    PYTHONPATH=$PWD python -m pytest tests/test_distributed.py -v
+
+The real entrypoint runs as `python -m torch.distributed.run --nproc-per-node=2 -m entrypoints.train` with the
+tiny Llama-2-shaped model in a real S3 server (so there is something to download) and local data and output.
+Its outputs must have the same format (file names, tensor names, shapes, dtypes, configs) as a one-process
+run of the same settings, with one manifest, one W&B run and one download. The Ranks helpers are also run in
+two real gloo processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from entrypoints import errors, storage
+from entrypoints.checkpoints import StopFlag
+from entrypoints.demo_assets import tiny_llama2
+from entrypoints.errors import EXIT_DATA, EXIT_PREEMPTED, DataError
+from entrypoints.train import SUMMARY_PREFIX, RankFailed, Ranks
+
+from .jobrun import REPO, job_env, run_job
+from .wandb_records import summarize
+
+RECORDS = [{"instruction": f"What is code {i}?", "input": "", "output": f"Code {i} is {i * 7 % 13}."} for i in range(24)]
+SETTINGS = {
+    "QLORA_MAX_STEPS": "3", "QLORA_MICRO_BATCH_SIZE": "2", "QLORA_GRADIENT_ACCUMULATION_STEPS": "1",
+    "QLORA_EVAL_FRACTION": "0.25", "QLORA_NUM_SAMPLE_GENERATIONS": "2", "QLORA_MAX_NEW_TOKENS": "4",
+    "QLORA_LOGGING_STEPS": "1", "QLORA_SAVE_STEPS": "2", "QLORA_LEARNING_RATE": "1e-3",
+    "QLORA_LORA_R": "8", "QLORA_LORA_ALPHA": "16",
+}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "entrypoints.train"]
+
+
+def run_torchrun(env: dict[str, str], timeout: int = 300) -> tuple[int, str]:
+    proc = subprocess.run(TORCHRUN, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def rank_lines(output: str, rank: int) -> list[str]:
+    return [line for line in output.splitlines() if f" rank{rank} " in line]
+
+
+# ------------------------------------------------------------------------------------------- formats
+def tensor_formats(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: (str(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+
+
+def output_format(out: Path) -> dict:
+    """Everything about an output that does not depend on the trained values or on where the run happened."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    adapter_config.pop("base_model_name_or_path")  # the base model's local path (each run has its own work dir)
+    adapter_config["target_modules"] = sorted(adapter_config["target_modules"])  # a set in peft: any order
+    config = {k: v for k, v in manifest["config"].items() if k not in ("output", "base_dir")}
+    return {
+        "files": sorted(f["path"] for f in manifest["files"]),
+        "tensors": {f["path"]: tensor_formats(out / f["path"]) for f in manifest["files"]
+                    if f["path"].endswith(".safetensors")},
+        "adapter_config": adapter_config,
+        "merged_config": json.loads((out / "merged" / "config.json").read_text()),
+        "generation_config": (json.loads((out / "merged" / "generation_config.json").read_text())
+                              if (out / "merged" / "generation_config.json").is_file() else None),
+        "settings": config,
+        "steps": manifest["metrics"]["global_step"],
+        "records": (manifest["data"]["train_records"], manifest["data"]["eval_records"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_model(cache_dir):
+    return tiny_llama2(cache_dir)
+
+
+@pytest.mark.integration
+def test_two_ranks_on_cpu_write_one_output_of_the_same_format_as_one_process(s3_env, tiny_model, tmp_path):
+    server, bucket = s3_env
+    storage.upload_tree(tiny_model, f"s3://{bucket}/models/tiny", endpoint_url=server.endpoint)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+
+    def env(name: str) -> dict[str, str]:
+        (tmp_path / name).mkdir()
+        return job_env(tmp_path / name, **server.env(), **SETTINGS, QLORA_MODEL=f"s3://{bucket}/models/tiny",
+                       QLORA_S3_ENDPOINT_URL=server.endpoint, QLORA_DATA=str(data),
+                       QLORA_OUTPUT=str(tmp_path / name / "out"))
+
+    started = time.monotonic()
+    single = run_job(env("one"))
+    single_seconds = time.monotonic() - started
+    assert single.code == 0, single.output[-4000:]
+    started = time.monotonic()
+    code, output = run_torchrun(env("two"))
+    two_seconds = time.monotonic() - started
+    assert code == 0, output[-6000:]
+    assert "rank 1 of 2 (local rank 1, backend gloo)" in output
+
+    # One result: one summary line, one manifest, no second (versioned or not) output anywhere.
+    assert sum(line.startswith(SUMMARY_PREFIX) for line in output.splitlines()) == 1
+    summary = json.loads(next(line for line in output.splitlines() if line.startswith(SUMMARY_PREFIX))[len(SUMMARY_PREFIX):])
+    assert summary["global_step"] == 3 and summary["output"] == str(tmp_path / "two" / "out")
+    # (the published manifest, and the copy in world rank 0's staging folder it was uploaded from)
+    assert sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("manifest.json")) == [
+        "opt-ml/work/output/manifest.json", "out/manifest.json"]
+
+    one, two = output_format(tmp_path / "one" / "out"), output_format(tmp_path / "two" / "out")
+    assert two["files"] == one["files"] and "merged/model.safetensors" in two["files"]
+    assert two["tensors"] == one["tensors"] and len(two["tensors"]["adapter/adapter_model.safetensors"]) == 28
+    for key in ("adapter_config", "merged_config", "generation_config", "settings", "steps", "records"):
+        assert two[key] == one[key], key
+
+    # One W&B run, with the loss of every step (logged by rank 0 for both ranks).
+    runs = list((tmp_path / "two").rglob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    history = summarize(runs[0])["history"]
+    assert len([h for h in history if "train/loss" in h]) == 3
+    assert "W&B run" not in "\n".join(rank_lines(output, 1))
+
+    # The model was downloaded once, by rank 0; rank 1 waited and used its files; the data caches likewise.
+    rank0, rank1 = "\n".join(rank_lines(output, 0)), "\n".join(rank_lines(output, 1))
+    assert f"downloading s3://{bucket}/models/tiny/" in rank0
+    assert "downloading" not in rank1 and "waiting for rank 0: the input downloads" in rank1
+    assert "data: reused the Arrow caches" in rank1 and "data: reused" not in rank0
+    assert not list((tmp_path / "two").rglob("*.partial"))
+    # Both ranks trained (DDP): each evaluated its half and they agree on the loss.
+    losses = [re.search(r"eval loss after training: (\S+)", text).group(1) for text in (rank0, rank1)]
+    assert losses[0] == losses[1]
+    print(f"one process {single_seconds:.1f}s, two ranks {two_seconds:.1f}s")
+
+
+@pytest.mark.integration
+def test_a_data_error_on_rank_0_stops_every_rank_with_its_exit_code(tiny_model, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
+    code, output = run_torchrun(job_env(tmp_path, **SETTINGS, QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data),
+                                        QLORA_OUTPUT=str(tmp_path / "out"), QLORA_REPORT_TO="none"), timeout=180)
+    assert code != 0
+    for rank in (0, 1):
+        assert any("ERROR" in line and "data error: " in line and "train.jsonl:2" in line
+                   for line in rank_lines(output, rank)), output[-4000:]
+    # torchrun's own summary names the exit code of the rank that ended first: the data error's, not 1 or 75.
+    assert re.search(r"exitcode\s*:\s*3 ", output), output[-3000:]
+    assert (tmp_path / "opt-ml" / "output" / "failure").read_text().startswith("data error: ")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_complete_checkpoint(tiny_model, tmp_path):
+    """SIGTERM reaches each rank on its own (here: rank 1 only). The ranks agree on it at the next step end, save
+    one checkpoint together and both exit 75; a rerun resumes from it."""
+    import psutil
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    env = job_env(tmp_path, **{**SETTINGS, "QLORA_MAX_STEPS": "30", "QLORA_SAVE_STEPS": "100",
+                               "QLORA_EVAL_FRACTION": "0", "QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0"},
+                  QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data), QLORA_OUTPUT=str(tmp_path / "out"),
+                  QLORA_REPORT_TO="none")
+    proc = subprocess.Popen(TORCHRUN, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = []
+    try:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 180
+        while not any(" qlora: step 2/" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children()
+        next(p for p in workers if p.environ().get("RANK") == "1").send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)  # without the ranks' agreement, rank 0 waits in the next all-reduce: a timeout here
+        reader.join(timeout=10)
+    finally:  # never leave a hung launch behind
+        if proc.poll() is None:
+            proc.kill()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    output = "".join(lines)
+    assert proc.returncode != 0
+    saved = [int(m.group(1)) for line in rank_lines(output, 1)
+             if (m := re.search(r"ERROR .*preempted: SIGTERM received: checkpoint saved at step (\d+)", line))]
+    assert len(saved) == 1, output[-4000:]
+    step = saved[0]
+    # Rank 0 (which logs the steps) stopped at the same step: without the agreement it would train on alone and
+    # wait for rank 1 in the next step's all-reduce until torchrun killed it.
+    steps = [int(m.group(1)) for line in rank_lines(output, 0) if (m := re.search(r" qlora: step (\d+)/30 ", line))]
+    assert steps[-1] == step and any("preempted: " in line for line in rank_lines(output, 0)), output[-4000:]
+    assert step < 30
+    ckpt = tmp_path / "opt-ml" / "checkpoints" / f"checkpoint-{step}"
+    assert [p.name for p in ckpt.parent.glob("checkpoint-*")] == [ckpt.name]
+    assert (ckpt / "COMPLETE").is_file() and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpt.iterdir()}
+    assert (tmp_path / "opt-ml" / "output" / "failure").read_text().startswith("preempted: SIGTERM")
+    assert not (tmp_path / "out").exists()
+
+    code, output = run_torchrun({**env, "QLORA_MAX_STEPS": str(step + 1)})
+    assert code == 0, output[-4000:]
+    summary = json.loads(next(line for line in output.splitlines() if line.startswith(SUMMARY_PREFIX))[len(SUMMARY_PREFIX):])
+    assert summary["resumed_from"] == f"checkpoint-{step}" and summary["global_step"] == step + 1
+    assert "waiting for rank 0: checkpoint restore" in "\n".join(rank_lines(output, 1))
+
+
+# ------------------------------------------------------------------------------------------- helpers (unit)
+def _raise(exc: BaseException):
+    raise exc
+
+
+def test_one_process_ranks_just_run_the_step():
+    ranks = Ranks()
+    assert ranks.is_main and ranks.is_local_main and ranks.host_leader == 0
+    assert ranks.from_main(lambda: 1, "x") == 1 and ranks.from_local_main(lambda: 2, "x") == 2
+    assert ranks.local_main_first(lambda: 3, "x") == 3 and ranks.gather("v") == ["v"]
+    with pytest.raises(DataError):
+        ranks.from_local_main(lambda: _raise(DataError("bad")), "x")
+
+
+def test_host_leader_is_the_first_rank_of_the_host():
+    assert Ranks(world_size=8, rank=5, local_rank=1).host_leader == 4
+    assert not Ranks(world_size=8, rank=4, local_rank=0).is_main and Ranks(world_size=8, rank=4, local_rank=0).is_local_main
+
+
+def _gloo_worker(rank: int, store: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    ranks = Ranks(world_size=2, rank=rank, local_rank=rank)
+    out: dict = {"main": ranks.from_main(lambda: f"made by {rank}", "x")}
+    order: list[str] = []
+
+    def step() -> str:
+        order.append(f"ran {rank} at {time.monotonic()}")
+        time.sleep(0.3 if rank == 0 else 0)
+        return f"own {rank}"
+
+    out["first"] = ranks.local_main_first(step, "x")
+    out["first_time"] = float(order[0].split(" at ")[1])
+    try:
+        ranks.from_local_main(lambda: _raise(DataError("bad record at line 7")), "x")
+    except RankFailed as exc:
+        out["error"] = ("RankFailed", exc.exit_code, exc.kind, str(exc))
+    except DataError as exc:
+        out["error"] = ("DataError", exc.exit_code, exc.kind, str(exc))
+    try:
+        ranks.from_main(lambda: _raise(KeyboardInterrupt()), "x")
+    except RankFailed as exc:
+        out["interrupt"] = exc.exit_code
+    except KeyboardInterrupt:
+        out["interrupt"] = "KeyboardInterrupt"
+    dist.destroy_process_group()
+    results.put((rank, out))
+
+
+@pytest.mark.integration
+def test_ranks_share_results_order_steps_and_pass_failures_between_two_gloo_processes(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_worker, args=(r, str(tmp_path / "store"), results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert got[0]["main"] == got[1]["main"] == "made by 0"
+    assert got[0]["first"] == "own 0" and got[1]["first"] == "own 1"
+    assert got[1]["first_time"] >= got[0]["first_time"] + 0.3  # rank 1 ran only after rank 0 had finished
+    assert got[0]["error"] == ("DataError", EXIT_DATA, "data error", "bad record at line 7")
+    assert got[1]["error"] == ("RankFailed", EXIT_DATA, "data error", "bad record at line 7")
+    assert got[0]["interrupt"] == "KeyboardInterrupt" and got[1]["interrupt"] == EXIT_PREEMPTED
+
+
+def test_stop_flag_set_by_another_rank_keeps_its_own_signal():
+    flag = StopFlag()
+    flag.set_by_other_rank()
+    assert flag.is_set() and "another rank" in flag.signal_name
+    own = StopFlag()
+    own.signal_name = "SIGTERM"
+    own.event.set()
+    own.set_by_other_rank()
+    assert own.signal_name == "SIGTERM"
+
+
+def test_first_failure_wins_keeps_a_failure_file_written_during_the_run(tmp_path):
+    failure = tmp_path / "failure"
+    failure.write_text("old failure of an earlier job\n")
+    os.utime(failure, (time.time() - 60, time.time() - 60))
+
+    def preempted():
+        raise KeyboardInterrupt
+
+    # A failure file older than this process is replaced ...
+    assert errors.run_guarded(preempted, lambda: failure, first_failure_wins=True) == EXIT_PREEMPTED
+    assert failure.read_text().startswith("preempted: ")
+
+    def other_rank_then_preempted():
+        failure.write_text("data error: line 7\n")  # another rank's failure, written while this one runs
+        raise KeyboardInterrupt
+
+    assert errors.run_guarded(other_rank_then_preempted, lambda: failure, first_failure_wins=True) == EXIT_PREEMPTED
+    assert failure.read_text() == "data error: line 7\n"
+    # ... and a single process always writes its own.
+    assert errors.run_guarded(other_rank_then_preempted, lambda: failure) == EXIT_PREEMPTED
+    assert failure.read_text().startswith("preempted: ")
