@@ -14,8 +14,11 @@ else `CUDA_VISIBLE_DEVICES`, else `nvidia-smi`.
 
 Started as root (SageMaker, plain `docker run`), it hands the writable /opt/ml folders to uid 1000 and
 drops to that user with `setpriv`; started as any other user (Kubernetes `runAsUser: 1000`) it runs as is.
-Either way the job is exec'd, so SIGTERM reaches it (or torchrun, which forwards it to every worker) and a
-preemption can checkpoint. Standard library only: no torch import, so it starts in milliseconds.
+A one-process job is exec'd, so SIGTERM reaches it and a preemption can checkpoint. A torchrun launch is
+supervised instead: the entrypoint forwards SIGTERM/SIGINT to torchrun (which forwards them to every
+worker) and exits with the job's own exit code, which torchrun loses (it exits 1 whenever a worker fails):
+the first rank's failure other than a preemption (2 config, 3 data, ...), else 75 when ranks were
+preempted. Standard library only: no torch import, so it starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoints.errors import EXIT_CONFIG, write_failure_file
+from entrypoints.errors import EXIT_CONFIG, EXIT_PREEMPTED, RANK_EXIT_DIR_ENV, write_failure_file
 from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
 
 MODES = {
@@ -251,6 +256,61 @@ def hand_over(dirs: Sequence[Path], uid: int, gid: int) -> None:
             log(f"warning: cannot hand {top} to uid {uid}: {exc}")
 
 
+def read_rank_exits(folder: Path) -> dict[int, tuple[int, float]]:
+    """rank -> (exit code, when it ended) from the files each rank of a torchrun launch leaves (errors.py)."""
+    found: dict[int, tuple[int, float]] = {}
+    for path in folder.glob("rank-*"):
+        try:
+            code, ended = path.read_text().split()
+            found[int(path.name.removeprefix("rank-"))] = (int(code), float(ended))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def job_exit_code(torchrun_code: int, ranks: Mapping[int, tuple[int, float]]) -> int:
+    """The job's exit code for a torchrun launch: 0 when torchrun succeeded; else the first failing rank's code
+    other than a preemption (the cause: torchrun then stops the other ranks with SIGTERM, and they exit 75);
+    else 75 when ranks were preempted; else torchrun's own (a rank killed before it could record one)."""
+    if torchrun_code == 0:
+        return 0
+    failures = sorted((ended, code) for code, ended in ranks.values() if code != 0)
+    causes = [code for _, code in failures if code != EXIT_PREEMPTED]
+    if causes:
+        return causes[0]
+    if failures:
+        return EXIT_PREEMPTED
+    return torchrun_code
+
+
+def supervise(command: Sequence[str], env: dict[str, str], owner: tuple[int, int] | None) -> int:
+    """Run a torchrun launch as a child: forward termination signals, then exit with the job's exit code."""
+    folder = Path(tempfile.mkdtemp(prefix="qlora-rank-exits-"))
+    try:
+        if owner is not None:
+            os.chown(folder, *owner)  # the job runs as uid 1000 and writes its exit codes here
+        child = subprocess.Popen(list(command), env={**env, RANK_EXIT_DIR_ENV: str(folder)})
+
+        def forward(signum, _frame):
+            log(f"forwarding {signal.Signals(signum).name} to torchrun (pid {child.pid})")
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, forward)
+        returncode = child.wait()
+        ranks = read_rank_exits(folder)
+        torchrun_code = returncode if returncode >= 0 else 128 - returncode
+        code = job_exit_code(torchrun_code, ranks)
+        shown = ", ".join(f"rank {r}: {c}" for r, (c, _) in sorted(ranks.items())) or "none recorded"
+        log(f"torchrun exited {torchrun_code} (ranks: {shown}); the job's exit code is {code}")
+        return code
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def log(message: str) -> None:
     print(f"[entrypoint] {message}", file=sys.stderr, flush=True)
 
@@ -308,6 +368,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if as_root:
         hand_over(writable_dirs(env), APP_UID, APP_GID)
     env.update(extra_env)
+    if "torch.distributed.run" in command:
+        log("run: " + " ".join(command))
+        return supervise(command, env, (APP_UID, APP_GID) if as_root else None)
     log("exec: " + " ".join(command))
     os.execvpe(command[0], command, env)
     return 0  # not reached: exec replaced this process

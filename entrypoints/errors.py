@@ -99,6 +99,7 @@ def run_guarded(main_fn: Callable[[], object], failure_file: Callable[[], Path |
     started = time.time()
     try:
         main_fn()
+        record_rank_exit(EXIT_OK)
         return EXIT_OK
     except JobError as exc:
         message = f"{exc.kind}: {exc}"
@@ -119,8 +120,25 @@ def run_guarded(main_fn: Callable[[], object], failure_file: Callable[[], Path |
         log.info("%s already holds the failure of another process of this job; kept", path)
     else:
         write_failure_file(path, message)
+    record_rank_exit(code)
     sys.stdout.flush()
     return code
+
+
+# Set by container/entrypoint.py when it launches torchrun: torchrun exits 1 whenever a worker fails, so each
+# rank leaves its own exit code (and when it ended) here, and the entrypoint exits with the cause's code.
+RANK_EXIT_DIR_ENV = "JOB_RANK_EXIT_DIR"
+
+
+def record_rank_exit(code: int) -> None:
+    folder = os.environ.get(RANK_EXIT_DIR_ENV)
+    if not folder:
+        return
+    rank = os.environ.get("RANK", "0")
+    try:
+        Path(folder, f"rank-{int(rank)}").write_text(f"{code} {time.time():.6f}\n")
+    except (OSError, ValueError) as exc:
+        log.warning("could not record the exit code of rank %s in %s: %s", rank, folder, exc)
 
 
 def _written_since(path: Path, since: float) -> bool:

@@ -215,6 +215,111 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_complete_checkpo
     assert "waiting for rank 0: checkpoint restore" in "\n".join(rank_lines(output, 1))
 
 
+# ------------------------------------------------------------------------------------------- the container's launch
+# container/entrypoint.py's torchrun path: the command it builds for 2 processes per host and its supervision
+# (signal forwarding, the job's exit code). Started by a small driver rather than the entrypoint's main(), which
+# as root (this machine) drops to uid 1000 first, and uid 1000 may not be able to run this machine's Python
+# (the drop itself is tested in test_container_entrypoint.py).
+LAUNCH = """
+import os, sys
+sys.path.insert(0, os.path.join(os.environ["REPO"], "container"))
+import entrypoint
+command, extra = entrypoint.job_command("train", [], os.environ, entrypoint.Path("/nonexistent"), sys.executable)
+print("launch:", " ".join(command), flush=True)
+sys.exit(entrypoint.supervise(command, {**os.environ, **extra}, None))
+"""
+
+
+def launch(env: dict[str, str], **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LAUNCH], env={**env, "REPO": str(REPO), "GPUS_PER_NODE": "2"},
+                            cwd=REPO, text=True, **popen)
+
+
+@pytest.mark.integration
+def test_the_entrypoints_torchrun_launch_exits_with_the_failing_ranks_code(tiny_model, tmp_path):
+    """torchrun itself exits 1 when a worker fails; the entrypoint exits with the job's code (3: data error)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
+    env = job_env(tmp_path, **SETTINGS, QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data),
+                  QLORA_OUTPUT=str(tmp_path / "out"), QLORA_REPORT_TO="none")
+    proc = launch(env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, _ = proc.communicate(timeout=180)
+    assert "torch.distributed.run --nnodes=1 --nproc-per-node=2 --standalone" in output, output[-3000:]
+    assert proc.returncode == EXIT_DATA, output[-4000:]
+    assert re.search(r"torchrun exited 1 \(ranks: rank 0: 3, rank 1: 3\); the job's exit code is 3", output), \
+        output[-3000:]
+    assert (tmp_path / "opt-ml" / "output" / "failure").read_text().startswith("data error: ")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_the_entrypoint_forwards_a_platforms_sigterm_to_torchrun_and_exits_75(tiny_model, tmp_path):
+    """The platform signals the container's first process (the entrypoint); every rank checkpoints; exit 75."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    env = job_env(tmp_path, **{**SETTINGS, "QLORA_MAX_STEPS": "30", "QLORA_SAVE_STEPS": "100",
+                               "QLORA_EVAL_FRACTION": "0", "QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0"},
+                  QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data), QLORA_OUTPUT=str(tmp_path / "out"),
+                  QLORA_REPORT_TO="none")
+    proc = launch(env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 180
+        while not any(" qlora: step 2/" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines)
+    assert "forwarding SIGTERM to torchrun" in output, output[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED, output[-4000:]
+    assert re.search(r"\(ranks: rank 0: 75, rank 1: 75\); the job's exit code is 75", output), output[-3000:]
+    ckpts = list((tmp_path / "opt-ml" / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file(), output[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def _entrypoint_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("container_entrypoint", REPO / "container" / "entrypoint.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_job_exit_code_prefers_the_cause_over_preemptions_and_torchruns_code():
+    job_exit_code = _entrypoint_module().job_exit_code
+
+    assert job_exit_code(0, {}) == 0
+    # rank 1 failed first with a data error; torchrun then stopped rank 0, which exited 75
+    assert job_exit_code(1, {0: (75, 20.0), 1: (3, 10.0)}) == 3
+    assert job_exit_code(1, {0: (3, 10.0), 1: (3, 10.5)}) == 3
+    assert job_exit_code(1, {0: (75, 10.0), 1: (75, 10.2)}) == EXIT_PREEMPTED
+    assert job_exit_code(1, {0: (0, 10.0)}) == 1  # a rank killed before it could record its code
+    assert job_exit_code(137, {}) == 137
+
+
+def test_ranks_record_their_exit_codes_for_the_entrypoint(tmp_path, monkeypatch):
+    read_rank_exits = _entrypoint_module().read_rank_exits
+
+    monkeypatch.setenv(errors.RANK_EXIT_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert errors.run_guarded(lambda: _raise(DataError("bad record at line 7")), lambda: None) == EXIT_DATA
+    monkeypatch.setenv("RANK", "0")
+    assert errors.run_guarded(lambda: None, lambda: None) == 0
+    (tmp_path / "rank-x").write_text("garbage")
+    found = read_rank_exits(tmp_path)
+    assert sorted(found) == [0, 1] and found[1][0] == EXIT_DATA and found[0][0] == 0
+
+
 # ------------------------------------------------------------------------------------------- helpers (unit)
 def _raise(exc: BaseException):
     raise exc
