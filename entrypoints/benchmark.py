@@ -149,6 +149,16 @@ def synthetic_chat(n: int, vocab_size: int, max_tokens: int, seed: int = 0, fixe
     return out
 
 
+def export_text(data: dict[str, list], path: Path) -> None:
+    """The samples as the job's `text` records: one word per token (the word-level tokenizer maps `t<id>` back
+    to <id>); the job adds BOS/EOS itself, so they are left out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for ids in data["input_ids"]:
+            f.write(json.dumps({"text": " ".join(f"t{i}" for i in ids[1:-1])}) + "\n")
+    log.info("wrote %d text records to %s", len(data["input_ids"]), path)
+
+
 def data_stats(data: dict[str, list], max_tokens: int) -> dict[str, Any]:
     lengths = sorted(min(len(x), max_tokens) for x in data["input_ids"])
     n = len(lengths)
@@ -500,6 +510,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model-dir", default="", help="reuse a checkpoint written before (else built in a temp dir)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--profile", default="", metavar="RUN", help="profile two steps of this run (torch.profiler)")
+    p.add_argument("--export-jsonl", default="", metavar="PATH",
+                   help="also write the synthetic samples as `text` records (words t3..tN of the checkpoint's"
+                        " tokenizer) for a real job run over the same data; with --runs '' nothing is trained")
     p.add_argument("--out", default="", help="write the report as JSON here")
     return p.parse_args(argv)
 
@@ -562,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.fixed_length)
         stats = data_stats(data, args.max_length)
         report["data"] = stats
+        if args.export_jsonl and rank == 0:
+            export_text(data, Path(args.export_jsonl))
         log.info("data: %s", json.dumps(stats))
         for name in runs:
             base = next((r for r in report["runs"] if r["run"] == "baseline" and "peak_reserved_gib" in r), None)
