@@ -63,9 +63,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "dropout0": {"lora_dropout": "0"},  # default without LoRA dropout (no dropped-out input copies)
     # the default with the GPU capped at the baseline's peak reserved memory of the same process
     "at-baseline-memory": {"max_gpu_memory_gib": "baseline"},
-    # torch.compile of every decoder layer (regional); Liger's Triton kernels do not trace, so without them
-    "compile-layers": {"compile_layers": True, "use_liger": "false"},
-    "compile-dropout0": {"compile_layers": True, "use_liger": "false", "lora_dropout": "0"},
+    # torch.compile of every decoder layer (regional), in place of Liger. Liger patches transformers' Llama
+    # classes for the whole process, so compare it with `no-liger` in a process where no run used Liger.
+    "compile-layers": {"torch_compile": "true"},
     "tokens-16k": {"micro_batch_tokens": "16384"},  # default + 16k-token micro-batches
     "tokens-4k": {"micro_batch_tokens": "4096"},
 }
@@ -335,7 +335,6 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
     settings = dict(settings)
     varlen = settings.pop("varlen", True)
     layers_without = int(settings.pop("layers_without_checkpointing", 0))
-    compile_layers = bool(settings.pop("compile_layers", False))
     cfg = job_config(model_dir, work, max_length, seed, settings)
     original = perf.wants_varlen
     if not varlen:
@@ -348,11 +347,6 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
     trainer = train.build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), tokenizer.pad_token)
     if layers_without:
         trainer.add_callback(perf.partial_checkpointing_callback(layers_without))
-    if compile_layers:
-        # Regional compilation: each decoder layer compiled in place (identical layers share the compiled code).
-        for module in trainer.model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                module.compile(dynamic=True)
     return trainer, model, cfg
 
 

@@ -246,12 +246,38 @@ def plan_for(cfg: Any, model: Any, stats: dict[str, Any]) -> BatchPlan:
 
 
 # ------------------------------------------------------------------------------------------- trainer args
+def compiler_available() -> bool:
+    """Triton (behind Liger's kernels and torch.compile's GPU code) compiles a small C launcher on first use."""
+    return any(shutil.which(cc) for cc in (os.environ.get("CC", ""), "cc", "gcc", "clang") if cc)
+
+
+def wants_compile(cfg: Any, cuda: bool) -> bool:
+    if not (getattr(cfg, "torch_compile", False) and cuda):
+        return False
+    if not compiler_available():
+        log.warning("torch_compile skipped: Triton needs a C compiler to build its launcher and none is installed")
+        return False
+    return True
+
+
+def compile_layers(model: Any) -> int:
+    """Regional compilation: every decoder layer compiled in place with dynamic shapes (packed micro-batches
+    vary in length); identical layers share the compiled code, so it compiles once, in ~a minute for 7B."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.compile(dynamic=True)
+            count += 1
+    log.info("torch.compile: %d decoder layers compiled on first use", count)
+    return count
+
+
 def liger_available() -> bool:
     """Liger's kernels are Triton kernels, and Triton compiles a small C launcher on first use: without a C
     compiler (the job's image ships none) they would fail mid-run, so they are only used when one exists."""
     if importlib.util.find_spec("liger_kernel") is None:
         return False
-    if not any(shutil.which(cc) for cc in (os.environ.get("CC", ""), "cc", "gcc", "clang") if cc):
+    if not compiler_available():
         log.warning("Liger kernels skipped: Triton needs a C compiler to build its launcher and none is installed")
         return False
     return True
@@ -264,7 +290,8 @@ def sft_overrides(cfg: Any, plan: BatchPlan | None, cuda: bool) -> dict[str, Any
         # LoRA's optimizer state is small (~0.3 GB for 7B r=16): paging it buys nothing, and the fused
         # AdamW kernel was 8.7% faster end to end on the 7B shape (PERF.md).
         out["optim"] = "adamw_torch_fused"
-    if getattr(cfg, "use_liger", False) and cuda and liger_available():
+    # Liger's Triton kernels cannot be traced by torch.compile, which fuses the same operations itself.
+    if getattr(cfg, "use_liger", False) and cuda and not wants_compile(cfg, cuda) and liger_available():
         # RMSNorm, SwiGLU and RoPE kernels; TRL keeps its own fused LM head + cross-entropy.
         out["use_liger_kernel"] = True
     if cfg.packing and plan is not None:

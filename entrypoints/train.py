@@ -387,6 +387,8 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    if perf.wants_compile(cfg, cuda):
+        perf.compile_layers(trainer.model)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Throughput callback logs each step once, via logging

@@ -194,3 +194,15 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, capsys):
 def test_benchmark_rejects_unknown_runs(capsys):
     assert benchmark.main(["--runs", "baseline,turbo", "--device", "cpu"]) == 2
     assert "turbo" in capsys.readouterr().err
+
+
+def test_torch_compile_is_opt_in_cuda_only_needs_a_compiler_and_replaces_liger(monkeypatch):
+    assert not perf.wants_compile(_cfg(), cuda=True)
+    assert not perf.wants_compile(_cfg(torch_compile=True), cuda=False)
+    monkeypatch.setattr(perf, "compiler_available", lambda: False)
+    assert not perf.wants_compile(_cfg(torch_compile=True), cuda=True)  # skipped with a warning
+    monkeypatch.setattr(perf, "compiler_available", lambda: True)
+    monkeypatch.setattr(perf, "liger_available", lambda: True)
+    assert perf.wants_compile(_cfg(torch_compile=True), cuda=True)
+    assert "use_liger_kernel" not in perf.sft_overrides(_cfg(torch_compile=True), None, cuda=True)
+    assert perf.sft_overrides(_cfg(), None, cuda=True)["use_liger_kernel"] is True
