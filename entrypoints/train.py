@@ -652,7 +652,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if summary:
             print_summary(summary)
 
-    return run_guarded(job, failure_file, first_failure_wins=distributed)
+    code = run_guarded(job, failure_file, first_failure_wins=distributed)
+    if distributed and code == 0:
+        _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down after a successful run (NCCL warns about leaked resources otherwise). Not
+    after a failure: other ranks may still be inside a collective, and the teardown could then block this
+    rank's exit, which is what tells torchrun to stop them."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - never turn a finished job into a crash here
+        log.debug("destroy_process_group: %s", exc)
 
 
 if __name__ == "__main__":
