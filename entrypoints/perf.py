@@ -187,6 +187,10 @@ def plan_batch(cfg: Any, gpu_mem_bytes: int, shape: dict[str, int], mean_sample_
     if requested:
         micro = max(seq, requested)
         reason = f"micro_batch_tokens={requested} set"
+    elif not on_gpu:
+        micro = max(seq, int(step_tokens))
+        reason = (f"no GPU memory to plan for: one step's ~{int(step_tokens)} tokens per micro-batch"
+                  f" ({cfg.micro_batch_size}x{cfg.gradient_accumulation_steps} samples of ~{mean_sample_tokens:.0f})")
     else:
         budget = MEMORY_SHARE * gpu_mem_bytes - fixed
         fit = int(budget / activation_bytes_per_token(shape, mode != "false")) if budget > 0 else 0
@@ -202,7 +206,7 @@ def plan_batch(cfg: Any, gpu_mem_bytes: int, shape: dict[str, int], mean_sample_
     elif mode == "true" or not on_gpu:
         kept = 0
         if mode == "auto":
-            reason += "; every layer recomputed (no GPU memory to plan from)"
+            reason += "; every layer recomputed"
     else:
         spare = MEMORY_SHARE * gpu_mem_bytes - fixed - tokens * activation_bytes_per_token(shape, True)
         per_layer = tokens * layer_bytes_per_token(shape, float(cfg.lora_dropout) > 0)
