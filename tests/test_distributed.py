@@ -53,6 +53,28 @@ def rank_lines(output: str, rank: int) -> list[str]:
     return [line for line in output.splitlines() if f" rank{rank} " in line]
 
 
+def long_run_env(tmp_path: Path, model: Path) -> dict[str, str]:
+    """A 30-step run over RECORDS without eval, merge or sample answers: long enough to be signalled mid-way."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return job_env(tmp_path, **{**SETTINGS, "QLORA_MAX_STEPS": "30", "QLORA_SAVE_STEPS": "100",
+                                "QLORA_EVAL_FRACTION": "0", "QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0"},
+                   QLORA_MODEL=str(model), QLORA_DATA=str(data), QLORA_OUTPUT=str(tmp_path / "out"),
+                   QLORA_REPORT_TO="none")
+
+
+def follow_until_step(proc: subprocess.Popen, step: int, timeout: float = 180) -> tuple[list[str], threading.Thread]:
+    """Collect the launch's output in the background and return once rank 0 has logged optimizer step `step`."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while not any(f" qlora: step {step}/" in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+        time.sleep(0.05)
+    return lines, reader
+
+
 # ------------------------------------------------------------------------------------------- formats
 def tensor_formats(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     from safetensors import safe_open
@@ -165,22 +187,11 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_complete_checkpo
     one checkpoint together and both exit 75; a rerun resumes from it."""
     import psutil
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    env = job_env(tmp_path, **{**SETTINGS, "QLORA_MAX_STEPS": "30", "QLORA_SAVE_STEPS": "100",
-                               "QLORA_EVAL_FRACTION": "0", "QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0"},
-                  QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data), QLORA_OUTPUT=str(tmp_path / "out"),
-                  QLORA_REPORT_TO="none")
+    env = long_run_env(tmp_path, tiny_model)
     proc = subprocess.Popen(TORCHRUN, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     workers = []
     try:
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 180
-        while not any(" qlora: step 2/" in line for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
-            time.sleep(0.05)
+        lines, reader = follow_until_step(proc, 2)
         workers = psutil.Process(proc.pid).children()
         next(p for p in workers if p.environ().get("RANK") == "1").send_signal(signal.SIGTERM)
         proc.wait(timeout=120)  # without the ranks' agreement, rank 0 waits in the next all-reduce: a timeout here
@@ -255,21 +266,10 @@ def test_the_entrypoints_torchrun_launch_exits_with_the_failing_ranks_code(tiny_
 @pytest.mark.integration
 def test_the_entrypoint_forwards_a_platforms_sigterm_to_torchrun_and_exits_75(tiny_model, tmp_path):
     """The platform signals the container's first process (the entrypoint); every rank checkpoints; exit 75."""
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    env = job_env(tmp_path, **{**SETTINGS, "QLORA_MAX_STEPS": "30", "QLORA_SAVE_STEPS": "100",
-                               "QLORA_EVAL_FRACTION": "0", "QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0"},
-                  QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data), QLORA_OUTPUT=str(tmp_path / "out"),
-                  QLORA_REPORT_TO="none")
+    env = long_run_env(tmp_path, tiny_model)
     proc = launch(env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 180
-        while not any(" qlora: step 2/" in line for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
-            time.sleep(0.05)
+        lines, reader = follow_until_step(proc, 2)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
         reader.join(timeout=10)
