@@ -206,3 +206,37 @@ def test_torch_compile_is_opt_in_cuda_only_needs_a_compiler_and_replaces_liger(m
     assert perf.wants_compile(_cfg(torch_compile=True), cuda=True)
     assert "use_liger_kernel" not in perf.sft_overrides(_cfg(torch_compile=True), None, cuda=True)
     assert perf.sft_overrides(_cfg(), None, cuda=True)["use_liger_kernel"] is True
+
+
+def test_partial_checkpointing_recomputes_only_the_layers_it_does_not_exempt():
+    """The callback behind `gradient_checkpointing=auto`: the first N decoder layers run once per step (their
+    activations kept), the others twice (forward + recompute in backward), and the gradients do not change."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    reference = LlamaForCausalLM(config)
+    partial = copy.deepcopy(reference)
+    ids = torch.randint(0, 64, (2, 16))
+    grads, calls = [], []
+    for model, kept in ((reference, 0), (partial, 2)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if kept:
+            perf.partial_checkpointing_callback(kept).on_train_begin(None, None, None, model=model)
+        counts = [0] * 3
+        for i, layer in enumerate(model.model.layers):
+            # a pre-hook: non-reentrant recomputation stops early, once the tensors it needs are back
+            layer.mlp.register_forward_pre_hook(lambda *_, i=i, c=counts: c.__setitem__(i, c[i] + 1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        calls.append(counts)
+    assert calls[0] == [2, 2, 2]  # every layer recomputed
+    assert calls[1] == [1, 1, 2]  # the first two kept their activations
+    assert [layer.gradient_checkpointing for layer in partial.model.layers] == [False, False, True]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
