@@ -256,12 +256,8 @@ def compiler_available() -> bool:
 
 
 def wants_compile(cfg: Any, cuda: bool) -> bool:
-    if not (getattr(cfg, "torch_compile", False) and cuda):
-        return False
-    if not compiler_available():
-        log.warning("torch_compile skipped: Triton needs a C compiler to build its launcher and none is installed")
-        return False
-    return True
+    """torch_compile is set, on CUDA, and Triton can build its launcher (the caller warns when it cannot)."""
+    return bool(getattr(cfg, "torch_compile", False) and cuda and compiler_available())
 
 
 def compile_layers(model: Any) -> int:

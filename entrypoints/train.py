@@ -389,6 +389,8 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
             param.data = param.data.float()
     if perf.wants_compile(cfg, cuda):
         perf.compile_layers(trainer.model)
+    elif cfg.torch_compile and cuda:
+        log.warning("torch_compile skipped: Triton needs a C compiler to build its launcher and none is installed")
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Throughput callback logs each step once, via logging
