@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,46 @@ def check_model_dir(path: Path, allow_pickle: bool) -> None:
                          " QLORA_ALLOW_PICKLE_WEIGHTS=true if you trust their source")
     if not safetensors:
         log.warning("loading PICKLE weights from %s because QLORA_ALLOW_PICKLE_WEIGHTS=true", path)
+    for file in safetensors:
+        check_safetensors_file(file)
+    check_shard_index(path)
+
+
+def check_safetensors_file(file: Path) -> None:
+    """The header must parse and the file must hold every byte it declares: a truncated download or copy is a
+    model error naming the file, before minutes of loading (safetensors' format: an 8-byte little-endian header
+    length, a JSON header of tensor name -> dtype, shape, [start, end) offsets, then the data)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            header_len = struct.unpack("<Q", fh.read(8))[0] if size >= 8 else -1
+            if not 0 < header_len <= size - 8:
+                raise ValueError(f"its header length field says {header_len} bytes in a file of {size}")
+            header = json.loads(fh.read(header_len))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        raise ModelError(f"{file}: not a valid safetensors file ({exc}): download or convert the model again"
+                         ) from None
+    needed = 8 + header_len + max(ends, default=0)
+    if size < needed:
+        raise ModelError(f"{file}: the file is truncated: {size:,} bytes where its header declares {needed:,}"
+                         " (an interrupted download or copy): download or copy the model again")
+
+
+def check_shard_index(path: Path) -> None:
+    """A sharded checkpoint's index must name only shards that are present."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = set(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{index}: not a valid shard index ({exc}): download the model again") from None
+    missing = sorted(s for s in shards if not (path / s).is_file())
+    if missing:
+        raise ModelError(f"{path}: {len(missing)} weight shard(s) named by model.safetensors.index.json are missing"
+                         f" ({', '.join(missing[:3])}): download or copy the whole model again")
 
 
 def device_kind() -> str:
@@ -129,13 +171,17 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0):
     }
     if not cfg.allow_pickle_weights:
         kwargs["use_safetensors"] = True
-    if device == "cuda" and cfg.max_gpu_memory_gib:
-        cap_gpu_memory(cfg.max_gpu_memory_gib, local_rank)
     log.info("loading %s (%s, compute %s) on %s", model_dir, cfg.quantization, str(dtype).removeprefix("torch."), device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: the model cannot be loaded ({type(exc).__name__}: {exc})") from None
+    except RuntimeError as exc:  # transformers raises this for tensors whose shapes differ from config.json's
+        if "mismatch" not in str(exc).lower():
+            raise
+        raise ModelError(f"{model_dir}: the weights' shapes do not match config.json ({first_line(exc)}): the config"
+                         " belongs to another model; use the model's own config.json") from None
+    check_loading_info(model_dir, info, quantized_shape_mismatches(model))
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     changed = perf.patch_model(model, cfg, device == "cuda")  # varlen attention for packed rows
     if changed:
@@ -147,9 +193,63 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0):
     return model
 
 
+def load_model_config(model_dir: Path, cfg: JobConfig) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{model_dir}/config.json cannot be read as a model config ({first_line(exc)}): use the"
+                         " model's own config.json") from None
+
+
+def quantized_shape_mismatches(model: Any) -> list[str]:
+    """4-bit layers whose checkpoint tensor had another shape than config.json gives the layer: bitsandbytes
+    quantizes whatever tensor it is handed (the original shape is in its quant_state), and transformers does not
+    report the mismatch for quantized weights; the first forward pass would fail, or worse, broadcast."""
+    found = []
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and hasattr(module, "out_features"):
+            if tuple(state.shape) != (module.out_features, module.in_features):
+                found.append(f"{name}.weight {list(state.shape)} vs {[module.out_features, module.in_features]}")
+    return found
+
+
+def check_loading_info(model_dir: Path, info: dict[str, Any], quantized_mismatches: list[str] = ()) -> None:
+    """Every weight of the architecture must come from the checkpoint, and every tensor of the checkpoint must be
+    used: transformers fills missing weights with random values (and drops unused ones) with only a log line, and
+    a job would then train and publish a partly random model with exit 0."""
+    problems = []
+    if quantized_mismatches:
+        problems.append(f"{len(quantized_mismatches)} tensor(s) of another shape than config.json says:"
+                        f" {', '.join(quantized_mismatches[:3])}{' ...' if len(quantized_mismatches) > 3 else ''}")
+    for kind, what in (("missing_keys", "missing from the checkpoint (they would be random)"),
+                       ("unexpected_keys", "in the checkpoint but not in the architecture of config.json"),
+                       ("mismatched_keys", "of another shape than config.json says")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(kind) or [])
+        if names:
+            problems.append(f"{len(names)} tensor(s) {what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    if info.get("error_msgs"):
+        problems.append("; ".join(str(m) for m in info["error_msgs"])[:300])
+    if problems:
+        raise ModelError(f"{model_dir}: the weights do not match the model's config.json: {'; '.join(problems)}."
+                         " The checkpoint is incomplete, damaged or of another architecture: download it again, or"
+                         " point QLORA_MODEL at the model's complete directory")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
 def cap_gpu_memory(gib: float, device_index: int = 0) -> float:
-    """Limit this process's CUDA allocator to `gib` GiB (the batch plan reads the same limit); returns the fraction."""
+    """Limit this process's CUDA allocator to `gib` GiB (the batch plan reads the same limit); returns the fraction.
+    Call it before the batch plan and the model load; 0 (the setting's default) leaves the whole GPU."""
     import torch
+
+    if not gib or not torch.cuda.is_available():
+        return 1.0
 
     total = torch.cuda.get_device_properties(device_index).total_memory
     fraction = gib * perf.GIB / total
