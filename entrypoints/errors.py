@@ -6,12 +6,13 @@ the launcher can import the exit codes (the Kubernetes podFailurePolicy is built
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("qlora")
@@ -110,10 +111,16 @@ def run_guarded(main_fn: Callable[[], object], failure_file: Callable[[], Path |
         code = EXIT_PREEMPTED
         log.error("%s", message)
     except Exception as exc:  # noqa: BLE001 - the top-level handler is the one place that catches all
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        code = EXIT_INTERNAL
-        # A traceback helps here, but never as the only message: the summary line comes last.
-        log.error("%s", traceback.format_exc().rstrip())
+        full = disk_full(exc)
+        if full is not None:
+            # A full disk can surface from any library that writes (datasets' caches, torch.save, safetensors):
+            # it is a storage problem with a known fix, never an internal error.
+            message, code = f"{StorageError.kind}: {full}", EXIT_STORAGE
+        else:
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            code = EXIT_INTERNAL
+            # A traceback helps here, but never as the only message: the summary line comes last.
+            log.error("%s", traceback.format_exc().rstrip())
         log.error("%s", message)
     path = failure_file()
     if first_failure_wins and path is not None and _written_since(path, started):
@@ -123,6 +130,57 @@ def run_guarded(main_fn: Callable[[], object], failure_file: Callable[[], Path |
     record_rank_exit(code)
     sys.stdout.flush()
     return code
+
+
+@contextlib.contextmanager
+def disk_space_for(path: Path, what: str) -> Iterator[None]:
+    """Name the place and the free space when a full disk stops `what` (a step that writes below `path`)."""
+    try:
+        yield
+    except JobError:
+        raise
+    except Exception as exc:
+        if disk_full(exc) is None:
+            raise
+        raise StorageError(f"the disk is full while {what} in {path} ({_free_bytes(path)}): {DISK_FULL_ADVICE}") from None
+
+
+def _free_bytes(path: Path | str) -> str:
+    import shutil
+
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return f"{shutil.disk_usage(probe).free:,} bytes free on its file system"
+    except OSError:
+        return "free space unknown"
+
+
+DISK_FULL_ADVICE = ("free space where the job writes, or give the job a larger volume (SageMaker: volume_size;"
+                    " Kubernetes: the node's or the scratch volume's size), or point QLORA_BASE_DIR /"
+                    " QLORA_CHECKPOINT_DIR at a larger one; then rerun to resume")
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """The message for an exception caused (anywhere down its chain) by a full disk or an exhausted quota."""
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            path = current.filename or ""
+            where = f" while writing {path} ({_free_bytes(path)})" if path else ""
+            return f"the disk is full{where} ({current.strerror}): {DISK_FULL_ADVICE}"
+        # Libraries with their own I/O report it in their own words: torch.save ("file write failed"),
+        # safetensors ("StorageFull" / "No space left on device").
+        text = str(current)
+        if "No space left on device" in text or "StorageFull" in text or "file write failed" in text:
+            return f"the disk is full ({text.strip().splitlines()[0][:200]}): {DISK_FULL_ADVICE}"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 # Set by container/entrypoint.py when it launches torchrun: torchrun exits 1 whenever a worker fails, so each

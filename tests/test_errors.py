@@ -52,3 +52,41 @@ def test_unwritable_failure_file_does_not_mask_error(tmp_path):
         raise errors.ModelError("missing config.json")
 
     assert errors.run_guarded(fail, lambda: blocker / "output" / "failure") == errors.EXIT_MODEL
+
+
+def test_a_full_disk_anywhere_down_the_chain_is_a_storage_error_with_the_path_and_free_bytes(tmp_path, caplog):
+    """A full disk surfaced from a library as exit 1 with its traceback; it is exit 5 naming the file and the free
+    space, whatever wraps the OSError (and in the words torch.save and safetensors use for it)."""
+    import errno
+
+    def wrapped():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "part.arrow"))
+        except OSError as exc:
+            raise RuntimeError("datasets could not write its cache") from exc
+
+    failure = tmp_path / "failure"
+    with caplog.at_level(logging.ERROR):
+        assert errors.run_guarded(wrapped, lambda: failure) == errors.EXIT_STORAGE
+    text = failure.read_text()
+    assert text.startswith("storage error: the disk is full while writing " + str(tmp_path / "cache" / "part.arrow"))
+    assert "bytes free on its file system" in text and "Traceback" not in caplog.text
+    for words in ("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file"
+                  " write failed", "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No"
+                  " space left on device\" })"):
+        assert errors.disk_full(RuntimeError(words)).startswith("the disk is full (")
+    assert errors.disk_full(RuntimeError("something else")) is None
+
+
+def test_disk_space_for_names_the_directory_of_the_step(tmp_path):
+    import errno
+
+    with pytest.raises(errors.StorageError, match=r"the disk is full while saving a checkpoint in .*ckpt \([\d,]+ bytes"):
+        with errors.disk_space_for(tmp_path / "ckpt", "saving a checkpoint"):
+            raise RuntimeError("No space left on device (os error 28)")
+    with pytest.raises(ValueError):  # anything else passes through untouched
+        with errors.disk_space_for(tmp_path, "x"):
+            raise ValueError("not a disk problem")
+    with pytest.raises(errors.DataError):
+        with errors.disk_space_for(tmp_path, "x"):
+            raise errors.DataError(f"{errno.ENOSPC}")
