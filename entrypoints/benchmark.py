@@ -339,12 +339,14 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
     original = perf.wants_varlen
     if not varlen:
         perf.wants_varlen = lambda *a, **k: False  # the lever: packed rows through SDPA's block-diagonal mask
+    modeling.cap_gpu_memory(cfg.max_gpu_memory_gib, _local_rank())
     try:
         model = modeling.load_model(model_dir, cfg, _local_rank())
     finally:
         perf.wants_varlen = original
     data = train.Prepared(dataset, None, [], dict(stats))
-    trainer = train.build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), tokenizer.pad_token)
+    plan = perf.plan_for(cfg, model.config, data.stats) if cfg.packing else None
+    trainer = train.build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), plan, {})
     if layers_without:
         trainer.add_callback(perf.partial_checkpointing_callback(layers_without))
     return trainer, model, cfg

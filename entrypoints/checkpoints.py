@@ -7,8 +7,10 @@ S3 (marker last) and a restarted job with an empty disk restores the newest comp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -31,17 +33,88 @@ def _step(path: Path | str) -> int:
 
 
 # Settings that change what a resumed run would compute. max_steps / num_epochs are left out on purpose:
-# resuming with a longer schedule is how users extend a run.
+# resuming with a longer schedule is how users extend a run (a shorter one than the checkpoint is refused).
 FINGERPRINT_FIELDS = (
     "model", "model_revision", "data", "data_format", "eval_data", "eval_fraction", "chat_template",
     "quantization", "double_quant", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "max_seq_length", "micro_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
-    "warmup_ratio", "weight_decay", "optim", "packing", "assistant_only_loss", "seed",
+    "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "packing", "assistant_only_loss", "seed",
 )
 
 
 def settings_fingerprint(settings: dict) -> dict:
     return {name: settings[name] for name in FINGERPRINT_FIELDS if name in settings}
+
+
+def run_fingerprint(settings: dict, content: dict[str, str | None], batch: dict[str, int]) -> dict:
+    """What a checkpoint must match to be resumed: the settings that change the computation, the content of the
+    inputs (sha256 of the training data, the eval data and the base model's files: the same URI may hold other
+    bytes on a rerun) and the batch layout the data position is counted in (rows per micro-batch, micro-batches
+    per step, processes: a checkpoint's step N means other samples under another layout)."""
+    return {**settings_fingerprint(settings), **{k: v for k, v in content.items() if v is not None},
+            **{f"batch_{k}": v for k, v in batch.items()}}
+
+
+# Files of a model directory that do not change the model.
+_NOT_MODEL_CONTENT = ("readme", "license", "notice", "use_policy", ".")
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """The files that make up a base model (config, tokenizer, weights), for its content fingerprint."""
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.lower().startswith(_NOT_MODEL_CONTENT))
+
+
+def content_sha256(files: list[Path], root: Path | None, cache_file: Path | None = None, threads: int = 4) -> str:
+    """sha256 over (path relative to `root`, sha256 of the file) of every file: a fingerprint of their content.
+
+    Files are hashed on `threads` threads (hashlib releases the GIL); with `cache_file`, a file whose path, size,
+    modification time and inode are unchanged since it was last hashed is not read again (a 13 GB model would
+    otherwise cost a minute on every rerun)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache: dict[str, list] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+
+    def key(path: Path) -> list:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def digest(path: Path) -> str:
+        known = cache.get(str(path.resolve()))
+        if known and known[:3] == key(path):
+            return known[3]
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    paths = sorted(files)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        digests = list(pool.map(digest, paths))
+    total = hashlib.sha256()
+    for path, value in zip(paths, digests, strict=True):
+        total.update((path.relative_to(root).as_posix() if root else path.name).encode())
+        total.update(value.encode())
+        cache[str(path.resolve())] = [*key(path), value]
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(cache_file.name + ".tmp")
+            tmp.write_text(json.dumps(cache))
+            tmp.replace(cache_file)
+        except OSError as exc:  # a cache only: never fail the job for it
+            log.debug("could not write %s: %s", cache_file, exc)
+    seconds = time.monotonic() - started
+    if seconds > 5:
+        log.info("hashed %d file(s) (%.1f GiB) in %.0f s", len(paths), sum(p.stat().st_size for p in paths) / 2**30,
+                 seconds)
+    return total.hexdigest()
 
 
 def latest_complete(checkpoint_dir: Path, fingerprint: dict | None = None) -> Path | None:
@@ -56,11 +129,16 @@ def latest_complete(checkpoint_dir: Path, fingerprint: dict | None = None) -> Pa
             log.warning("ignoring incomplete checkpoint %s (no %s marker: the job stopped while saving it)", path, MARKER)
             continue
         saved = json.loads(marker.read_text() or "{}").get("settings")
-        if fingerprint is not None and saved is not None and saved != fingerprint:
+        if fingerprint is not None and saved != fingerprint:
+            if saved is None:
+                raise ConfigError([f"{path} records no settings fingerprint (an older job wrote it): it cannot be"
+                                   " checked against this run's data and settings. Delete it, use a new"
+                                   " QLORA_CHECKPOINT_DIR, or set QLORA_RESUME=false to start over in place"])
             changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-            raise ConfigError([f"{path} was written by a run with other settings ({', '.join(changed)} differ):"
-                               " resuming would mix two runs. Use a new QLORA_CHECKPOINT_DIR, delete the old"
-                               " checkpoints, or set QLORA_RESUME=false to start over in place"])
+            raise ConfigError([f"{path} was written by a run with other inputs or settings ({', '.join(changed)}"
+                               " differ): resuming would mix two runs and publish the old one's adapter. Use a new"
+                               " QLORA_CHECKPOINT_DIR, delete the old checkpoints, or set QLORA_RESUME=false to"
+                               " start over in place"])
         return path
     return None
 
@@ -79,21 +157,43 @@ def mark_complete(path: Path, step: int, fingerprint: dict | None = None) -> Non
     tmp.replace(path / MARKER)
 
 
-def restore_from_uri(uri: str, checkpoint_dir: Path, endpoint_url: str) -> Path | None:
-    """Download the newest complete remote checkpoint when the local directory has none."""
+def restore_from_uri(uri: str, checkpoint_dir: Path, endpoint_url: str, fingerprint: dict | None = None
+                     ) -> Path | None:
+    """Download the newest complete remote checkpoint of this run (its marker's fingerprint equals
+    `fingerprint`) when the local directory has no complete checkpoint."""
     if latest_complete(checkpoint_dir) is not None:
         return None
     objects = storage.list_objects(uri.rstrip("/") + "/", endpoint_url=endpoint_url)
     complete = sorted({o.relative.split("/")[0] for o in objects if o.relative.endswith("/" + MARKER)}, key=_step)
-    if not complete:
-        return None
-    name = complete[-1]
-    log.info("restoring checkpoint %s from %s", name, uri)
-    target = checkpoint_dir / name
-    for obj in objects:
-        if obj.relative.startswith(name + "/"):
-            storage.download_file(obj.uri, checkpoint_dir / obj.relative, size=obj.size, endpoint_url=endpoint_url)
-    return target if (target / MARKER).is_file() else None
+    others = []
+    for name in reversed(complete):
+        if fingerprint is not None:
+            marker = storage.read_text(storage.join(uri, name, MARKER), endpoint_url=endpoint_url) or "{}"
+            saved = json.loads(marker).get("settings")
+            if saved != fingerprint:
+                others.append(name)
+                continue
+        log.info("restoring checkpoint %s from %s", name, uri)
+        target = checkpoint_dir / name
+        for obj in objects:
+            if obj.relative.startswith(name + "/"):
+                storage.download_file(obj.uri, checkpoint_dir / obj.relative, size=obj.size, endpoint_url=endpoint_url)
+        return target if (target / MARKER).is_file() else None
+    if others:
+        log.warning("%s holds %d complete checkpoint(s) (%s) written by runs with other inputs or settings: not"
+                    " restored; this run starts from step 0", uri, len(others), ", ".join(others[:3]))
+    return None
+
+
+def clear_checkpoints(checkpoint_dir: Path) -> None:
+    """QLORA_RESUME=false: start over in place, so that no old checkpoint is ever taken for this run's."""
+    if not checkpoint_dir.is_dir():
+        return
+    old = [p for p in checkpoint_dir.iterdir() if p.is_dir() and _step(p) >= 0]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    if old:
+        log.info("resume is off: removed %d old checkpoint(s) from %s", len(old), checkpoint_dir)
 
 
 def mirror_to_uri(path: Path, uri: str, endpoint_url: str) -> None:
@@ -110,14 +210,24 @@ class StopFlag:
         self.event = threading.Event()
         self.training = False
         self.signal_name = ""
+        self.owner_pid = os.getpid()
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        self.owner_pid = os.getpid()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.owner_pid:
+            # A worker process forked from the job (datasets' multi-process tokenization) inherits this handler.
+            # Raising there would leave the worker half-way through a pool operation, holding its queue's lock,
+            # and the pool's shutdown would wait on that lock forever: a worker dies the default way instead, and
+            # the job itself (which gets the signal too, or terminates its pool) stops with exit 75.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.signal_name = signal.Signals(signum).name
         self.event.set()
         log.warning("%s received: %s", self.signal_name,

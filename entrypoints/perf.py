@@ -112,12 +112,15 @@ MEMORY_SHARE = 0.80
 
 @dataclass(frozen=True)
 class BatchPlan:
-    rows: int  # packed rows of max_seq_length tokens per micro-batch (per_device_train_batch_size)
-    micro_batch_tokens: int  # rows * max_seq_length: tokens per forward/backward pass
+    rows: int  # packed rows per micro-batch (per_device_train_batch_size)
+    micro_batch_tokens: int  # rows * row_tokens: tokens per forward/backward pass
     gradient_accumulation_steps: int
     gradient_checkpointing: bool  # whether any decoder layer is recomputed in the backward pass
     layers_without_checkpointing: int  # decoder layers that keep their activations (the first ones)
     reason: str
+    # Tokens per packed row: max_seq_length, or less when one optimizer step holds fewer tokens than that (never
+    # less than the longest sample, so packing truncates nothing that max_seq_length keeps).
+    row_tokens: int = 0
 
 
 def weight_bytes(shape: dict[str, int], quantized: bool = True) -> float:
@@ -166,11 +169,14 @@ def fixed_bytes(shape: dict[str, int], cfg: Any) -> float:
 
 
 def plan_batch(cfg: Any, gpu_mem_bytes: int, shape: dict[str, int], mean_sample_tokens: float,
-               on_gpu: bool = True) -> BatchPlan:
-    """Pick packed rows per micro-batch, gradient accumulation and checkpointed layers for this GPU and data.
+               on_gpu: bool = True, longest_sample_tokens: int | None = None) -> BatchPlan:
+    """Pick the packed row length, rows per micro-batch, gradient accumulation and checkpointed layers.
 
     Tokens per optimizer step = micro_batch_size x gradient_accumulation_steps x mean sample length, i.e.
     the same number of samples per step as the unpacked recipe, so the learning dynamics stay the same.
+    Packed rows are max_seq_length tokens long; when one step holds fewer tokens than that (small samples, small
+    batches), a row is one step long instead, but never shorter than the longest sample (so that packing cuts
+    nothing that max_seq_length keeps): a step is never larger than the documented size or than one sample.
     Tokens per micro-batch: `cfg.micro_batch_tokens` when set, else as many as fit in 80% of the GPU's
     memory after the weights with every layer recomputed, never above one step's tokens.
     Checkpointing: `true` recomputes every layer, `false` none; `auto` (on a GPU) then spends what is left of
@@ -181,25 +187,29 @@ def plan_batch(cfg: Any, gpu_mem_bytes: int, shape: dict[str, int], mean_sample_
     seq = cfg.max_seq_length
     layers = shape["num_hidden_layers"]
     mode = {True: "true", False: "false"}.get(cfg.gradient_checkpointing, str(cfg.gradient_checkpointing))
-    step_tokens = max(seq, cfg.micro_batch_size * cfg.gradient_accumulation_steps * max(mean_sample_tokens, 1.0))
+    step_tokens = cfg.micro_batch_size * cfg.gradient_accumulation_steps * max(mean_sample_tokens, 1.0)
+    longest = min(seq, max(1, longest_sample_tokens or seq))
+    row = seq if step_tokens >= seq else min(seq, max(longest, math.ceil(step_tokens)))
+    step_tokens = max(step_tokens, float(row))
+    step_text = (f"one step is ~{int(step_tokens)} tokens ({cfg.micro_batch_size}x{cfg.gradient_accumulation_steps}"
+                 f" samples of ~{mean_sample_tokens:.0f}{'' if row == seq else f', the longest {longest}'})")
     requested = int(getattr(cfg, "micro_batch_tokens", 0) or 0)
     fixed = fixed_bytes(shape, cfg)
     if requested:
-        micro = max(seq, requested)
-        reason = f"micro_batch_tokens={requested} set"
+        micro = max(row, requested)
+        reason = f"micro_batch_tokens={requested} set; {step_text}"
     elif not on_gpu:
-        micro = max(seq, int(step_tokens))
-        reason = (f"no GPU memory to plan for: one step's ~{int(step_tokens)} tokens per micro-batch"
-                  f" ({cfg.micro_batch_size}x{cfg.gradient_accumulation_steps} samples of ~{mean_sample_tokens:.0f})")
+        micro = max(row, int(step_tokens))
+        reason = f"no GPU memory to plan for: one step per micro-batch; {step_text}"
     else:
         budget = MEMORY_SHARE * gpu_mem_bytes - fixed
         fit = int(budget / activation_bytes_per_token(shape, mode != "false")) if budget > 0 else 0
-        micro = max(seq, min(fit, int(step_tokens)))
-        reason = (f"{fit} tokens fit in {MEMORY_SHARE:.0%} of {gpu_mem_bytes / GIB:.0f} GiB; one step is"
-                  f" ~{int(step_tokens)} tokens ({cfg.micro_batch_size}x{cfg.gradient_accumulation_steps} samples"
-                  f" of ~{mean_sample_tokens:.0f})")
-    rows = max(1, micro // seq)
-    tokens = rows * seq
+        micro = max(row, min(fit, int(step_tokens)))
+        reason = f"{fit} tokens fit in {MEMORY_SHARE:.0%} of {gpu_mem_bytes / GIB:.0f} GiB; {step_text}"
+    if row < seq:
+        reason += f"; packed rows of {row} tokens (one step is less than max_seq_length={seq})"
+    rows = max(1, micro // row)
+    tokens = rows * row
     accum = max(1, round(step_tokens / tokens))
     if mode == "false":
         kept = layers
@@ -213,7 +223,7 @@ def plan_batch(cfg: Any, gpu_mem_bytes: int, shape: dict[str, int], mean_sample_
         kept = max(0, min(layers, int(spare // per_layer))) if spare > 0 else 0
         reason += (f"; {kept} of {layers} layers keep their activations ({per_layer / GIB:.2f} GiB each at"
                    f" {tokens} tokens, {max(spare, 0) / GIB:.1f} GiB spare in {MEMORY_SHARE:.0%})")
-    return BatchPlan(rows, tokens, accum, kept < layers, kept, reason)
+    return BatchPlan(rows, tokens, accum, kept < layers, kept, reason, row)
 
 
 def shape_of(config: Any) -> dict[str, int]:
@@ -239,14 +249,15 @@ def usable_gpu_bytes() -> int | None:
     return int(total * min(fraction, 1.0))
 
 
-def plan_for(cfg: Any, model: Any, stats: dict[str, Any]) -> BatchPlan:
-    """plan_batch for a loaded model and the job's data statistics (train_tokens / train_records)."""
+def plan_for(cfg: Any, model_config: Any, stats: dict[str, Any]) -> BatchPlan:
+    """plan_batch for a loaded model and the job's data statistics (train_tokens, train_records and
+    longest_record_tokens, the longest train or eval record after truncation to max_seq_length)."""
     records = max(int(stats.get("train_records") or 0), 1)
     mean_tokens = float(stats.get("train_tokens") or cfg.max_seq_length * records) / records
     memory = usable_gpu_bytes()
     # Without a GPU there is no memory limit to plan for: one micro-batch per optimizer step.
-    return plan_batch(cfg, memory if memory is not None else 1 << 50, shape_of(model.config), mean_tokens,
-                      on_gpu=memory is not None)
+    return plan_batch(cfg, memory if memory is not None else 1 << 50, shape_of(model_config), mean_tokens,
+                      on_gpu=memory is not None, longest_sample_tokens=stats.get("longest_record_tokens"))
 
 
 # ------------------------------------------------------------------------------------------- trainer args
@@ -299,6 +310,9 @@ def sft_overrides(cfg: Any, plan: BatchPlan | None, cuda: bool) -> dict[str, Any
             "packing": True,
             "packing_strategy": "bfd",  # best-fit decreasing: whole samples per row, truncated at max length
             "padding_free": True,  # rows are concatenated into one sequence with per-sample position ids
+            # The packed row length: samples are cut at max_seq_length before this (prepare_data), and a row is
+            # never shorter than the longest of them, so nothing more is cut here.
+            "max_length": plan.row_tokens or cfg.max_seq_length,
             "per_device_train_batch_size": plan.rows,
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
             "gradient_checkpointing": plan.gradient_checkpointing,

@@ -27,20 +27,33 @@ from typing import Any, TypeVar
 from entrypoints import perf, storage
 from entrypoints.checkpoints import (
     StopFlag,
+    clear_checkpoints,
+    content_sha256,
     latest_complete,
+    model_files,
     remove_incomplete,
     restore_from_uri,
-    settings_fingerprint,
+    run_fingerprint,
     trainer_callback,
 )
-from entrypoints.config import JobConfig, parse_config
+from entrypoints.config import JobConfig, env_name, parse_config
 from entrypoints.data import LoadStats, list_data_files, load_conversations
-from entrypoints.errors import EXIT_INTERNAL, EXIT_PREEMPTED, ConfigError, DataError, JobError, Preempted, run_guarded
+from entrypoints.errors import (
+    EXIT_INTERNAL,
+    EXIT_PREEMPTED,
+    ConfigError,
+    DataError,
+    JobError,
+    ModelError,
+    Preempted,
+    StorageError,
+    disk_space_for,
+    run_guarded,
+)
 from entrypoints.outputs import (
     OutputTarget,
     Publisher,
     build_manifest,
-    fingerprint_files,
     plan_output,
     write_model_card,
 )
@@ -63,6 +76,8 @@ class Inputs:
     eval_data: Path | None
     model_dir: Path
     data_files: list[Path]
+    eval_files: list[Path] = field(default_factory=list)
+    content: dict[str, str | None] = field(default_factory=dict)  # sha256 of data, eval data and model files
 
 
 @dataclass
@@ -194,7 +209,23 @@ def resolve_inputs(cfg: JobConfig, work: Path, hf_token: str | None) -> Inputs:
     data = storage.fetch(cfg.data, work / "data" / "train", endpoint_url=endpoint)
     eval_data = storage.fetch(cfg.eval_data, work / "data" / "eval", endpoint_url=endpoint) if cfg.eval_data else None
     model_dir = resolve_model(cfg, work, hf_token)
-    return Inputs(data, eval_data, model_dir, list_data_files(data) + (list_data_files(eval_data) if eval_data else []))
+    inputs = Inputs(data, eval_data, model_dir, list_data_files(data), list_data_files(eval_data) if eval_data else [])
+    inputs.content = content_fingerprints(inputs, work)
+    return inputs
+
+
+def content_fingerprints(inputs: Inputs, work: Path) -> dict[str, str | None]:
+    """sha256 of the bytes this run trains on: the training data, the eval data and the base model's files."""
+    cache = work / "sha256-cache.json"
+    return {
+        "data_sha256": content_sha256(inputs.data_files, _root(inputs.data), cache),
+        "eval_data_sha256": content_sha256(inputs.eval_files, _root(inputs.eval_data), cache) if inputs.eval_files else None,
+        "model_sha256": content_sha256(model_files(inputs.model_dir), inputs.model_dir, cache),
+    }
+
+
+def _root(path: Path | None) -> Path | None:
+    return None if path is None else (path.parent if path.is_file() else path)
 
 
 def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
@@ -233,8 +264,12 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
                 raise exc.__cause__ from None
             raise
 
+    seq = cfg.max_seq_length
+
     def tokenize(batch):
-        out: dict[str, list] = {"input_ids": [], "assistant_masks": []}
+        # Truncated here, to max_seq_length (keeping the start), so that what is counted below is what is trained
+        # on; the full lengths and answer-token counts are kept to report what truncation removed.
+        out: dict[str, list] = {"input_ids": [], "assistant_masks": [], "full_tokens": [], "full_loss_tokens": []}
         for raw in batch["record"]:
             conv = json.loads(raw)
             if isinstance(conv, str):
@@ -243,8 +278,10 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
                 if template is None:
                     raise DataError("chat records need a chat template, but none could be resolved")
                 enc = tokenize_conversation(tokenizer, template, conv, cfg.assistant_only_loss)
-            out["input_ids"].append(enc["input_ids"])
-            out["assistant_masks"].append(enc["assistant_masks"])
+            out["full_tokens"].append(len(enc["input_ids"]))
+            out["full_loss_tokens"].append(sum(enc["assistant_masks"]))
+            out["input_ids"].append(enc["input_ids"][:seq])
+            out["assistant_masks"].append(enc["assistant_masks"][:seq])
         return out
 
     train_stats = LoadStats()
@@ -255,8 +292,16 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
         eval_stats = LoadStats()
         eval_raw = tokenized(inputs.eval_data, eval_stats)
         stats["bad_records_skipped"] += eval_stats.skipped
-    elif cfg.eval_fraction > 0 and len(train_raw) >= 2:
+    elif cfg.eval_fraction > 0 and len(train_raw) < 2:
+        log.warning("%s=%s: a single training record cannot be split; no eval split is held out",
+                    env_name("eval_fraction"), cfg.eval_fraction)
+        eval_raw = None
+    elif cfg.eval_fraction > 0:
         n_eval = max(1, round(len(train_raw) * cfg.eval_fraction))
+        if len(train_raw) - n_eval < 1:
+            raise ConfigError([f"{env_name('eval_fraction')}={cfg.eval_fraction} holds out {n_eval} of the"
+                               f" {len(train_raw)} training record(s), leaving none to train on: lower it, set it to"
+                               f" 0 (no eval), or give held-out data in {env_name('eval_data')}"])
         split = train_raw.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
         train_raw, eval_raw = split["train"], split["test"]
     else:
@@ -273,10 +318,18 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
     num_proc = min(cores, 8) if len(train_raw) > 20_000 and cores > 1 else None
     train_ds = train_raw.map(tokenize, batched=True, remove_columns=["record"], num_proc=num_proc, desc="tokenizing train")
     eval_ds = eval_raw.map(tokenize, batched=True, remove_columns=["record"], desc="tokenizing eval") if eval_raw is not None else None
+    train_counts = _token_stats(train_ds, "train")
+    eval_counts = _token_stats(eval_ds, "eval") if eval_ds is not None else {}
     stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
-                  **_token_stats(train_ds, cfg.max_seq_length)})
-    if stats["train_loss_tokens"] == 0:
-        raise DataError("no token is trained on: every record's answer was masked out (check the data format)")
+                  **train_counts, **{k: v for k, v in eval_counts.items() if k.startswith("eval_")},
+                  "longest_record_tokens": max(train_counts["longest_record_tokens"],
+                                               eval_counts.get("longest_record_tokens", 0))})
+    train_ds = train_ds.remove_columns(["full_tokens", "full_loss_tokens"])
+    eval_ds = eval_ds.remove_columns(["full_tokens", "full_loss_tokens"]) if eval_ds is not None else None
+    check_loss_tokens(stats, seq, cfg.assistant_only_loss)
+    if eval_ds is not None and stats["eval_loss_tokens"] == 0:
+        log.warning("no eval record has an answer token within max_seq_length=%d: the eval loss is skipped", seq)
+        eval_ds = None
     if fresh_cache or train_stats.records:
         log.info("data: %s", json.dumps(stats))
     else:  # the generator did not run: every split came from the caches local rank 0 built
@@ -285,26 +338,62 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
     return Prepared(train_ds, eval_ds, samples, stats)
 
 
-def _token_stats(ds: Any, max_seq_length: int) -> dict[str, int]:
-    """Token counts by batched iteration over the Arrow table (reading whole columns would load them into RAM)."""
+def _token_stats(ds: Any, split: str) -> dict[str, int]:
+    """Token counts by batched iteration over the Arrow table (reading whole columns would load them into RAM):
+    tokens and answer (loss) tokens as trained on, after truncation, and before it."""
     import numpy as np
     import pyarrow.compute as pc
 
     lengths = []  # one int32 per record: 4 MB per million records
-    train_tokens = loss_tokens = 0
-    for batch in ds.select_columns(["input_ids", "assistant_masks"]).with_format("arrow").iter(batch_size=10_000):
-        n = pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
-        lengths.append(n.astype(np.int32))
-        train_tokens += int(np.minimum(n, max_seq_length).sum())
-        loss_tokens += int(pc.sum(pc.list_flatten(batch["assistant_masks"])).as_py() or 0)
+    tokens = loss_tokens = full_loss_tokens = truncated = no_answer = longest = 0
+    columns = ["input_ids", "assistant_masks", "full_tokens", "full_loss_tokens"]
+    # Batches of 1,000 records: the per-record sums below make numpy copies of a batch's masks (8 bytes a token).
+    for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=1_000):
+        kept = pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+        full = batch["full_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+        # Answer tokens per record: differences of the running sum of the flattened 0/1 masks at list boundaries.
+        masks = batch["assistant_masks"]
+        running = np.concatenate([[0], np.cumsum(pc.list_flatten(masks).to_numpy(zero_copy_only=False))])
+        ends = np.cumsum(pc.list_value_length(masks).to_numpy(zero_copy_only=False).astype(np.int64))
+        per_record_loss = running[ends] - running[np.concatenate([[0], ends[:-1]])]
+        lengths.append(full.astype(np.int32))
+        tokens += int(kept.sum())
+        loss_tokens += int(per_record_loss.sum())
+        full_loss_tokens += int(pc.sum(batch["full_loss_tokens"]).as_py() or 0)
+        truncated += int((full > kept).sum())
+        no_answer += int((per_record_loss == 0).sum())
+        longest = max(longest, int(kept.max()) if len(kept) else 0)
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
-    return {"train_tokens": train_tokens, "train_loss_tokens": loss_tokens,
+    return {f"{split}_tokens": tokens, f"{split}_loss_tokens": loss_tokens,
+            f"{split}_loss_tokens_before_truncation": full_loss_tokens,
+            f"{split}_records_truncated": truncated, f"{split}_records_without_answer_tokens": no_answer,
             "median_tokens_per_record": int(np.sort(all_lengths)[len(all_lengths) // 2]) if len(all_lengths) else 0,
-            "records_over_max_seq_length": int((all_lengths > max_seq_length).sum())}
+            "longest_record_tokens": longest}
+
+
+def check_loss_tokens(stats: dict[str, Any], max_seq_length: int, assistant_only_loss: bool) -> None:
+    """Fail when truncation (or the masks) leave nothing to train on; warn when truncation removes most of it."""
+    before, after = stats["train_loss_tokens_before_truncation"], stats["train_loss_tokens"]
+    what = "answer tokens" if assistant_only_loss else "tokens"
+    if before == 0:
+        raise DataError("no token is trained on: every record's answer was masked out (check the data format)")
+    if after == 0:
+        raise DataError(f"{env_name('max_seq_length')}={max_seq_length} truncates away every one of the {before:,}"
+                        f" {what} of the {stats['train_records']:,} training record(s) (median record"
+                        f" {stats['median_tokens_per_record']:,} tokens): nothing would be trained on. Raise"
+                        f" {env_name('max_seq_length')} or shorten the prompts")
+    removed = before - after
+    if removed:
+        share = removed / before
+        log.log(logging.WARNING if share > 0.5 else logging.INFO,
+                "truncation at max_seq_length=%d removes %d of %d %s (%.0f%%) in %d of %d training records; %d"
+                " records keep no answer token%s", max_seq_length, removed, before, what, 100 * share,
+                stats["train_records_truncated"], stats["train_records"], stats["train_records_without_answer_tokens"],
+                ": raise QLORA_MAX_SEQ_LENGTH or shorten the prompts" if share > 0.5 else "")
 
 
 def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tracker: Any, stop: StopFlag,
-                  pad_token: str):
+                  plan: perf.BatchPlan | None, fingerprint: dict):
     import torch
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -353,9 +442,6 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
     )
     # The fast path (entrypoints/perf.py, measured in entrypoints/PERF.md): packed micro-batches sized
     # from the GPU's memory, Liger kernels.
-    plan = perf.plan_for(cfg, model, data.stats) if cfg.packing else None
-    if plan is not None:
-        log.info("batch plan: %s", plan)
     kwargs.update(perf.sft_overrides(cfg, plan, cuda))
     args = SFTConfig(**kwargs)
     extra_callbacks = []
@@ -376,8 +462,7 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url,
-                                    settings_fingerprint(cfg.to_public_dict())),
+        callbacks=[trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url, fingerprint),
                    _throughput_callback(tracker), *extra_callbacks],
     )
     # TRL casts a quantized model's LoRA weights to bfloat16, but a resumed run reloads them through peft, which
@@ -416,7 +501,7 @@ def _throughput_callback(tracker: Any):
                 tracker.log({"train/tokens_per_second": rate, "train/global_step": state.global_step})
             self.last = (now, tokens)
             if state.is_world_process_zero:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()}
+                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items()}  # 4 significant digits: a learning rate of 2e-05 is not 0.0
                 log.info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(shown))
 
     return Throughput()
@@ -468,14 +553,28 @@ def evaluate(trainer: Any, has_eval: bool) -> float | None:
     return float(loss) if loss is not None and math.isfinite(loss) else None
 
 
-def train(trainer: Any, cfg: JobConfig, stop: StopFlag, ranks: Ranks | None = None) -> dict[str, Any]:
-    ranks = ranks or Ranks()
+def planned_steps(trainer: Any, cfg: JobConfig) -> int:
+    """The optimizer steps this run ends at, counted as the Trainer counts them (its dataloader, accumulation)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = len(trainer.get_train_dataloader())
+    accum = trainer.args.gradient_accumulation_steps
+    per_epoch = max(batches // accum + int(batches % accum > 0), 1)
+    return math.ceil(cfg.num_epochs * per_epoch)
+
+
+def find_checkpoint(cfg: JobConfig, fingerprint: dict, ranks: Ranks) -> Path | None:
+    """The newest complete checkpoint of this very run (same inputs, settings and batch layout), restored from
+    QLORA_CHECKPOINT_URI when the local directory has none; None to start at step 0."""
     ckpt_dir = cfg.checkpoint_path
 
     def tidy_checkpoints() -> Path | None:
+        if not cfg.resume:
+            clear_checkpoints(ckpt_dir)
+            return None
         if cfg.checkpoint_uri:
-            restore_from_uri(cfg.checkpoint_uri, ckpt_dir, cfg.s3_endpoint_url)
-        found = latest_complete(ckpt_dir, settings_fingerprint(cfg.to_public_dict())) if cfg.resume else None
+            restore_from_uri(cfg.checkpoint_uri, ckpt_dir, cfg.s3_endpoint_url, fingerprint)
+        found = latest_complete(ckpt_dir, fingerprint)
         remove_incomplete(ckpt_dir)
         return found
 
@@ -484,19 +583,87 @@ def train(trainer: Any, cfg: JobConfig, stop: StopFlag, ranks: Ranks | None = No
     if len(set(ranks.gather(resume.name if resume else None))) > 1:
         raise ConfigError([f"the hosts of this job would resume from different checkpoints in {ckpt_dir}: give every"
                            " host the same checkpoints (set QLORA_CHECKPOINT_URI, or a shared QLORA_CHECKPOINT_DIR)"])
+    return resume
+
+
+def train(trainer: Any, cfg: JobConfig, stop: StopFlag, resume: Path | None) -> dict[str, Any]:
+    ckpt_dir = cfg.checkpoint_path
+    total = planned_steps(trainer, cfg)
+    # Warm-up in whole steps, rounded down: the Trainer rounds a ratio up, and its first warm-up step runs at
+    # learning rate 0, so a short run (under 1/warmup_ratio steps) spent a step, or its only step, learning nothing.
+    trainer.args.warmup_steps = math.floor(cfg.warmup_ratio * total)
+    resumed_at = checkpoint_step(resume) if resume else 0
+    if resumed_at > total:
+        raise ConfigError([f"{resume} is at step {resumed_at}, past this run's last step {total} (max_steps or"
+                           " num_epochs were lowered since it was written): raise QLORA_MAX_STEPS/QLORA_NUM_EPOCHS"
+                           " to at least that step, or set QLORA_RESUME=false to start over"])
+    if resume and resumed_at == total:
+        # The checkpoint is the finished run (a rerun after a stop during eval, merge or upload): take its adapter
+        # as it is. The Trainer would run one more step before noticing there is nothing left to do.
+        log.info("resuming from %s: it is this run's last step (%d), nothing is left to train", resume, total)
+        load_adapter_weights(trainer.model, resume)
+        trainer.state.global_step = resumed_at
+        return {"train_loss": None, "global_step": resumed_at, "steps_this_run": 0, "train_runtime_seconds": 0.0,
+                "resumed_from": resume.name}
     if resume:
-        log.info("resuming from %s", resume)
+        log.info("resuming from %s (step %d of %d)", resume, resumed_at, total)
     stop.training = True
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with disk_space_for(ckpt_dir, "saving a checkpoint"):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         stop.training = False
     if stop.is_set():
         raise Preempted(f"{stop.signal_name} received: checkpoint saved at step {trainer.state.global_step} in"
                         f" {ckpt_dir}; run the job again with the same settings to resume")
+    if int(result.global_step) != total:
+        raise JobError(f"training ended at step {result.global_step}, not at the planned step {total}: the adapter"
+                       " is not published. This is a bug; the checkpoints are kept")
     return {"train_loss": float(result.training_loss), "global_step": int(result.global_step),
+            "steps_this_run": int(result.global_step) - resumed_at,
             "train_runtime_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 1),
             "resumed_from": resume.name if resume else None}
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def load_adapter_weights(model: Any, checkpoint: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ModelError(f"{checkpoint}: the checkpoint's adapter lacks {len(missing)} LoRA tensor(s) of this run's"
+                         f" model (e.g. {missing[0]}): set QLORA_RESUME=false to start over")
+
+
+def check_trained(model: Any, result: dict[str, Any], cfg: JobConfig) -> None:
+    """A run that learned nothing, or diverged, must not be published as a result.
+
+    LoRA starts with every B matrix at zero (the adapter is the identity), so an adapter whose B matrices are all
+    still zero after training was never updated: every step ran at learning rate 0, or no token carried a loss.
+    """
+    import torch
+
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss = result.get("train_loss")
+    if (loss is not None and not math.isfinite(loss)) or any(not torch.isfinite(p).all() for p in trainable):
+        raise ConfigError([f"training diverged: the loss is {loss} and the adapter holds non-finite values after"
+                           f" step {result['global_step']}. Lower {env_name('learning_rate')} (now"
+                           f" {cfg.learning_rate}), keep {env_name('max_grad_norm')} above 0, or use"
+                           f" {env_name('compute_dtype')}=bfloat16 instead of float16"])
+    if lora_b and all(not p.any() for p in lora_b):
+        raise ConfigError([f"training changed nothing: after {result['global_step']} optimizer step(s) the adapter is"
+                           f" still the identity (every LoRA B matrix is zero), so publishing it would publish the"
+                           f" base model. This happens when every step runs at learning rate 0 (too few steps for"
+                           f" {env_name('warmup_ratio')}={cfg.warmup_ratio}), or no token carries a loss. Check"
+                           f" {env_name('learning_rate')}, {env_name('warmup_ratio')}, {env_name('max_steps')} and"
+                           " the data"])
 
 
 def save_adapter(trainer: Any, tokenizer: Any, stage: Path) -> Path:
@@ -507,27 +674,90 @@ def save_adapter(trainer: Any, tokenizer: Any, stage: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- job
+_HELD_LOCKS: list[Any] = []  # open lock files: each lock lives as long as its file stays open
+
+
+def lock_local_dirs(cfg: JobConfig) -> None:
+    """Hold an exclusive lock on the work and checkpoint directories for the life of the process: a second job
+    started on the same directories (a rerun while the first still runs, two schedules on one base dir) would
+    otherwise overwrite the first one's downloads, data caches and checkpoints. The kernel releases the locks when
+    the process ends, however it ends, so a killed job never leaves a stale lock."""
+    import fcntl
+    import socket
+
+    for folder, setting in ((cfg.paths.work_dir, "base_dir"), (cfg.checkpoint_path, "checkpoint_dir")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / ".qlora-job.lock", "a+")  # noqa: SIM115 - kept open: the lock lives with it
+        except OSError as exc:
+            raise StorageError(f"cannot create or write {folder} ({exc.strerror or exc}): the job needs a writable"
+                               f" {env_name(setting)}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError([f"{folder} is in use by another job ({holder}): two jobs in one directory would"
+                               " overwrite each other's downloads, caches and checkpoints. Wait for it to end, or give"
+                               f" this job its own {env_name(setting)}"]) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+        handle.flush()
+        _HELD_LOCKS.append(handle)
+
+
+def release_local_dirs() -> None:
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().close()
+
+
+def route_library_logs() -> None:
+    """transformers logs through a handler of its own on stderr; route it through the job's handler instead, so its
+    warnings (a load report, a deprecation) carry the job's time stamps and rank tags and land in the same stream."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
 def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop: StopFlag) -> dict[str, Any]:
     started = time.monotonic()
+    route_library_logs()
     work = cfg.paths.work_dir
-    work.mkdir(parents=True, exist_ok=True)
     ranks = join_ranks(env)
+    # A host's ranks share its directories; its local rank 0 holds them for the job.
+    ranks.from_local_main(lambda: lock_local_dirs(cfg), "the directory locks")
     # World rank 0 checks the output (and picks the versioned prefix) once; every rank fails alike on a conflict.
     target = ranks.from_main(lambda: plan_output(cfg), "the output check")
     log.info("output: %s%s", target.uri, " (versioned run)" if target.versioned else "")
     inputs = ranks.from_local_main(lambda: resolve_inputs(cfg, work, secrets.get("HF_TOKEN")), "the input downloads")
 
-    from entrypoints.modeling import device_kind, load_model, load_tokenizer
+    from entrypoints.modeling import cap_gpu_memory, device_kind, load_model, load_model_config, load_tokenizer
     from entrypoints.templating import choose_pad_token, resolve_chat_template
 
     tokenizer = load_tokenizer(inputs.model_dir, cfg)
     template = None if cfg.data_format == "text" else resolve_chat_template(tokenizer, cfg.chat_template)
-    pad_token = choose_pad_token(tokenizer)
-    tokenizer.pad_token = pad_token
+    tokenizer.pad_token = choose_pad_token(tokenizer)
     if template is not None:
         tokenizer.chat_template = template  # saved with the adapter, so inference formats prompts the same way
-    data = ranks.local_main_first(
-        lambda: prepare_data(cfg, inputs, tokenizer, template, fresh_cache=ranks.is_local_main), "data preparation")
+    with disk_space_for(work / "datasets-cache", "tokenizing the data"):
+        data = ranks.local_main_first(
+            lambda: prepare_data(cfg, inputs, tokenizer, template, fresh_cache=ranks.is_local_main), "data preparation")
+
+    # The fast path (entrypoints/perf.py, measured in entrypoints/PERF.md): packed micro-batches sized from the
+    # GPU's memory (capped first, when max_gpu_memory_gib is set). Planned from the model's config, before loading
+    # it, so that a checkpoint of other inputs or settings is refused before minutes of loading.
+    if device_kind() == "cuda":
+        cap_gpu_memory(cfg.max_gpu_memory_gib, ranks.local_rank)
+    plan = perf.plan_for(cfg, load_model_config(inputs.model_dir, cfg), data.stats) if cfg.packing else None
+    if plan is not None:
+        log.info("batch plan: %s", plan)
+    batch = ({"rows": plan.rows, "row_tokens": plan.row_tokens, "accumulation": plan.gradient_accumulation_steps}
+             if plan else {"rows": cfg.micro_batch_size, "accumulation": cfg.gradient_accumulation_steps})
+    fingerprint = run_fingerprint(cfg.to_public_dict(), inputs.content, {**batch, "processes": ranks.world_size})
+    resume = find_checkpoint(cfg, fingerprint, ranks)
 
     # One W&B run per job: transformers' WandbCallback logs from world rank 0 only, so only it opens the run.
     tracker = (WandbTracker(cfg.wandb_project, cfg.wandb_entity, cfg.run_name, cfg.to_public_dict(), work / "wandb")
@@ -535,13 +765,14 @@ def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop
     exit_code = 1
     try:
         model = load_model(inputs.model_dir, cfg, ranks.local_rank)
-        trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, pad_token)
+        trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint)
         is_main = trainer.is_world_process_zero()
         has_eval = data.eval is not None
         eval_before = evaluate(trainer, has_eval)
         before = generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens) if is_main else []
         log.info("eval loss before training: %s", eval_before)
-        result = train(trainer, cfg, stop, ranks)
+        result = train(trainer, cfg, stop, resume)
+        check_trained(trainer.model, result, cfg)
         eval_after = evaluate(trainer, has_eval)
         after = generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens) if is_main else []
         log.info("eval loss after training: %s", eval_after)
@@ -550,51 +781,61 @@ def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop
             return {}
         samples = [{"prompt": s["prompt"], "reference": s["reference"], "before": b, "after": a}
                    for s, b, a in zip(data.samples, before, after, strict=True)]
-        tokens_per_second = data.stats["train_tokens"] * max(cfg.num_epochs, 0) / max(result["train_runtime_seconds"], 1e-9)
         metrics = {
             "eval_loss_before": eval_before, "eval_loss_after": eval_after,
             "answer_match_before": answer_match(before, data.samples),
             "answer_match_after": answer_match(after, data.samples),
             **result, "device": device_kind(),
         }
-        if cfg.max_steps < 0:
-            metrics["approx_tokens_per_second"] = round(tokens_per_second, 1)
+        if cfg.max_steps < 0 and result["steps_this_run"] and result["train_runtime_seconds"] > 0:
+            share = result["steps_this_run"] / max(result["global_step"], 1)  # of the epochs' tokens, this run's
+            tokens = data.stats["train_tokens"] * cfg.num_epochs * share
+            metrics["approx_tokens_per_second"] = round(tokens / result["train_runtime_seconds"], 1)
         tracker.log_samples("samples", samples)
         tracker.summary({k: v for k, v in metrics.items() if v is not None})
 
         stage = work / "output"
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
-        publisher = Publisher(stage, target, cfg.s3_endpoint_url)
-        adapter_dir = save_adapter(trainer, tokenizer, stage)
-        for path in storage.iter_tree(adapter_dir):
-            publisher.submit(path)
-        del trainer, model
-        _free_memory()
-        if cfg.merge:
-            from entrypoints.merge import merge_adapter
-
-            log.info("merging the adapter into the 16-bit base model")
-            # Into the base as the adapter saw it in training (nf4/fp4 round trip): measured closest to
-            # the trained model (entrypoints/MERGE.md); plain LoRA merges into the original weights.
-            merge_into = {"nf4": "nf4", "fp4": "fp4", "none": "original"}[cfg.quantization]
-            merge_summary = merge_adapter(inputs.model_dir, adapter_dir, stage / "merged", merge_into=merge_into,
-                                          double_quant=cfg.double_quant, on_file_written=publisher.submit)
-            metrics["merge"] = {k: v for k, v in merge_summary.items() if isinstance(v, (str, int, float, bool))}
-        write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge)
-        manifest = build_manifest(stage, cfg, {
-            "base_model": {"source": cfg.model, "revision": cfg.model_revision},
-            "data": {"source": cfg.data, "eval_source": cfg.eval_data or None,
-                     "fingerprint_sha256": fingerprint_files(inputs.data_files), **data.stats},
-            "metrics": metrics, "samples": samples,
-        })
-        manifest_uri = publisher.finish(manifest)
+        with disk_space_for(stage, "writing the outputs"):
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir(parents=True)
+            publisher = Publisher(stage, target, cfg.s3_endpoint_url)
+            adapter_dir = save_adapter(trainer, tokenizer, stage)
+            for path in storage.iter_tree(adapter_dir):
+                publisher.submit(path)
+            del trainer, model  # the merge needs the memory the 4-bit model holds
+            _free_memory()
+            manifest_uri = publish(cfg, inputs, data, stage, publisher, adapter_dir, metrics, samples)
         summary = {"output": target.uri, "manifest": manifest_uri, **metrics, "samples": samples,
                    "wall_seconds": round(time.monotonic() - started, 1)}
         exit_code = 0
         return summary
     finally:
         tracker.finish(exit_code)
+
+
+def publish(cfg: JobConfig, inputs: Inputs, data: Prepared, stage: Path, publisher: Publisher, adapter_dir: Path,
+            metrics: dict[str, Any], samples: list[dict[str, Any]]) -> str:
+    """Merge, write the model card and the manifest, and publish what is left (the manifest last)."""
+    if cfg.merge:
+        from entrypoints.merge import merge_adapter
+
+        log.info("merging the adapter into the 16-bit base model")
+        # Into the base as the adapter saw it in training (nf4/fp4 round trip): measured closest to
+        # the trained model (entrypoints/MERGE.md); plain LoRA merges into the original weights.
+        merge_into = {"nf4": "nf4", "fp4": "fp4", "none": "original"}[cfg.quantization]
+        merge_summary = merge_adapter(inputs.model_dir, adapter_dir, stage / "merged", merge_into=merge_into,
+                                      double_quant=cfg.double_quant, on_file_written=publisher.submit)
+        metrics["merge"] = {k: v for k, v in merge_summary.items() if isinstance(v, (str, int, float, bool))}
+    write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge)
+    manifest = build_manifest(stage, cfg, {
+        "base_model": {"source": cfg.model, "revision": cfg.model_revision,
+                       "fingerprint_sha256": inputs.content["model_sha256"]},
+        "data": {"source": cfg.data, "eval_source": cfg.eval_data or None,
+                 "fingerprint_sha256": inputs.content["data_sha256"],
+                 "eval_fingerprint_sha256": inputs.content["eval_data_sha256"], **data.stats},
+        "metrics": metrics, "samples": samples,
+    })
+    return publisher.finish(manifest)
 
 
 def _free_memory() -> None:
@@ -612,7 +853,8 @@ def print_summary(summary: Mapping[str, Any], target: OutputTarget | None = None
              f"manifest:  {summary.get('manifest')}",
              f"eval loss: {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}",
              f"held-out answer match: {summary.get('answer_match_before')} -> {summary.get('answer_match_after')}",
-             f"steps: {summary.get('global_step')}  train loss: {summary.get('train_loss')}"
+             f"steps: {summary.get('global_step')}  train loss: "
+             f"{'n/a (resumed at the final step)' if summary.get('train_loss') is None else summary.get('train_loss')}"
              f"  train time: {summary.get('train_runtime_seconds')} s  on {summary.get('device')}"]
     print("\n".join(lines), flush=True)
     print(SUMMARY_PREFIX + json.dumps(summary, default=str), flush=True)
@@ -650,7 +892,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, value in secrets.items():
             os.environ[name] = value  # for the libraries (huggingface_hub, wandb) that read them there
         log.info("settings: %s", json.dumps(cfg.to_public_dict()))
-        summary = run(cfg, secrets, env, stop)
+        try:
+            summary = run(cfg, secrets, env, stop)
+        except (Preempted, RankFailed):
+            raise
+        except BaseException as exc:
+            if stop.is_set():
+                # What the signal interrupted (a worker pool, a download, a library call) may surface as an error of
+                # its own: the cause is the signal, and the documented answer to it is exit 75 and a rerun.
+                raise Preempted(f"{stop.signal_name} received before a checkpoint could be saved ({type(exc).__name__}"
+                                " while stopping); run the job again with the same settings to resume") from None
+            raise
+        finally:
+            release_local_dirs()
         if summary:
             print_summary(summary)
 

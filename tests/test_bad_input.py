@@ -69,6 +69,38 @@ class Case:
     argv: tuple[str, ...] = ()
 
 
+def damaged_model(c: Ctx, edit: Callable[[dict, dict], None] | None = None, truncate: bool = False,
+                  config: dict | None = None, extra: dict[str, str] | None = None) -> str:
+    """A copy of the tiny model with its weights edited (`edit(tensors, metadata)`), cut short, its config.json
+    updated, or extra files added."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target = Path(c.model_copy())
+    weights = target / "model.safetensors"
+    if edit is not None:
+        with safe_open(str(weights), "pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        edit(tensors, metadata)
+        save_file(tensors, str(weights), metadata=metadata)
+    if truncate:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 2 // 3])
+    if config:
+        cfg = json.loads((target / "config.json").read_text())
+        cfg.update(config)
+        (target / "config.json").write_text(json.dumps(cfg))
+    for name, text in (extra or {}).items():
+        (target / name).write_text(text)
+    return str(target)
+
+
+def long_prompts(c: Ctx) -> str:
+    """Records whose prompt alone is longer than 32 tokens: a max_seq_length of 32 cuts every answer away."""
+    record = {"messages": [{"role": "user", "content": "Please read this carefully. " * 20},
+                           {"role": "assistant", "content": "Done."}]}
+    return c.jsonl(record, record, record)
+
+
 def ok_data(c: Ctx) -> dict[str, str]:
     return {"QLORA_DATA": c.jsonl(GOOD, GOOD)}
 
@@ -232,6 +264,45 @@ CASES = [
     Case("S3 output holds a result", EXIT_OUTPUT_EXISTS,
          lambda c: {**ok_data(c), "QLORA_OUTPUT": f"s3://{c.bucket}/done"}, ("s3://bad-input-cases/done",),
          "QLORA_OUTPUT_EXISTS=overwrite"),
+    # ---------------------------------------------------------------- never a wrong result with exit 0
+    # Each of these trained a wrong model (or crashed with exit 1) before: a model loaded with random layers, every
+    # answer truncated away, an eval split that left no training data.
+    Case("a layer tensor missing (nf4)", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_MODEL": damaged_model(c, lambda t, m: t.pop("model.layers.1.mlp.up_proj.weight"))},
+         ("model.layers.1.mlp.up_proj.weight", "missing from the checkpoint"), "download it again"),
+    Case("a layer tensor missing (16-bit LoRA)", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_QUANTIZATION": "none",
+                    "QLORA_MODEL": damaged_model(c, lambda t, m: t.pop("model.layers.0.self_attn.q_proj.weight"))},
+         ("model.layers.0.self_attn.q_proj.weight", "they would be random"), "download it again"),
+    Case("tensors the architecture does not have", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_MODEL": damaged_model(
+             c, lambda t, m: t.update({"model.layers.7.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"].clone()}))},
+         ("model.layers.7.mlp.up_proj.weight", "not in the architecture of config.json"), "complete directory"),
+    Case("config.json of another shape", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_MODEL": damaged_model(c, config={"intermediate_size": 200})},
+         ("of another shape than config.json says", "mlp.gate_proj.weight [256, 128] vs [200, 128]"),
+         "another architecture"),
+    Case("config.json of another shape (16-bit LoRA)", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_QUANTIZATION": "none",
+                    "QLORA_MODEL": damaged_model(c, config={"intermediate_size": 200})},
+         ("do not match config.json",), "use the model's own config.json"),
+    Case("config.json of another architecture", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_MODEL": damaged_model(c, config={
+             "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2, "n_head": 4})},
+         ("missing from the checkpoint",), "another architecture"),
+    Case("truncated safetensors", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_MODEL": damaged_model(c, truncate=True)},
+         ("model.safetensors", "truncated"), "download or copy the model again"),
+    Case("shard index names a missing shard", EXIT_MODEL,
+         lambda c: {**ok_data(c), "QLORA_MODEL": damaged_model(c, extra={"model.safetensors.index.json": json.dumps(
+             {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})})},
+         ("model-00002-of-00002.safetensors",), "download or copy the whole model again"),
+    Case("every answer truncated away", EXIT_DATA,
+         lambda c: {"QLORA_DATA": long_prompts(c), "QLORA_MAX_SEQ_LENGTH": "32", "QLORA_EVAL_FRACTION": "0"},
+         ("QLORA_MAX_SEQ_LENGTH=32", "truncates away every one"), "Raise QLORA_MAX_SEQ_LENGTH"),
+    Case("eval fraction leaves nothing to train on", EXIT_CONFIG,
+         lambda c: {**ok_data(c), "QLORA_EVAL_FRACTION": "0.9"}, ("QLORA_EVAL_FRACTION=0.9", "leaving none"),
+         "lower it"),
 ]
 
 

@@ -54,6 +54,24 @@ def test_plan_keeps_tokens_per_step_of_the_unpacked_recipe():
     assert plan.micro_batch_tokens == plan.rows * 2048
 
 
+def test_a_step_smaller_than_a_row_packs_shorter_rows_instead_of_one_full_row():
+    """76 short samples (~23 tokens) with the defaults made ONE step of a full 2048-token row: the step is
+    micro_batch_size x accumulation x mean sample = 368 tokens, so a row is one step long (never shorter than the
+    longest sample, so packing cuts nothing that max_seq_length keeps)."""
+    seven = perf.SHAPES["7b"]
+    for on_gpu in (True, False):
+        plan = perf.plan_batch(_cfg(), 80 * GIB, seven, mean_sample_tokens=23, on_gpu=on_gpu, longest_sample_tokens=27)
+        assert (plan.row_tokens, plan.rows, plan.gradient_accumulation_steps) == (368, 1, 1)
+        assert "packed rows of 368 tokens" in plan.reason
+    long_tail = perf.plan_batch(_cfg(), 80 * GIB, seven, mean_sample_tokens=23, longest_sample_tokens=900)
+    assert long_tail.row_tokens == 900  # one sample of 900 tokens must fit a row whole
+    unknown = perf.plan_batch(_cfg(), 80 * GIB, seven, mean_sample_tokens=23)
+    assert unknown.row_tokens == 2048  # without the longest sample's length: full rows, as before
+    big_steps = perf.plan_batch(_cfg(), 80 * GIB, seven, mean_sample_tokens=400, longest_sample_tokens=1500)
+    assert big_steps.row_tokens == 2048  # a step of 6400 tokens: rows of max_seq_length
+    assert perf.sft_overrides(_cfg(), plan, cuda=False)["max_length"] == 368
+
+
 def test_auto_checkpointing_spends_spare_memory_on_layers_that_keep_activations():
     seven = perf.SHAPES["7b"]
     # 80 GB: every layer of 7B fits without recomputation, so checkpointing is switched off.
