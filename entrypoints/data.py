@@ -1,6 +1,6 @@
 """Training data: read data files, detect the record format per file, normalise to chat messages.
 
-    python -m entrypoints.data PATH [--format auto]   # print formats, counts and the first normalised record
+    python -m entrypoints.data PATH_OR_S3_URI [--format F] [--max-bad-records N]   # check data without training
 
 File types, by suffix (any case): JSON Lines (`.jsonl`, `.ndjson`), a JSON array (`.json`), Parquet (`.parquet`),
 CSV/TSV with a header row (`.csv`, `.tsv`); JSON, JSON Lines, CSV and TSV may be compressed (`.gz`, `.bz2`,
@@ -26,6 +26,7 @@ import lzma
 import os
 import re
 import sys
+import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -580,22 +581,78 @@ def load_conversations(path: Path, fmt: str = "auto", max_bad_records: int = 0, 
         log.warning("skipped %d bad record(s) of %d in %s", stats.skipped, stats.records + stats.skipped, path)
 
 
+INSPECT_HELP = """Check training data without training: read it the way the job reads QLORA_DATA (the same file
+types, format detection per file and bad-record budget) and print JSON with the formats, the records read
+and skipped per file and in total, the files ignored as not data, and the first normalised record. The log
+(one line per file, warnings) goes to stderr. An s3:// URI is downloaded to a temporary directory that is
+removed afterwards.
+
+file types: .jsonl/.ndjson, .json (one array), .parquet, .csv/.tsv (a header row names the fields), in any
+case; all but Parquet may be compressed (.gz, .bz2, .xz; .zst needs the zstandard package). In a directory,
+hidden files, _SUCCESS and other _ markers, *.crc, README* and LICENSE* are ignored (and logged); a file of
+any other type is a data error."""
+
+EXIT_CODES_HELP = """exit codes:
+  0  the data reads cleanly (bad records within the budget)
+  2  bad arguments or settings
+  3  data error: the message names the file (and line) and the fix
+  5  storage error: S3 unreachable, access denied, or nothing at the URI"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Inspect a training data file or directory.")
-    ap.add_argument("path")
-    ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    from entrypoints import storage
+    from entrypoints.config import parse_config
+    from entrypoints.errors import ConfigError, JobError
+
+    ap = argparse.ArgumentParser(
+        prog="python -m entrypoints.data",
+        description=INSPECT_HELP,
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path", help="a local file or directory, or an s3:// URI of one object or a prefix")
+    ap.add_argument("--format", choices=("auto",) + FORMATS,
+                    help="record format of every file (default: QLORA_DATA_FORMAT, else auto: detected per file)")
+    ap.add_argument("--max-bad-records", metavar="N",
+                    help="skip and count up to N malformed records before failing (default: QLORA_MAX_BAD_RECORDS,"
+                         " else 0: the first bad record fails)")
+    ap.add_argument("--s3-endpoint-url", metavar="URL",
+                    help="S3-compatible endpoint for s3:// URIs (default: QLORA_S3_ENDPOINT_URL, else AWS)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The job's own parser reads these settings, so the inspector interprets them exactly as the job does.
+    env = {name: os.environ[name] for name in ("QLORA_DATA_FORMAT", "QLORA_MAX_BAD_RECORDS", "QLORA_S3_ENDPOINT_URL")
+           if name in os.environ}
+    flags = [(flag, value) for flag, value in (("--data-format", args.format), ("--max-bad-records", args.max_bad_records),
+                                               ("--s3-endpoint-url", args.s3_endpoint_url)) if value is not None]
+    try:
+        cfg = parse_config({**env, "QLORA_DATA": args.path}, [part for pair in flags for part in pair], check_paths=False)
+    except ConfigError as exc:
+        print(f"{exc.kind}: {exc}", file=sys.stderr)
+        return exc.exit_code
     stats = LoadStats()
     first = None
-    try:
-        for item in load_conversations(Path(args.path), args.format, stats=stats):
-            first = first or item
-    except DataError as exc:
-        print(f"data error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps({"format": stats.fmt, "records": stats.records, "skipped": stats.skipped, "first": first}, indent=2))
+    with tempfile.TemporaryDirectory(prefix="qlora-data-") as tmp:
+        local = Path(tmp) if storage.is_s3(args.path) else Path(args.path)
+        try:
+            if storage.is_s3(args.path):
+                local = storage.fetch(args.path, Path(tmp), endpoint_url=cfg.s3_endpoint_url)
+            for item in load_conversations(local, cfg.data_format, cfg.max_bad_records, stats=stats):
+                first = first or item
+        except JobError as exc:
+            # Downloaded files are named by their URI, not by the temporary directory they were read from.
+            print(f"{exc.kind}: {_shown(str(exc), local, args.path)}", file=sys.stderr)
+            return exc.exit_code
+    files = [{"file": _shown(f.file, local, args.path), "type": f.type, "format": f.fmt, "records": f.records,
+              "skipped": f.skipped} for f in stats.files]
+    print(json.dumps({"format": stats.fmt, "records": stats.records, "skipped": stats.skipped, "files": files,
+                      "ignored": [_shown(p, local, args.path) for p in stats.ignored], "first": first}, indent=2))
     return 0
+
+
+def _shown(text: str, local: Path, given: str) -> str:
+    """For an s3:// URI: `text` with the temporary directory it was downloaded to replaced by the URI."""
+    from entrypoints.storage import is_s3
+
+    return text.replace(str(local), given.rstrip("/")) if is_s3(given) else text
 
 
 if __name__ == "__main__":

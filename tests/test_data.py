@@ -1,5 +1,5 @@
-"""Data formats, detection, record errors with file and line, the skip budget, file types and compression;
-a property test."""
+"""Data formats, detection, record errors with file and line, the skip budget, file types and compression,
+the `python -m entrypoints.data` inspector as a command; a property test."""
 
 import bz2
 import gzip
@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import lzma
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +28,9 @@ from entrypoints.data import (
     load_conversations,
     normalize,
 )
-from entrypoints.errors import DataError
+from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE, DataError
+
+REPO = Path(__file__).resolve().parents[1]
 
 U, A = "user", "assistant"
 CASES = {
@@ -322,6 +326,85 @@ def test_missing_path_says_so(tmp_path):
 
 def test_load_stats_keeps_its_positional_fields():
     assert LoadStats(3, 1, "alpaca") == LoadStats(records=3, skipped=1, fmt="alpaca", files=[], ignored=[])
+
+
+# --------------------------------------------------------------------- the inspector, as users run it
+def _inspect(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    return subprocess.run([sys.executable, "-m", "entrypoints.data", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**clean, "PYTHONPATH": str(REPO), **(env or {})}, timeout=120)
+
+
+def test_inspector_help_names_the_command_and_exit_codes():
+    proc = _inspect("--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: python -m entrypoints.data ")
+    for text in ("--max-bad-records N", "QLORA_MAX_BAD_RECORDS", "--s3-endpoint-url", "s3://", "exit codes:",
+                 "3  data error", "5  storage error", ".ndjson", "README*"):
+        assert text in proc.stdout, text
+
+
+def test_inspector_per_file_breakdown_and_held_out_warning():
+    proc = _inspect("entrypoints/demo_data")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report) == {"format", "records", "skipped", "files", "ignored", "first"}
+    files = {Path(f["file"]).name: f for f in report["files"]}
+    assert set(files) == {"eval.jsonl", "train.jsonl"} and report["format"] == "messages"
+    assert report["records"] == sum(f["records"] for f in files.values()) and report["skipped"] == 0
+    assert files["eval.jsonl"]["type"] == "jsonl" and files["eval.jsonl"]["format"] == "messages"
+    assert "demo_data/eval.jsonl: the name ('eval') suggests held-out data, but it is read as training data" in proc.stderr
+
+
+def test_inspector_missing_path(tmp_path):
+    proc = _inspect(str(tmp_path / "nope.jsonl"))
+    assert proc.returncode == EXIT_DATA
+    assert proc.stderr.strip() == f"data error: {tmp_path / 'nope.jsonl'}: no such file or directory; check the path" \
+                                  " (inside a container, mount it first)"
+
+
+def test_inspector_honours_the_bad_record_budget(tmp_path):
+    f = _write(tmp_path / "d.jsonl", [json.dumps(CASES["alpaca"]), "{broken", json.dumps(CASES["alpaca"])])
+    proc = _inspect(str(f))
+    assert proc.returncode == EXIT_DATA and "d.jsonl:2: invalid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    for args, env in (((), {"QLORA_MAX_BAD_RECORDS": "1"}), (("--max-bad-records", "1"), {}),
+                      (("--max-bad-records", "1"), {"QLORA_MAX_BAD_RECORDS": "0"})):
+        proc = _inspect(str(f), *args, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert (json.loads(proc.stdout)["records"], json.loads(proc.stdout)["skipped"]) == (2, 1)
+        assert "skipping " in proc.stderr and "d.jsonl:2" in proc.stderr
+    proc = _inspect(str(f), env={"QLORA_MAX_BAD_RECORDS": "some"})
+    assert proc.returncode == EXIT_CONFIG and "QLORA_MAX_BAD_RECORDS='some': expected an integer" in proc.stderr
+    proc = _inspect(str(f), "--max-bad-records", "-1")
+    assert proc.returncode == EXIT_CONFIG and "QLORA_MAX_BAD_RECORDS=-1: must be 0 or more" in proc.stderr
+
+
+@pytest.mark.integration
+def test_inspector_reads_s3_uris(s3_env, tmp_path):
+    server, bucket = s3_env
+    client = server.client()
+    client.put_object(Bucket=bucket, Key="ds/a.jsonl.gz", Body=gzip.compress(_alpaca_lines(3)))
+    client.put_object(Bucket=bucket, Key="ds/B.NDJSON", Body=_alpaca_lines(2))
+    client.put_object(Bucket=bucket, Key="ds/_SUCCESS", Body=b"")
+    client.put_object(Bucket=bucket, Key="bad/train.jsonl", Body=_alpaca_lines(1) + b"{broken\n")
+    env = server.env()
+    proc = _inspect(f"s3://{bucket}/ds/", env={**env, "QLORA_S3_ENDPOINT_URL": server.endpoint})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["records"] == 5 and report["format"] == "alpaca"
+    assert [(f["file"], f["type"], f["records"]) for f in report["files"]] == [
+        (f"s3://{bucket}/ds/B.NDJSON", "jsonl", 2), (f"s3://{bucket}/ds/a.jsonl.gz", "jsonl+gzip", 3)]
+    assert report["ignored"] == [f"s3://{bucket}/ds/_SUCCESS"]
+    # One object, the endpoint as a flag; a bad record is named by its URI and line.
+    proc = _inspect(f"s3://{bucket}/bad/train.jsonl", "--s3-endpoint-url", server.endpoint, env=env)
+    assert proc.returncode == EXIT_DATA
+    assert f"data error: s3://{bucket}/bad/train.jsonl:2: invalid JSON" in proc.stderr
+    proc = _inspect(f"s3://{bucket}/bad/train.jsonl", "--s3-endpoint-url", server.endpoint, "--max-bad-records", "1",
+                    env=env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["skipped"] == 1
+    proc = _inspect(f"s3://{bucket}/nothing/", "--s3-endpoint-url", server.endpoint, env=env)
+    assert proc.returncode == EXIT_STORAGE and "the prefix is empty or the key does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 role = st.sampled_from(["system", "user", "assistant", "human", "gpt", "robot", None])
