@@ -51,13 +51,16 @@ class JobConfig:
     model_revision: str = _f("main", "Hub revision (branch, tag or commit) when `model` is a Hub id.", group="inputs")
     data: str = _f(
         "",
-        "Training data: an s3:// URI or local path of one .jsonl/.json/.parquet file or a prefix/directory of"
-        " them. Defaults to the SageMaker `train` channel when running there.",
+        "Training data: an s3:// URI or local path of one file or a prefix/directory of them: .jsonl/.ndjson,"
+        " .json (an array), .parquet, .csv/.tsv (header row), any case, the text ones optionally compressed"
+        " (.gz, .bz2, .xz, .zst). In a prefix, hidden files, _SUCCESS and other `_` markers, *.crc, README* and"
+        " LICENSE* are skipped (and logged); any other file type fails the job. Defaults to the SageMaker `train`"
+        " channel when running there.",
         group="inputs",
     )
     data_format: str = _f(
         "auto",
-        "Record format; `auto` detects it from the fields of the first record.",
+        "Record format; `auto` detects it per file from the fields of its first record.",
         choices=("auto", "messages", "sharegpt", "alpaca", "dolly", "prompt_completion", "text"),
         group="inputs",
     )

@@ -1,29 +1,52 @@
-"""Training data: read JSONL / JSON / Parquet files, detect the record format, normalise to chat messages.
+"""Training data: read data files, detect the record format per file, normalise to chat messages.
 
-    python -m entrypoints.data PATH [--format auto]   # print format, counts and the first normalised record
+    python -m entrypoints.data PATH_OR_S3_URI [--format F] [--max-bad-records N]   # check data without training
 
+File types, by suffix (any case): JSON Lines (`.jsonl`, `.ndjson`), a JSON array (`.json`), Parquet (`.parquet`),
+CSV/TSV with a header row (`.csv`, `.tsv`); JSON, JSON Lines, CSV and TSV may be compressed (`.gz`, `.bz2`,
+`.xz`, or `.zst` with the `zstandard` package). In a directory, files that are not data (hidden, `_SUCCESS`
+and other `_` markers, `*.crc`, README*, LICENSE*) are ignored and logged; any other file fails the job.
 Formats users actually have, all normalised to `[{"role": ..., "content": ...}, ...]`:
 messages (OpenAI), sharegpt (conversations from/value), alpaca (instruction/input/output),
 dolly (instruction/context/response), prompt_completion, and text (plain text, trained on every token).
-Torch-free; streams records, so memory does not grow with the file size.
+Torch-free; streams records (compressed files too), so memory does not grow with the file size; only a
+`.json` array is read whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import bz2
+import csv
+import gzip
+import io
 import json
 import logging
+import lzma
+import os
+import re
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import IO, Any
 
 from entrypoints.errors import DataError
 
 log = logging.getLogger("qlora.data")
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Suffix (lower case) -> how the file is laid out. JSON Lines goes by two names.
+LAYOUTS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
+# Compression suffix -> codec. Parquet is left out: it compresses inside the file, and a compressed Parquet
+# file cannot be read without decompressing it whole.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
+READABLE_TYPES = (".jsonl, .ndjson, .json, .parquet, .csv or .tsv (the text ones optionally compressed: .gz, .bz2,"
+                  " .xz, .zst)")
+# Words in a training file's name that suggest held-out data (`eval.jsonl`, `test-00000-of-00001.parquet`).
+HELD_OUT_WORDS = frozenset({"eval", "evaluation", "test", "testing", "valid", "validation", "val", "dev",
+                            "heldout", "holdout"})
 FORMATS = ("messages", "sharegpt", "alpaca", "dolly", "prompt_completion", "text")
 # No context window holds a record this large (128k tokens are about 0.5 MB of text); tokenizing one would
 # take minutes and gigabytes for a sample that is truncated anyway. Larger lines are bad records.
@@ -40,64 +63,253 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    source: str  # "file:line" (JSONL), "file:record N" (JSON), "file:row N" (Parquet)
+    source: str  # "file:line" (JSONL, CSV), "file:record N" (JSON), "file:row N" (Parquet)
     data: dict[str, Any]
 
 
-def list_data_files(path: Path) -> list[Path]:
+@dataclass(frozen=True)
+class DataFile:
+    path: Path
+    layout: str  # jsonl, json, parquet, csv, tsv
+    compression: str = ""  # "", gzip, bzip2, xz, zstd
+
+    @property
+    def kind(self) -> str:
+        return f"{self.layout}+{self.compression}" if self.compression else self.layout
+
+
+def file_type(name: str) -> tuple[str, str] | None:
+    """(layout, compression) of a file name, case-insensitive; None when it is not a type we read."""
+    lower = name.lower()
+    compression = ""
+    for suffix, codec in COMPRESSIONS.items():
+        if lower.endswith(suffix):
+            lower, compression = lower[: -len(suffix)], codec
+            break
+    layout = LAYOUTS.get(os.path.splitext(lower)[1])
+    if layout is None or (layout == "parquet" and compression):
+        return None
+    return layout, compression
+
+
+def _not_data(relative: PurePath) -> bool:
+    """Files that travel with data sets but hold no records: skipped (and logged), never read, never an error."""
+    if any(part.startswith(".") for part in relative.parts):  # hidden files and directories (.DS_Store, .git/)
+        return True
+    if file_type(relative.name) is not None:
+        return False
+    name = relative.name.upper()
+    # `_SUCCESS`, `_committed_*`, `_metadata`: Spark/Hadoop/Databricks markers. `.crc`: Hadoop checksums.
+    # `.partial` (and boto3's `.partial.XXXXXXXX`): an interrupted download of entrypoints.storage.
+    return (name.startswith("_") or name.endswith((".CRC", ".PARTIAL")) or ".PARTIAL." in name
+            or name.startswith(("README", "LICENSE", "LICENCE")))
+
+
+def _listing(paths: list[str], limit: int = 10) -> str:
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
+def scan_data_files(path: Path) -> tuple[list[DataFile], list[Path]]:
+    """The data files under `path` (a file or a directory) and the files ignored as not data.
+
+    Raises DataError for a missing path, a file of a type we do not read, or a directory without data.
+    """
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory; check the path (inside a container, mount it first)")
     if path.is_file():
-        if path.suffix not in DATA_SUFFIXES:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{path}: no .jsonl, .json or .parquet files found under this prefix; check the URI")
-    return files
-
-
-def iter_records(path: Path) -> Iterator[Record]:
-    """Yield records from every data file under `path`, with their source position for error messages."""
-    for file in list_data_files(path):
-        if file.stat().st_size == 0:
-            raise DataError(f"{file}: the file is empty; remove it or point the data setting elsewhere")
-        if file.suffix == ".jsonl":
-            yield from _iter_jsonl(file)
-        elif file.suffix == ".json":
-            yield from _iter_json(file)
-        else:
-            yield from _iter_parquet(file)
-
-
-def _iter_jsonl(file: Path) -> Iterator[Record]:
-    with open(file, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if not raw.strip():
+        kind = file_type(path.name)
+        if kind is None:
+            suffix = "".join(path.suffixes[-2:]) or path.name
+            raise DataError(f"{path}: unsupported file type {suffix!r}; use {READABLE_TYPES}")
+        files, ignored = [DataFile(path, *kind)], []
+    else:
+        files, ignored, unreadable = [], [], []
+        for p in sorted(path.rglob("*")):
+            if not p.is_file():
                 continue
-            where = f"{file}:{line_no}"
-            if len(raw) > MAX_RECORD_BYTES:
-                yield Record(where, {"__error__": f"the line is {len(raw) / 2**20:.1f} MiB; records over"
-                                     f" {MAX_RECORD_BYTES // 2**20} MiB are refused (far beyond any context window):"
-                                     " split it into several records or drop it"})
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield Record(where, {"__error__": f"not valid UTF-8 at byte {exc.start}; re-encode the file as UTF-8"})
-                continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield Record(where, {"__error__": f"invalid JSON ({exc.msg} at column {exc.colno})"})
-                continue
-            if not isinstance(data, dict):
-                yield Record(where, {"__error__": f"expected a JSON object per line, got {type(data).__name__}"})
-                continue
-            yield Record(where, data)
+            relative = p.relative_to(path)
+            kind = file_type(p.name)
+            if _not_data(relative):
+                ignored.append(p)
+            elif kind is None:
+                unreadable.append(relative.as_posix())
+            else:
+                files.append(DataFile(p, *kind))
+        if unreadable:
+            raise DataError(f"{path}: {len(unreadable)} file(s) under this prefix are not a data type the job reads:"
+                            f" {_listing(unreadable)}. Remove them from the prefix, or point the data setting"
+                            f" (QLORA_DATA / QLORA_EVAL_DATA) at the data files only; readable: {READABLE_TYPES}")
+        if not files:
+            seen = f" (ignored as not data: {_listing([p.relative_to(path).as_posix() for p in ignored])})" if ignored else ""
+            raise DataError(f"{path}: no data files found under this prefix{seen}; readable: {READABLE_TYPES};"
+                            " check the URI")
+    zstd = [f for f in files if f.compression == "zstd"]
+    if zstd and not _have_zstandard():
+        raise DataError(f"{_listing([str(f.path) for f in zstd])}: zstd-compressed, but the `zstandard` package is"
+                        " not installed: `pip install zstandard` in the image, or decompress the file(s) (zstd -d)"
+                        " or recompress them with gzip")
+    return files, ignored
 
 
-def _iter_json(file: Path) -> Iterator[Record]:
+def list_data_files(path: Path) -> list[Path]:
+    return [f.path for f in scan_data_files(path)[0]]
+
+
+def _have_zstandard() -> bool:
     try:
-        data = json.loads(file.read_bytes().decode("utf-8"))
+        import zstandard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def held_out_word(relative: str) -> str | None:
+    """The word of a file's path that suggests held-out data (`eval`, `test`, ...), if any."""
+    return next((w for w in re.findall(r"[a-z]+", relative.lower()) if w in HELD_OUT_WORDS), None)
+
+
+def _empty(data_file: DataFile) -> DataError:
+    what = " (it decompresses to nothing)" if data_file.compression else ""
+    return DataError(f"{data_file.path}: the file is empty{what}; remove it or point the data setting elsewhere")
+
+
+def iter_file_records(data_file: DataFile) -> Iterator[Record]:
+    """The records of one file. A file that cannot be read (damaged, truncated) is a DataError naming it."""
+    file = data_file.path
+    if file.stat().st_size == 0:
+        raise _empty(data_file)
+    if data_file.layout == "parquet":
+        yield from _iter_parquet(file)
+        return
+    reader = {"jsonl": _iter_jsonl, "json": _iter_json, "csv": _iter_csv, "tsv": _iter_csv}[data_file.layout]
+    position = ""
+    try:
+        with _open(data_file) as stream:
+            for record in reader(data_file, stream):
+                position = record.source[len(str(file)) + 1:]
+                yield record
+    except _stream_errors() as exc:
+        where = f"after {'line ' if position.isdigit() else ''}{position}" if position else "at the start"
+        what = f" as {data_file.compression}-compressed {data_file.layout.upper()}" if data_file.compression else ""
+        raise DataError(f"{file}: cannot be read{what} {where} ({type(exc).__name__}: {exc}): the file is damaged"
+                        " or truncated (an interrupted copy or upload?) or not readable by the job; re-create or"
+                        " re-upload it, or remove it") from None
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
+    try:
+        import zstandard
+    except ImportError:
+        return errors
+    return (*errors, zstandard.ZstdError)
+
+
+def _open(data_file: DataFile) -> IO[bytes]:
+    """A binary stream of the file's (decompressed) bytes: read piece by piece, never whole."""
+    if data_file.compression == "gzip":
+        return gzip.open(data_file.path, "rb")
+    if data_file.compression == "bzip2":
+        return bz2.open(data_file.path, "rb")
+    if data_file.compression == "xz":
+        return lzma.open(data_file.path, "rb")
+    if data_file.compression == "zstd":
+        return io.BufferedReader(_ZstdReader(open(data_file.path, "rb")))  # noqa: SIM115 - closed with the reader
+    return open(data_file.path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses every frame of a .zst file, a slice of input at a time.
+
+    A file that ends inside a frame raises EOFError, as gzip, bz2 and lzma do (zstandard's own stream_reader
+    returns a short read there and the rest of the data would vanish silently). zstandard's decompressobj
+    returns all the output of its input at once, and repetitive text compresses 1000:1, so the input slice
+    shrinks as the ratio grows: each step yields about OUT_STEP_BYTES, whatever the ratio.
+    """
+
+    OUT_STEP_BYTES = 1 << 20
+    READ_BYTES = 1 << 16
+
+    def __init__(self, raw: IO[bytes]):
+        import zstandard
+
+        self._raw = raw
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._frame = self._new()
+        self._in_frame = False
+        self._input, self._in_pos = b"", 0
+        self._slice = 64  # at most doubles per step: the first bytes (headers) understate the ratio
+        self._out, self._out_pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._out_pos >= len(self._out):
+            if self._in_pos >= len(self._input):
+                self._input, self._in_pos = self._raw.read(self.READ_BYTES), 0
+                if not self._input:
+                    if self._in_frame:
+                        raise EOFError("the zstd data ended inside a frame")
+                    return 0
+            piece = self._input[self._in_pos:self._in_pos + self._slice]
+            self._in_pos += len(piece)
+            self._in_frame = True
+            self._out, self._out_pos = self._frame.decompress(piece), 0
+            if self._frame.eof:  # a frame ended; the next one starts with the input it did not use
+                rest = self._frame.unused_data
+                self._input, self._in_pos = rest + self._input[self._in_pos:], 0
+                self._frame, self._in_frame = self._new(), False
+            ratio = max(len(self._out), 1) / max(len(piece), 1)
+            self._slice = int(min(self.READ_BYTES, 2 * self._slice, max(64, self.OUT_STEP_BYTES / ratio)))
+        n = min(len(buffer), len(self._out) - self._out_pos)
+        buffer[:n] = self._out[self._out_pos:self._out_pos + n]
+        self._out_pos += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _iter_jsonl(data_file: DataFile, stream: IO[bytes]) -> Iterator[Record]:
+    file = data_file.path
+    line_no = 0
+    for line_no, raw in enumerate(stream, start=1):  # noqa: B007 - line_no is read after the loop
+        if not raw.strip():
+            continue
+        where = f"{file}:{line_no}"
+        if len(raw) > MAX_RECORD_BYTES:
+            yield Record(where, {"__error__": f"the line is {len(raw) / 2**20:.1f} MiB; records over"
+                                 f" {MAX_RECORD_BYTES // 2**20} MiB are refused (far beyond any context window):"
+                                 " split it into several records or drop it"})
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield Record(where, {"__error__": f"not valid UTF-8 at byte {exc.start}; re-encode the file as UTF-8"})
+            continue
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield Record(where, {"__error__": f"invalid JSON ({exc.msg} at column {exc.colno})"})
+            continue
+        if not isinstance(data, dict):
+            yield Record(where, {"__error__": f"expected a JSON object per line, got {type(data).__name__}"})
+            continue
+        yield Record(where, data)
+    if line_no == 0:
+        raise _empty(data_file)
+
+
+def _iter_json(data_file: DataFile, stream: IO[bytes]) -> Iterator[Record]:
+    file = data_file.path
+    raw = stream.read()  # a JSON array is one document: it is parsed whole
+    if not raw:
+        raise _empty(data_file)
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise DataError(f"{file}: not valid UTF-8 at byte {exc.start}; re-encode the file as UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -112,7 +324,67 @@ def _iter_json(file: Path) -> Iterator[Record]:
         yield Record(where, item if isinstance(item, dict) else {"__error__": f"expected an object, got {type(item).__name__}"})
 
 
+# Cells of these columns hold a list of turns, written as JSON (a CSV cell can only hold text).
+CSV_JSON_COLUMNS = ("messages", "conversations")
+
+
+def _iter_csv(data_file: DataFile, stream: IO[bytes]) -> Iterator[Record]:
+    """CSV/TSV with a header row naming the fields; one record per row (a quoted cell may span lines)."""
+    file = data_file.path
+    line_no = 0
+
+    def lines() -> Iterable[str]:
+        nonlocal line_no
+        for line_no, raw in enumerate(stream, start=1):  # noqa: B007 - line_no is read by the caller
+            try:
+                yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # -sig: spreadsheets write a BOM
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{file}:{line_no}: not valid UTF-8 at byte {exc.start}; re-encode the file as"
+                                " UTF-8") from None
+
+    # A cell as large as a record is allowed (the csv module's default limit is 128 KiB); process-wide setting.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_BYTES))
+    reader = csv.reader(lines(), delimiter="\t" if data_file.layout == "tsv" else ",", strict=True)
+    header: list[str] | None = None
+    while True:
+        start = line_no + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:
+            raise DataError(f"{file}:{line_no}: not valid {data_file.layout.upper()} ({exc}); fix the quoting"
+                            " (a cell holding the delimiter, a quote or a line break must be quoted, with quotes"
+                            " doubled)") from None
+        if row is None:
+            break
+        if not row or row == [""]:
+            continue
+        if header is None:
+            header = [name.strip() for name in row]
+            duplicates = sorted({n for n in header if header.count(n) > 1})
+            if duplicates:
+                raise DataError(f"{file}:{start}: the header names {duplicates} more than once; give every column"
+                                " a distinct name")
+            continue
+        where = f"{file}:{start}"
+        if len(row) != len(header):
+            yield Record(where, {"__error__": f"the row has {len(row)} fields where the header has {len(header)}"
+                                 " (an unquoted delimiter in a cell?)"})
+            continue
+        data: dict[str, Any] = dict(zip(header, row, strict=True))
+        try:
+            for column in CSV_JSON_COLUMNS:
+                if data.get(column):
+                    data[column] = json.loads(data[column])
+        except json.JSONDecodeError as exc:
+            yield Record(where, {"__error__": f"the `{column}` cell is not a JSON list of turns ({exc.msg})"})
+            continue
+        yield Record(where, data)
+    if line_no == 0:
+        raise _empty(data_file)
+
+
 def _iter_parquet(file: Path) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -120,10 +392,14 @@ def _iter_parquet(file: Path) -> Iterator[Record]:
     except Exception as exc:  # noqa: BLE001 - any parse failure is a data error
         raise DataError(f"{file}: not a readable Parquet file ({exc})") from None
     row = 0
-    for batch in reader.iter_batches(batch_size=1024):
-        for item in batch.to_pylist():
-            row += 1
-            yield Record(f"{file}:row {row}", item)
+    try:
+        for batch in reader.iter_batches(batch_size=1024):
+            for item in batch.to_pylist():
+                row += 1
+                yield Record(f"{file}:row {row}", item)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{file}: not a readable Parquet file: damaged after row {row} ({exc}); re-create or"
+                        " re-upload it, or remove it") from None
 
 
 def detect_format(data: dict[str, Any]) -> str:
@@ -237,58 +513,146 @@ def check_conversation(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 @dataclass
+class FileStats:
+    file: str
+    type: str  # jsonl, json, parquet, csv, tsv; "+gzip" etc. when compressed
+    fmt: str = ""  # the record format used for this file ("" while none of its records was usable)
+    records: int = 0
+    skipped: int = 0
+
+
+@dataclass
 class LoadStats:
     records: int = 0
     skipped: int = 0
-    fmt: str = ""
+    fmt: str = ""  # the distinct formats of the files, in reading order: "alpaca" or "alpaca,sharegpt"
+    files: list[FileStats] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # files under the prefix skipped as not data
 
 
-def load_conversations(path: Path, fmt: str = "auto", max_bad_records: int = 0, stats: LoadStats | None = None
-                       ) -> Iterator[list[dict[str, str]] | str]:
-    """Stream normalised records. Bad records fail the job, or are skipped within the budget."""
+def load_conversations(path: Path, fmt: str = "auto", max_bad_records: int = 0, stats: LoadStats | None = None,
+                       *, held_out: bool = False) -> Iterator[list[dict[str, str]] | str]:
+    """Stream normalised records. Bad records fail the job, or are skipped within the budget (over all files).
+
+    With `fmt="auto"` each file's format is detected from its first usable record. `held_out=False` (training
+    data) warns about files whose names suggest eval/test data.
+    """
     stats = stats if stats is not None else LoadStats()
-    detected = None if fmt == "auto" else fmt
-    for record in iter_records(path):
-        try:
-            if detected is None:
-                if "__error__" in record.data:
-                    raise RecordError(record.data["__error__"])
-                detected = detect_format(record.data)
-                log.info("data format: %s (detected from %s)", detected, record.source)
-            stats.fmt = detected
-            item = normalize(record.data, detected)
-        except RecordError as exc:
-            stats.skipped += 1
-            if stats.skipped > max_bad_records:
-                budget = ("set QLORA_MAX_BAD_RECORDS to skip bad records" if max_bad_records == 0
-                          else f"more than QLORA_MAX_BAD_RECORDS={max_bad_records} bad records")
-                raise DataError(f"{record.source}: {exc} ({budget})") from None
-            log.warning("skipping %s: %s", record.source, exc)
-            continue
-        stats.records += 1
-        yield item
+    files, ignored = scan_data_files(path)
+    if ignored:
+        stats.ignored = [str(p) for p in ignored]
+        log.info("%s: ignoring %d file(s) that are not data: %s", path, len(ignored),
+                 _listing([p.relative_to(path).as_posix() for p in ignored], limit=20))
+    for data_file in files:
+        relative = data_file.path.name if data_file.path == path else data_file.path.relative_to(path).as_posix()
+        word = None if held_out else held_out_word(relative)
+        if word:
+            log.warning("%s: the name (%r) suggests held-out data, but it is read as training data; if it is eval"
+                        " data, move it out of the training data and give it as QLORA_EVAL_DATA", data_file.path, word)
+        file_stats = FileStats(str(data_file.path), data_file.kind, "" if fmt == "auto" else fmt)
+        stats.files.append(file_stats)
+        for record in iter_file_records(data_file):
+            try:
+                if not file_stats.fmt:
+                    if "__error__" in record.data:
+                        raise RecordError(record.data["__error__"])
+                    file_stats.fmt = detect_format(record.data)
+                    stats.fmt = ",".join(dict.fromkeys(f.fmt for f in stats.files if f.fmt))
+                item = normalize(record.data, file_stats.fmt)
+            except RecordError as exc:
+                stats.skipped += 1
+                file_stats.skipped += 1
+                if stats.skipped > max_bad_records:
+                    budget = ("set QLORA_MAX_BAD_RECORDS to skip bad records" if max_bad_records == 0
+                              else f"more than QLORA_MAX_BAD_RECORDS={max_bad_records} bad records")
+                    raise DataError(f"{record.source}: {exc} ({budget})") from None
+                log.warning("skipping %s: %s", record.source, exc)
+                continue
+            stats.records += 1
+            file_stats.records += 1
+            yield item
+        stats.fmt = ",".join(dict.fromkeys(f.fmt for f in stats.files if f.fmt))
+        log.info("%s: %s, format %s (%s): %d record(s) read, %d bad skipped", data_file.path, data_file.kind,
+                 file_stats.fmt or "none", "detected" if fmt == "auto" else "set", file_stats.records,
+                 file_stats.skipped)
     if stats.records == 0:
         raise DataError(f"{path}: no usable records ({stats.skipped} skipped)")
     if stats.skipped:
         log.warning("skipped %d bad record(s) of %d in %s", stats.skipped, stats.records + stats.skipped, path)
 
 
+INSPECT_HELP = """Check training data without training: read it the way the job reads QLORA_DATA (the same file
+types, format detection per file and bad-record budget) and print JSON with the formats, the records read
+and skipped per file and in total, the files ignored as not data, and the first normalised record. The log
+(one line per file, warnings) goes to stderr. An s3:// URI is downloaded to a temporary directory that is
+removed afterwards.
+
+file types: .jsonl/.ndjson, .json (one array), .parquet, .csv/.tsv (a header row names the fields), in any
+case; all but Parquet may be compressed (.gz, .bz2, .xz; .zst needs the zstandard package). In a directory,
+hidden files, _SUCCESS and other _ markers, *.crc, README* and LICENSE* are ignored (and logged); a file of
+any other type is a data error."""
+
+EXIT_CODES_HELP = """exit codes:
+  0  the data reads cleanly (bad records within the budget)
+  2  bad arguments or settings
+  3  data error: the message names the file (and line) and the fix
+  5  storage error: S3 unreachable, access denied, or nothing at the URI"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Inspect a training data file or directory.")
-    ap.add_argument("path")
-    ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    from entrypoints import storage
+    from entrypoints.config import parse_config
+    from entrypoints.errors import ConfigError, JobError
+
+    ap = argparse.ArgumentParser(
+        prog="python -m entrypoints.data",
+        description=INSPECT_HELP,
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path", help="a local file or directory, or an s3:// URI of one object or a prefix")
+    ap.add_argument("--format", choices=("auto",) + FORMATS,
+                    help="record format of every file (default: QLORA_DATA_FORMAT, else auto: detected per file)")
+    ap.add_argument("--max-bad-records", metavar="N",
+                    help="skip and count up to N malformed records before failing (default: QLORA_MAX_BAD_RECORDS,"
+                         " else 0: the first bad record fails)")
+    ap.add_argument("--s3-endpoint-url", metavar="URL",
+                    help="S3-compatible endpoint for s3:// URIs (default: QLORA_S3_ENDPOINT_URL, else AWS)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The job's own parser reads these settings, so the inspector interprets them exactly as the job does.
+    env = {name: os.environ[name] for name in ("QLORA_DATA_FORMAT", "QLORA_MAX_BAD_RECORDS", "QLORA_S3_ENDPOINT_URL")
+           if name in os.environ}
+    flags = [(flag, value) for flag, value in (("--data-format", args.format), ("--max-bad-records", args.max_bad_records),
+                                               ("--s3-endpoint-url", args.s3_endpoint_url)) if value is not None]
+    try:
+        cfg = parse_config({**env, "QLORA_DATA": args.path}, [part for pair in flags for part in pair], check_paths=False)
+    except ConfigError as exc:
+        print(f"{exc.kind}: {exc}", file=sys.stderr)
+        return exc.exit_code
     stats = LoadStats()
     first = None
-    try:
-        for item in load_conversations(Path(args.path), args.format, stats=stats):
-            first = first or item
-    except DataError as exc:
-        print(f"data error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps({"format": stats.fmt, "records": stats.records, "skipped": stats.skipped, "first": first}, indent=2))
+    with tempfile.TemporaryDirectory(prefix="qlora-data-") as tmp:
+        local = Path(tmp) if storage.is_s3(args.path) else Path(args.path)
+        try:
+            if storage.is_s3(args.path):
+                local = storage.fetch(args.path, Path(tmp), endpoint_url=cfg.s3_endpoint_url)
+            for item in load_conversations(local, cfg.data_format, cfg.max_bad_records, stats=stats):
+                first = first or item
+        except JobError as exc:
+            # Downloaded files are named by their URI, not by the temporary directory they were read from.
+            print(f"{exc.kind}: {_shown(str(exc), local, args.path)}", file=sys.stderr)
+            return exc.exit_code
+    files = [{"file": _shown(f.file, local, args.path), "type": f.type, "format": f.fmt, "records": f.records,
+              "skipped": f.skipped} for f in stats.files]
+    print(json.dumps({"format": stats.fmt, "records": stats.records, "skipped": stats.skipped, "files": files,
+                      "ignored": [_shown(p, local, args.path) for p in stats.ignored], "first": first}, indent=2))
     return 0
+
+
+def _shown(text: str, local: Path, given: str) -> str:
+    """For an s3:// URI: `text` with the temporary directory it was downloaded to replaced by the URI."""
+    from entrypoints.storage import is_s3
+
+    return text.replace(str(local), given.rstrip("/")) if is_s3(given) else text
 
 
 if __name__ == "__main__":

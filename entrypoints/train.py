@@ -252,9 +252,9 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
     if fresh_cache:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
-    def tokenized(path: Path, stats: LoadStats):
+    def tokenized(path: Path, stats: LoadStats, held_out: bool = False):
         def gen():
-            for conv in load_conversations(path, cfg.data_format, cfg.max_bad_records, stats):
+            for conv in load_conversations(path, cfg.data_format, cfg.max_bad_records, stats, held_out=held_out):
                 yield {"record": json.dumps(conv)}
         try:
             return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False)
@@ -290,7 +290,7 @@ def prepare_data(cfg: JobConfig, inputs: Inputs, tokenizer: Any, template: str |
                              "bad_records_skipped": train_stats.skipped}
     if inputs.eval_data is not None:
         eval_stats = LoadStats()
-        eval_raw = tokenized(inputs.eval_data, eval_stats)
+        eval_raw = tokenized(inputs.eval_data, eval_stats, held_out=True)
         stats["bad_records_skipped"] += eval_stats.skipped
     elif cfg.eval_fraction > 0 and len(train_raw) < 2:
         log.warning("%s=%s: a single training record cannot be split; no eval split is held out",

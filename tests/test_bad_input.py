@@ -10,6 +10,7 @@ in-process (the subprocess path, the same code, is covered by tests/test_job.py)
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import signal
@@ -219,10 +220,22 @@ CASES = [
              {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * 50_000_000}]}))},
          ("train.jsonl:1", "47.7 MiB"), "split it into several records or drop it"),
     Case("prefix without data files", EXIT_DATA,
-         lambda c: {"QLORA_DATA": str(Path(c.data("notes.txt", "hello")).parent)}, ("data",),
-         "no .jsonl, .json or .parquet files found"),
-    Case("unsupported file type", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.csv", "a,b\n")},
-         ("train.csv",), "use .jsonl, .json or .parquet"),
+         lambda c: {"QLORA_DATA": str(Path(c.data("README.md", "hello"), c.data("_SUCCESS", "")).parent)},
+         ("data", "ignored as not data: README.md, _SUCCESS"), "no data files found under this prefix"),
+    Case("unsupported file type", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.txt", "a,b\n")},
+         ("train.txt",), "use .jsonl, .ndjson, .json, .parquet, .csv or .tsv"),
+    Case("prefix holding files the job cannot read", EXIT_DATA,
+         lambda c: {"QLORA_DATA": str(Path(c.jsonl(GOOD), c.data("notes.txt", "x"), c.data("more.zip", "PK")).parent)},
+         ("2 file(s)", "more.zip, notes.txt"), "Remove them from the prefix, or point the data setting"),
+    Case("truncated .jsonl.gz", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.data("train.jsonl.gz", gzip.compress((json.dumps(GOOD) + "\n").encode() * 50)[:-30])},
+         ("train.jsonl.gz", "gzip-compressed JSONL"), "damaged or truncated"),
+    Case(".jsonl.gz that decompresses to nothing", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.data("train.jsonl.gz", gzip.compress(b""))},
+         ("train.jsonl.gz", "decompresses to nothing"), "remove it or point the data setting elsewhere"),
+    Case("CSV row with a stray delimiter", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.data("train.csv", "prompt,completion\nq,a\nq, with a comma,a\n")},
+         ("train.csv:3",), "the header has 2"),
     Case(".json that is not an array", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.json", '{"a": 1}')},
          ("train.json",), "expected a JSON array of records"),
     Case(".json that is not JSON", EXIT_DATA, lambda c: {"QLORA_DATA": c.data("train.json", "[{,]")},
@@ -332,19 +345,29 @@ def restore_signals():
         signal.signal(sig, handler)
 
 
+def _job_environment(monkeypatch, settings: dict[str, str], s3_server=None) -> None:
+    """Only these settings reach the job: nothing from the caller's QLORA_*, SageMaker or AWS variables."""
+    import os
+
+    from entrypoints import storage
+
+    for key in list(os.environ):
+        if key.startswith(("QLORA_", "SM_CHANNEL_", "AWS_")):
+            monkeypatch.delenv(key)
+    for key, value in (s3_server.env() if s3_server else {}).items():
+        monkeypatch.setenv(key, value)
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    storage._client.cache_clear()  # AWS_MAX_ATTEMPTS and credentials are read when the client is made
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(case, assets, bucket, s3_server, tmp_path, monkeypatch, capsys, restore_signals):
     from entrypoints import storage
 
     model, smol = assets
     ctx = Ctx(tmp_path, model, smol, bucket, s3_server.endpoint, s3_server)
-    import os
-
-    for key in list(os.environ):
-        if key.startswith(("QLORA_", "SM_CHANNEL_", "AWS_")):
-            monkeypatch.delenv(key)
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
     base = tmp_path / "opt-ml"
     settings = {"QLORA_MODEL": str(model), "QLORA_OUTPUT": str(tmp_path / "output"), "QLORA_BASE_DIR": str(base),
                 "QLORA_S3_ENDPOINT_URL": s3_server.endpoint, "QLORA_REPORT_TO": "none", **case.setup(ctx)}
@@ -352,10 +375,7 @@ def test_bad_input(case, assets, bucket, s3_server, tmp_path, monkeypatch, capsy
     if hp is not None:
         (base / "input" / "config").mkdir(parents=True)
         (base / "input" / "config" / "hyperparameters.json").write_text(hp)
-    for key, value in settings.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    storage._client.cache_clear()  # AWS_MAX_ATTEMPTS and credentials are read when the client is made
+    _job_environment(monkeypatch, settings, s3_server)
 
     code = train.main(list(case.argv))
     out = capsys.readouterr()
@@ -372,6 +392,44 @@ def test_bad_input(case, assets, bucket, s3_server, tmp_path, monkeypatch, capsy
         assert name in failure, (name, failure)
     assert case.fix in failure, (case.fix, failure)
     assert len(failure) <= 1024
+
+
+def test_every_file_form_in_a_prefix_is_trained_on(assets, tmp_path, monkeypatch, capsys, restore_signals):
+    """Finding 7: in a prefix holding a.jsonl.gz, b.NDJSON, C.JSONL and d.jsonl only d.jsonl was read, without
+    a word. The job now trains on all ten records and logs each file; eval data given as QLORA_EVAL_DATA is
+    not warned about for its name."""
+    model, _ = assets
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def lines(n: int, tag: str) -> bytes:
+        return "".join(json.dumps({"messages": [{"role": "user", "content": f"Question {tag}{i}?"},
+                                                {"role": "assistant", "content": f"Answer {tag}{i}."}]}) + "\n"
+                       for i in range(n)).encode()
+
+    (data / "a.jsonl.gz").write_bytes(gzip.compress(lines(3, "a")))
+    (data / "b.NDJSON").write_bytes(lines(2, "b"))
+    (data / "C.JSONL").write_bytes(lines(4, "c"))
+    (data / "d.jsonl").write_bytes(lines(1, "d"))
+    (tmp_path / "eval.jsonl").write_bytes(lines(2, "e"))
+    output = tmp_path / "output"
+    _job_environment(monkeypatch, {
+        "QLORA_MODEL": str(model), "QLORA_DATA": str(data), "QLORA_EVAL_DATA": str(tmp_path / "eval.jsonl"),
+        "QLORA_OUTPUT": str(output), "QLORA_BASE_DIR": str(tmp_path / "opt-ml"), "QLORA_REPORT_TO": "none",
+        "QLORA_MAX_STEPS": "1", "QLORA_MICRO_BATCH_SIZE": "2", "QLORA_GRADIENT_ACCUMULATION_STEPS": "1",
+        "QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0", "QLORA_MAX_SEQ_LENGTH": "64"})
+
+    code = train.main([])
+    log = capsys.readouterr().out
+
+    assert code == 0, log[-3000:]
+    stats = json.loads((output / "manifest.json").read_text())["data"]
+    assert (stats["train_records_read"], stats["train_records"], stats["eval_records"]) == (10, 10, 2), stats
+    assert stats["format"] == "messages" and stats["bad_records_skipped"] == 0
+    for name, kind, count in (("a.jsonl.gz", "jsonl+gzip", 3), ("b.NDJSON", "jsonl", 2), ("C.JSONL", "jsonl", 4),
+                              ("d.jsonl", "jsonl", 1)):
+        assert f"{name}: {kind}, format messages (detected): {count} record(s) read, 0 bad skipped" in log, name
+    assert "suggests held-out data" not in log
 
 
 def test_the_table_covers_every_area_and_at_least_40_cases():

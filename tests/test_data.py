@@ -1,6 +1,16 @@
-"""Data formats, detection, record errors with file and line, the skip budget; a property test."""
+"""Data formats, detection, record errors with file and line, the skip budget, file types and compression,
+the `python -m entrypoints.data` inspector as a command; a property test."""
 
+import bz2
+import gzip
+import hashlib
 import json
+import logging
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,10 +24,13 @@ from entrypoints.data import (
     RecordError,
     check_conversation,
     detect_format,
+    held_out_word,
     load_conversations,
     normalize,
 )
-from entrypoints.errors import DataError
+from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE, DataError
+
+REPO = Path(__file__).resolve().parents[1]
 
 U, A = "user", "assistant"
 CASES = {
@@ -107,7 +120,7 @@ def test_json_array_parquet_and_prefix(tmp_path):
     d.mkdir()
     (d / "a.json").write_text(json.dumps([CASES["dolly"], CASES["dolly"]]))
     pq.write_table(pa.Table.from_pylist([CASES["dolly"]] * 3), d / "b.parquet")
-    (d / "notes.txt").write_text("ignored")
+    (d / "README.md").write_text("not data: ignored")
     assert len(list(load_conversations(d))) == 5
 
 
@@ -116,17 +129,282 @@ def test_empty_inputs(tmp_path):
     with pytest.raises(DataError, match="the file is empty"):
         list(load_conversations(tmp_path / "empty.jsonl"))
     (tmp_path / "dir").mkdir()
-    with pytest.raises(DataError, match="no .jsonl, .json or .parquet files"):
+    with pytest.raises(DataError, match="no data files found under this prefix; readable: .jsonl, .ndjson"):
         list(load_conversations(tmp_path / "dir"))
-    (tmp_path / "data.csv").write_text("x")
-    with pytest.raises(DataError, match="unsupported file type"):
-        list(load_conversations(tmp_path / "data.csv"))
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type '.txt'; use .jsonl, .ndjson, .json, .parquet, .csv"):
+        list(load_conversations(tmp_path / "data.txt"))
 
 
 def test_explicit_format_mismatch_names_field(tmp_path):
     f = _write(tmp_path / "d.jsonl", [json.dumps(CASES["alpaca"])])
     with pytest.raises(DataError, match=r"d\.jsonl:1: missing field `messages`"):
         list(load_conversations(f, fmt="messages"))
+
+
+def _alpaca_lines(n: int, start: int = 0) -> bytes:
+    return b"".join(json.dumps({"instruction": f"q{i}", "input": "", "output": f"a{i}"}).encode() + b"\n"
+                    for i in range(start, start + n))
+
+
+def _zstd(data: bytes) -> bytes:
+    zstandard = pytest.importorskip("zstandard")
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def test_every_common_file_form_in_a_directory_is_read(tmp_path):
+    """Finding 7: .jsonl.gz, .ndjson and upper-case suffixes were skipped without a word."""
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(_alpaca_lines(3)))
+    (tmp_path / "b.NDJSON").write_bytes(_alpaca_lines(2))
+    (tmp_path / "C.JSONL").write_bytes(_alpaca_lines(4))
+    (tmp_path / "d.jsonl").write_bytes(_alpaca_lines(1))
+    (tmp_path / "e.Json.BZ2").write_bytes(bz2.compress(json.dumps([CASES["alpaca"]] * 2).encode()))
+    (tmp_path / "f.ndjson.xz").write_bytes(lzma.compress(_alpaca_lines(5)))
+    (tmp_path / "g.jsonl.zst").write_bytes(_zstd(_alpaca_lines(6)))
+    stats = LoadStats()
+    assert len(list(load_conversations(tmp_path, stats=stats))) == 23
+    assert (stats.records, stats.skipped, stats.fmt) == (23, 0, "alpaca")
+    got = {Path(f.file).name: (f.type, f.records) for f in stats.files}
+    assert got == {"a.jsonl.gz": ("jsonl+gzip", 3), "b.NDJSON": ("jsonl", 2), "C.JSONL": ("jsonl", 4),
+                   "d.jsonl": ("jsonl", 1), "e.Json.BZ2": ("json+bzip2", 2), "f.ndjson.xz": ("jsonl+xz", 5),
+                   "g.jsonl.zst": ("jsonl+zstd", 6)}
+
+
+def test_single_upper_case_and_compressed_files(tmp_path):
+    (tmp_path / "TRAIN.JSONL").write_bytes(_alpaca_lines(2))
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(_alpaca_lines(3)))
+    assert len(list(load_conversations(tmp_path / "TRAIN.JSONL"))) == 2
+    assert len(list(load_conversations(tmp_path / "train.jsonl.gz"))) == 3
+
+
+def test_format_is_detected_per_file_and_each_file_is_logged(tmp_path, caplog):
+    (tmp_path / "a.jsonl").write_bytes(_alpaca_lines(2))
+    _write(tmp_path / "b.jsonl", [json.dumps(CASES["sharegpt"]), "{broken", json.dumps(CASES["sharegpt"])])
+    stats = LoadStats()
+    with caplog.at_level(logging.INFO, logger="qlora.data"):
+        assert len(list(load_conversations(tmp_path, max_bad_records=1, stats=stats))) == 4
+    assert (stats.records, stats.skipped, stats.fmt) == (4, 1, "alpaca,sharegpt")
+    assert [(f.fmt, f.records, f.skipped) for f in stats.files] == [("alpaca", 2, 0), ("sharegpt", 2, 1)]
+    assert f"{tmp_path / 'a.jsonl'}: jsonl, format alpaca (detected): 2 record(s) read, 0 bad skipped" in caplog.text
+    assert f"{tmp_path / 'b.jsonl'}: jsonl, format sharegpt (detected): 2 record(s) read, 1 bad skipped" in caplog.text
+
+
+def test_files_that_are_not_data_are_ignored_with_one_log_line(tmp_path, caplog):
+    (tmp_path / "part-0.jsonl").write_bytes(_alpaca_lines(2))
+    for name in (".DS_Store", "_SUCCESS", "_committed_123", ".part-0.jsonl.crc", "part-0.crc", "README.md",
+                 "LICENSE", "part-1.jsonl.partial", "part-1.jsonl.partial.a1B2c3D4"):
+        (tmp_path / name).write_text("not data")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("[core]")
+    stats = LoadStats()
+    with caplog.at_level(logging.INFO, logger="qlora.data"):
+        assert len(list(load_conversations(tmp_path, stats=stats))) == 2
+    lines = [r.getMessage() for r in caplog.records if "not data" in r.getMessage()]
+    assert lines == [f"{tmp_path}: ignoring 10 file(s) that are not data: .DS_Store, .git/config, .part-0.jsonl.crc,"
+                     " LICENSE, README.md, _SUCCESS, _committed_123, part-0.crc, part-1.jsonl.partial,"
+                     " part-1.jsonl.partial.a1B2c3D4"]
+    assert len(stats.ignored) == 10
+
+
+@pytest.mark.parametrize("names", [("notes.txt",), ("data.arrow", "state.json.zip"), ("x.tar",), ("blob",),
+                                   ("train.parquet.gz",), ("dataset_dict.pickle", "more.bin")])
+def test_a_file_the_job_cannot_read_fails_the_prefix_naming_it(tmp_path, names):
+    (tmp_path / "train.jsonl").write_bytes(_alpaca_lines(2))
+    for name in names:
+        (tmp_path / name).write_text("x")
+    with pytest.raises(DataError) as err:
+        list(load_conversations(tmp_path))
+    message = str(err.value)
+    assert f"{len(names)} file(s) under this prefix are not a data type the job reads" in message
+    assert all(name in message for name in names)
+    assert "Remove them from the prefix, or point the data setting" in message
+
+
+@pytest.mark.parametrize("suffix,compress", [(".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress),
+                                             (".zst", _zstd)])
+def test_a_truncated_compressed_file_is_a_data_error_naming_it(tmp_path, suffix, compress):
+    data = b"".join(json.dumps({"text": f"record {i} " + hashlib.sha256(b"%d" % i).hexdigest()}).encode() + b"\n"
+                    for i in range(60_000))
+    packed = compress(data)
+    path = tmp_path / f"train.jsonl{suffix}"
+    path.write_bytes(packed[: len(packed) // 2])
+    records = load_conversations(path)
+    if suffix != ".zst":  # streamed: the records before the damage arrive first (zstd's first block is cut here)
+        assert next(records).startswith("record 0 ")
+    with pytest.raises(DataError, match=rf"train\.jsonl\{suffix}: cannot be read as .*-compressed JSONL (after line"
+                                        r" \d+|at the start) .*re-create or re-upload it"):
+        list(records)
+
+
+def test_a_corrupt_gzip_file_is_a_data_error_naming_it(tmp_path):
+    packed = bytearray(gzip.compress(_alpaca_lines(500)))
+    packed[40:60] = b"\xff" * 20
+    (tmp_path / "train.jsonl.gz").write_bytes(bytes(packed))
+    (tmp_path / "other.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"other\.jsonl\.gz: cannot be read as gzip-compressed JSONL at the start"):
+        list(load_conversations(tmp_path / "other.jsonl.gz"))
+    with pytest.raises(DataError, match=r"train\.jsonl\.gz: cannot be read as gzip-compressed JSONL"):
+        list(load_conversations(tmp_path / "train.jsonl.gz"))
+
+
+@pytest.mark.parametrize("name,content", [("a.jsonl.gz", gzip.compress(b"")), ("a.json.bz2", bz2.compress(b"")),
+                                          ("a.csv.xz", lzma.compress(b""))])
+def test_a_compressed_file_that_decompresses_to_nothing_is_empty(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=rf"{name}: the file is empty \(it decompresses to nothing\); remove it"):
+        list(load_conversations(tmp_path / name))
+
+
+def test_zst_without_the_zstandard_package_is_a_clear_data_error(tmp_path, monkeypatch):
+    (tmp_path / "train.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # what `import zstandard` meets where it is not installed
+    with pytest.raises(DataError, match=r"train\.jsonl\.zst: zstd-compressed, but the `zstandard` package is not"
+                                        r" installed: `pip install zstandard` .* or decompress"):
+        list(load_conversations(tmp_path))
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_jsonl_is_streamed_not_read_whole(tmp_path, suffix):
+    """Reading a compressed file through holds a few blocks, not the file: peak memory far below its size."""
+    import tracemalloc
+
+    line = json.dumps({"text": "a line of text " * 40}).encode() + b"\n"
+    data = line * 50_000  # 30 MB decompressed
+    path = tmp_path / f"big.jsonl{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix == ".gz" else _zstd(data))
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in load_conversations(path, fmt="text"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 50_000
+    assert peak < 3 * 2**20, f"peak {peak / 2**20:.1f} MiB while reading {len(data) / 2**20:.0f} MiB"
+
+
+def test_csv_and_tsv_records_with_positions(tmp_path):
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_bytes("\ufeffinstruction, input ,output\n".encode() + b'"two\nlines",,"a, b"\nq2,,a2\n\nq3,x\n')
+    stats = LoadStats()
+    out = list(load_conversations(csv_file, max_bad_records=1, stats=stats))
+    assert out[0] == [{"role": U, "content": "two\nlines"}, {"role": A, "content": "a, b"}]
+    assert (stats.records, stats.skipped, stats.fmt) == (2, 1, "alpaca")
+    with pytest.raises(DataError, match=r"a\.csv:6: the row has 2 fields where the header has 3"):
+        list(load_conversations(csv_file))
+    tsv = tmp_path / "b.tsv.gz"
+    messages = json.dumps(CASES["messages"]["messages"]).replace('"', '""')  # CSV quoting doubles quotes
+    tsv.write_bytes(gzip.compress(f'messages\tid\n"{messages}"\t1\n'.encode()))
+    assert list(load_conversations(tsv)) == [normalize(CASES["messages"], "messages")]
+    bad = tmp_path / "c.csv"
+    bad.write_text('text\n"quoted"then text\n')
+    with pytest.raises(DataError, match=r"c\.csv:2: not valid CSV .*fix the quoting"):
+        list(load_conversations(bad))
+
+
+def test_held_out_names_warn_when_read_as_training_data(tmp_path, caplog):
+    for name in ("train.jsonl", "eval.jsonl", "test-00000-of-00001.jsonl", "contest.jsonl", "dev.jsonl"):
+        (tmp_path / name).write_bytes(_alpaca_lines(1))
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation" / "part-0.jsonl").write_bytes(_alpaca_lines(1))
+    with caplog.at_level(logging.INFO, logger="qlora.data"):
+        assert len(list(load_conversations(tmp_path))) == 6
+    warned = sorted(Path(r.getMessage().split(":")[0]).name for r in caplog.records if r.levelno == logging.WARNING)
+    assert warned == ["dev.jsonl", "eval.jsonl", "part-0.jsonl", "test-00000-of-00001.jsonl"]
+    assert "suggests held-out data, but it is read as training data" in caplog.text
+    assert "QLORA_EVAL_DATA" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qlora.data"):
+        list(load_conversations(tmp_path, held_out=True))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert held_out_word("data/Valid_set.jsonl") == "valid" and held_out_word("interval.jsonl") is None
+
+
+def test_missing_path_says_so(tmp_path):
+    with pytest.raises(DataError, match=r"nope: no such file or directory"):
+        list(load_conversations(tmp_path / "nope"))
+
+
+def test_load_stats_keeps_its_positional_fields():
+    assert LoadStats(3, 1, "alpaca") == LoadStats(records=3, skipped=1, fmt="alpaca", files=[], ignored=[])
+
+
+# --------------------------------------------------------------------- the inspector, as users run it
+def _inspect(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    return subprocess.run([sys.executable, "-m", "entrypoints.data", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**clean, "PYTHONPATH": str(REPO), **(env or {})}, timeout=120)
+
+
+def test_inspector_help_names_the_command_and_exit_codes():
+    proc = _inspect("--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: python -m entrypoints.data ")
+    for text in ("--max-bad-records N", "QLORA_MAX_BAD_RECORDS", "--s3-endpoint-url", "s3://", "exit codes:",
+                 "3  data error", "5  storage error", ".ndjson", "README*"):
+        assert text in proc.stdout, text
+
+
+def test_inspector_per_file_breakdown_and_held_out_warning():
+    proc = _inspect("entrypoints/demo_data")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report) == {"format", "records", "skipped", "files", "ignored", "first"}
+    files = {Path(f["file"]).name: f for f in report["files"]}
+    assert set(files) == {"eval.jsonl", "train.jsonl"} and report["format"] == "messages"
+    assert report["records"] == sum(f["records"] for f in files.values()) and report["skipped"] == 0
+    assert files["eval.jsonl"]["type"] == "jsonl" and files["eval.jsonl"]["format"] == "messages"
+    assert "demo_data/eval.jsonl: the name ('eval') suggests held-out data, but it is read as training data" in proc.stderr
+
+
+def test_inspector_missing_path(tmp_path):
+    proc = _inspect(str(tmp_path / "nope.jsonl"))
+    assert proc.returncode == EXIT_DATA
+    assert proc.stderr.strip() == f"data error: {tmp_path / 'nope.jsonl'}: no such file or directory; check the path" \
+                                  " (inside a container, mount it first)"
+
+
+def test_inspector_honours_the_bad_record_budget(tmp_path):
+    f = _write(tmp_path / "d.jsonl", [json.dumps(CASES["alpaca"]), "{broken", json.dumps(CASES["alpaca"])])
+    proc = _inspect(str(f))
+    assert proc.returncode == EXIT_DATA and "d.jsonl:2: invalid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    for args, env in (((), {"QLORA_MAX_BAD_RECORDS": "1"}), (("--max-bad-records", "1"), {}),
+                      (("--max-bad-records", "1"), {"QLORA_MAX_BAD_RECORDS": "0"})):
+        proc = _inspect(str(f), *args, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert (json.loads(proc.stdout)["records"], json.loads(proc.stdout)["skipped"]) == (2, 1)
+        assert "skipping " in proc.stderr and "d.jsonl:2" in proc.stderr
+    proc = _inspect(str(f), env={"QLORA_MAX_BAD_RECORDS": "some"})
+    assert proc.returncode == EXIT_CONFIG and "QLORA_MAX_BAD_RECORDS='some': expected an integer" in proc.stderr
+    proc = _inspect(str(f), "--max-bad-records", "-1")
+    assert proc.returncode == EXIT_CONFIG and "QLORA_MAX_BAD_RECORDS=-1: must be 0 or more" in proc.stderr
+
+
+@pytest.mark.integration
+def test_inspector_reads_s3_uris(s3_env, tmp_path):
+    server, bucket = s3_env
+    client = server.client()
+    client.put_object(Bucket=bucket, Key="ds/a.jsonl.gz", Body=gzip.compress(_alpaca_lines(3)))
+    client.put_object(Bucket=bucket, Key="ds/B.NDJSON", Body=_alpaca_lines(2))
+    client.put_object(Bucket=bucket, Key="ds/_SUCCESS", Body=b"")
+    client.put_object(Bucket=bucket, Key="bad/train.jsonl", Body=_alpaca_lines(1) + b"{broken\n")
+    env = server.env()
+    proc = _inspect(f"s3://{bucket}/ds/", env={**env, "QLORA_S3_ENDPOINT_URL": server.endpoint})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["records"] == 5 and report["format"] == "alpaca"
+    assert [(f["file"], f["type"], f["records"]) for f in report["files"]] == [
+        (f"s3://{bucket}/ds/B.NDJSON", "jsonl", 2), (f"s3://{bucket}/ds/a.jsonl.gz", "jsonl+gzip", 3)]
+    assert report["ignored"] == [f"s3://{bucket}/ds/_SUCCESS"]
+    # One object, the endpoint as a flag; a bad record is named by its URI and line.
+    proc = _inspect(f"s3://{bucket}/bad/train.jsonl", "--s3-endpoint-url", server.endpoint, env=env)
+    assert proc.returncode == EXIT_DATA
+    assert f"data error: s3://{bucket}/bad/train.jsonl:2: invalid JSON" in proc.stderr
+    proc = _inspect(f"s3://{bucket}/bad/train.jsonl", "--s3-endpoint-url", server.endpoint, "--max-bad-records", "1",
+                    env=env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["skipped"] == 1
+    proc = _inspect(f"s3://{bucket}/nothing/", "--s3-endpoint-url", server.endpoint, env=env)
+    assert proc.returncode == EXIT_STORAGE and "the prefix is empty or the key does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 role = st.sampled_from(["system", "user", "assistant", "human", "gpt", "robot", None])
