@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -418,7 +419,42 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
         bad("max_grad_norm", "must be 0 or more (0 disables clipping)")
     if not cfg.base_dir:
         bad("base_dir", "must be a directory path")
+    p.extend(_overlaps(cfg))
     return p
+
+
+def _location(value: str) -> str:
+    """A comparable form of an s3:// URI or a local path (absolute, normalised, with a trailing slash)."""
+    if value.startswith("s3://"):
+        return value.rstrip("/") + "/"
+    return os.path.normpath(os.path.abspath(os.path.expanduser(value))).rstrip("/") + "/"
+
+
+def _overlaps(cfg: JobConfig) -> list[str]:
+    """Locations that must not lie inside one another: the outputs would be read back as training data by the next
+    run, overwrite the base model, be mixed with checkpoints, or be wiped with the job's scratch space."""
+    places = {"output": cfg.output_uri, "data": cfg.data, "eval_data": cfg.eval_data, "checkpoint_dir":
+              str(cfg.checkpoint_path), "checkpoint_uri": cfg.checkpoint_uri,
+              "base_dir (its work/ scratch)": str(cfg.paths.work_dir)}
+    if cfg.model.startswith("s3://") or cfg.model.startswith(("/", ".", "~")):
+        places["model"] = cfg.model
+    located = {name: _location(value) for name, value in places.items() if value}
+    rules = [("output", "data", "the next run would read the outputs as training data"),
+             ("output", "eval_data", "the next run would read the outputs as eval data"),
+             ("output", "model", "it would write into the base model"),
+             ("checkpoint_dir", "data", "checkpoints would be read as training data"),
+             ("checkpoint_uri", "data", "checkpoints would be read as training data"),
+             ("output", "checkpoint_dir", "outputs and checkpoints would be mixed"),
+             ("output", "checkpoint_uri", "outputs and checkpoints would be mixed"),
+             ("output", "base_dir (its work/ scratch)", "the job clears its scratch space, the outputs with it")]
+    problems = []
+    for inner, outer, why in rules:
+        a, b = located.get(inner), located.get(outer)
+        if a and b and (a.startswith(b) or b.startswith(a)):
+            label = lambda n: "QLORA_BASE_DIR" if n.startswith("base_dir") else env_name(n)  # noqa: E731
+            problems.append(f"{label(inner)}={places[inner]!r} and {label(outer)}={places[outer]!r} overlap (one"
+                            f" lies inside the other): {why}. Give them separate locations")
+    return problems
 
 
 def markdown_table() -> str:
