@@ -14,14 +14,18 @@ StorageError naming the path. Torch-free.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -46,12 +50,18 @@ PROGRESS_MIN_BYTES = 32 * 1024 * 1024
 # Beside a fetched directory `d`: what was downloaded into it (size, ETag, mtime per file), so that a rerun reuses a
 # file only when the object it came from is unchanged. Outside `d` itself, so `d` holds exactly the listed objects.
 FETCH_INDEX_FORMAT = "qlora-job/fetch-index/v1"
+# Local conditional writes take an exclusive flock on this file in the object's directory.
+LOCK_NAME = ".qlora.lock"
 # Client errors that a retry cannot fix.
 _FINAL_CODES = ("AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404", "NotFound", "InvalidAccessKeyId",
                 "SignatureDoesNotMatch", "PreconditionFailed", "412", "KeyTooLongError")
 # Local write failures that a retry cannot fix: mapped to a StorageError naming the path at once.
 _LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
                  errno.ENOTDIR)
+
+
+class Conflict(Exception):
+    """A conditional write or delete found the object other than expected (S3's 412 PreconditionFailed)."""
 
 
 def is_s3(uri: str) -> bool:
@@ -284,6 +294,21 @@ def _write_atomically(target: Path, write: Callable[[Path], None], needed_bytes:
         raise
 
 
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` among the processes that take it (the file stays: removing a lock file races)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_NAME, "a")  # noqa: SIM115 - closed below; the lock lives with the open file
+    except OSError as exc:
+        raise local_write_error(exc, folder / LOCK_NAME) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()
+
+
 # ------------------------------------------------------------------------------------------- fetch
 def fetch(uri: str, dest: Path, *, endpoint_url: str = "") -> Path:
     """Make `uri` available locally. Local paths are returned as they are; s3:// objects are downloaded.
@@ -466,20 +491,38 @@ def upload_tree(local_dir: Path, uri: str, *, endpoint_url: str = "", exclude: t
 
 def read_text(uri: str, *, endpoint_url: str = "") -> str | None:
     """The object's text, or None when it does not exist."""
+    found = read_versioned(uri, endpoint_url=endpoint_url)
+    return found.text if found else None
+
+
+@dataclass(frozen=True)
+class Versioned:
+    text: str
+    etag: str  # S3's ETag; locally the sha256 of the content
+
+
+def read_versioned(uri: str, *, endpoint_url: str = "") -> Versioned | None:
+    """The object's text and ETag (what put_if/delete_if compare against), or None when it does not exist."""
     if not is_s3(uri):
-        path = Path(uri)
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+        try:
+            data = Path(uri).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from None
+        return Versioned(data.decode("utf-8"), hashlib.sha256(data).hexdigest())
     bucket, key = split_s3(uri)
     client, _ = _client(endpoint_url)
     from botocore.exceptions import ClientError
 
-    def run() -> str | None:
+    def run() -> Versioned | None:
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+            got = client.get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
+        return Versioned(got["Body"].read().decode("utf-8"), got.get("ETag", ""))
 
     return _retrying(run, uri, "read")
 
@@ -491,6 +534,92 @@ def write_text(uri: str, text: str, *, endpoint_url: str = "") -> None:
     bucket, key = split_s3(uri)
     client, _ = _client(endpoint_url)
     _retrying(lambda: client.put_object(Bucket=bucket, Key=key, Body=text.encode("utf-8")), uri, "write")
+
+
+def put_if(uri: str, text: str, *, etag: str | None, endpoint_url: str = "", attempts: int | None = None) -> str:
+    """Write `text` only if the object is absent (`etag=None`) or still has `etag`; return the new ETag.
+
+    Raises Conflict otherwise. S3: If-None-Match: * / If-Match. Locally: a hard link of a complete temporary file
+    (atomic create, fails if the name exists), or a compare-and-replace under the directory's lock.
+    """
+    if not is_s3(uri):
+        return _put_if_local(Path(uri), text, etag)
+    bucket, key = split_s3(uri)
+    client, _ = _client(endpoint_url)
+    from botocore.exceptions import ClientError
+
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+
+    def run() -> str | None:
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=text.encode("utf-8"), **condition).get("ETag", "")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                return None
+            raise
+
+    written = _retrying(run, uri, "write", attempts)
+    if written is None:
+        # A retried request whose first try did succeed meets its own write: that is success, not a conflict.
+        now = read_versioned(uri, endpoint_url=endpoint_url)
+        if now is not None and now.text == text:
+            return now.etag
+        raise Conflict(uri)
+    return written
+
+
+def _put_if_local(target: Path, text: str, etag: str | None) -> str:
+    data = text.encode("utf-8")
+    if etag is None:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".partial")
+        except OSError as exc:
+            raise local_write_error(exc, target, len(data)) from None
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.link(tmp, target)
+        except FileExistsError:
+            raise Conflict(str(target)) from None
+        except OSError as exc:
+            raise local_write_error(exc, target, len(data)) from None
+        finally:
+            _discard(tmp)
+        return hashlib.sha256(data).hexdigest()
+    with _locked(target.parent):
+        now = read_versioned(str(target))
+        if now is None or now.etag != etag:
+            raise Conflict(str(target))
+        _write_atomically(target, lambda tmp: tmp.write_bytes(data), len(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def delete_if(uri: str, etag: str, *, endpoint_url: str = "") -> None:
+    """Delete the object only if it still has `etag` (a missing object counts as deleted); Conflict otherwise."""
+    if not is_s3(uri):
+        with _locked(Path(uri).parent):
+            now = read_versioned(uri)
+            if now is not None and now.etag != etag:
+                raise Conflict(uri)
+            Path(uri).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(uri)
+    client, _ = _client(endpoint_url)
+    from botocore.exceptions import ClientError
+
+    def run() -> bool:
+        try:
+            client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                return False
+            raise
+        return True
+
+    if not _retrying(run, uri, "delete") and read_versioned(uri, endpoint_url=endpoint_url) is not None:
+        raise Conflict(uri)
 
 
 def delete(uri: str, *, endpoint_url: str = "") -> None:

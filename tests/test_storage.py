@@ -99,3 +99,20 @@ def test_fetch_downloads_a_changed_object_of_the_same_size_again(s3_env, tmp_pat
     assert again.read_bytes() == b'{"v": 2}\n'
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["train.jsonl"]
 
+
+def test_conditional_writes(s3_env, tmp_path):
+    """put_if / delete_if on S3 (If-None-Match, If-Match) and on a local directory (link, lock) behave alike."""
+    server, bucket = s3_env
+    for uri in (f"s3://{bucket}/cond/x.json", str(tmp_path / "cond" / "x.json")):
+        first = storage.put_if(uri, "one", etag=None, endpoint_url=server.endpoint)
+        with pytest.raises(storage.Conflict):
+            storage.put_if(uri, "two", etag=None, endpoint_url=server.endpoint)
+        second = storage.put_if(uri, "two", etag=first, endpoint_url=server.endpoint)
+        with pytest.raises(storage.Conflict):
+            storage.put_if(uri, "three", etag=first, endpoint_url=server.endpoint)
+        assert storage.read_versioned(uri, endpoint_url=server.endpoint) == storage.Versioned("two", second)
+        with pytest.raises(storage.Conflict):
+            storage.delete_if(uri, first, endpoint_url=server.endpoint)
+        storage.delete_if(uri, second, endpoint_url=server.endpoint)
+        assert storage.read_text(uri, endpoint_url=server.endpoint) is None
+    assert sorted(p.name for p in (tmp_path / "cond").iterdir()) == [storage.LOCK_NAME]
