@@ -87,7 +87,7 @@ class JobConfig:
     output_exists: str = _f(
         "error",
         "What to do when `output` already holds a complete result (a manifest): `error` refuses, `overwrite`"
-        " replaces it, `version` writes to a new `runs/<timestamp>/` prefix below it.",
+        " replaces it, `version` writes to a new `runs/<UTC time>-<random id>/` prefix below it.",
         choices=("error", "overwrite", "version"),
         group="outputs",
     )

@@ -51,10 +51,10 @@ from entrypoints.errors import (
     run_guarded,
 )
 from entrypoints.outputs import (
+    OutputClaim,
     OutputTarget,
     Publisher,
     build_manifest,
-    plan_output,
     write_model_card,
 )
 from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
@@ -729,9 +729,20 @@ def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop
     ranks = join_ranks(env)
     # A host's ranks share its directories; its local rank 0 holds them for the job.
     ranks.from_local_main(lambda: lock_local_dirs(cfg), "the directory locks")
-    # World rank 0 checks the output (and picks the versioned prefix) once; every rank fails alike on a conflict.
-    target = ranks.from_main(lambda: plan_output(cfg), "the output check")
-    log.info("output: %s%s", target.uri, " (versioned run)" if target.versioned else "")
+    # World rank 0 claims the output (picking the versioned prefix) before any download or GPU work; every rank fails
+    # alike on a conflict. The claim is given up however the run ends, preemption included.
+    claim = OutputClaim(cfg.output_uri, cfg.output_exists, cfg.s3_endpoint_url, record=work / "output-claim.json")
+    try:
+        target = ranks.from_main(claim.acquire, "the output claim")
+        log.info("output: %s%s", target.uri, " (versioned run)" if target.versioned else "")
+        return _run_claimed(cfg, secrets, env, stop, ranks, target, claim, started)
+    finally:
+        claim.release()  # a no-op on the ranks that claimed nothing
+
+
+def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop: StopFlag, ranks: Ranks,
+                 target: OutputTarget, claim: OutputClaim, started: float) -> dict[str, Any]:
+    work = cfg.paths.work_dir
     inputs = ranks.from_local_main(lambda: resolve_inputs(cfg, work, secrets.get("HF_TOKEN")), "the input downloads")
 
     from entrypoints.modeling import cap_gpu_memory, device_kind, load_model, load_model_config, load_tokenizer
@@ -798,7 +809,7 @@ def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop
         with disk_space_for(stage, "writing the outputs"):
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
-            publisher = Publisher(stage, target, cfg.s3_endpoint_url)
+            publisher = Publisher(stage, target, cfg.s3_endpoint_url, claim)
             adapter_dir = save_adapter(trainer, tokenizer, stage)
             for path in storage.iter_tree(adapter_dir):
                 publisher.submit(path)

@@ -44,3 +44,20 @@ def run_job(env: dict[str, str], timeout: int = 600) -> JobResult:
         if line.startswith(SUMMARY_PREFIX):
             summary = json.loads(line[len(SUMMARY_PREFIX):])
     return JobResult(proc.returncode, out, summary)
+
+
+def can_unshare() -> bool:
+    """Whether this machine lets an unprivileged process mount a tmpfs in a user+mount namespace (`unshare -r -m`)."""
+    import shutil
+
+    return bool(shutil.which("unshare")) and subprocess.run(
+        ["unshare", "-r", "-m", "true"], capture_output=True).returncode == 0
+
+
+def with_tmpfs(mounts: dict[Path, str], script: str) -> list[str]:
+    """A command that runs the shell `script` where each of `mounts` is a fresh tmpfs with those mount options
+    (`size=1m`, `size=1m,ro`), visible only to the script: a real full disk or read-only file system, without root."""
+    import shlex
+
+    mount = " && ".join(f"mount -t tmpfs -o {opts} tmpfs {shlex.quote(str(path))}" for path, opts in mounts.items())
+    return ["unshare", "-r", "-m", "sh", "-c", f"{mount} && {script}"]

@@ -30,7 +30,7 @@ from entrypoints.errors import EXIT_OK, EXIT_STORAGE, StorageError
 from entrypoints.local_s3 import S3Server
 from entrypoints.train import SUMMARY_PREFIX
 
-from .jobrun import REPO, job_env
+from .jobrun import REPO, can_unshare, job_env, with_tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -295,3 +295,57 @@ def test_job_fails_cleanly_when_the_outage_outlasts_the_retries_and_a_rerun_succ
     for entry in got["files"]:
         obj = storage.list_objects(f"s3://jobs/out/{entry['path']}", endpoint_url=flaky.endpoint)
         assert [o.size for o in obj] == [entry["bytes"]], entry
+
+
+# ----------------------------------------------------------------------------------------------- full disks
+FULL_DISK_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from entrypoints import storage
+from entrypoints.errors import StorageError
+
+small, endpoint, bucket, big = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+cases = {
+    "fetch": lambda: storage.fetch(f"s3://{bucket}/big/", small / "fetched", endpoint_url=endpoint),
+    "download": lambda: storage.download_file(f"s3://{bucket}/big/a.bin", small / "one" / "a.bin",
+                                              size=big.stat().st_size, endpoint_url=endpoint),
+    "copy": lambda: storage.upload_file(big, str(small / "out" / "a.bin")),
+}
+result = {}
+for name, case in cases.items():
+    try:
+        case()
+        result[name] = "no error"
+    except StorageError as exc:
+        result[name] = str(exc)
+result["left"] = sorted(p.relative_to(small).as_posix() for p in small.rglob("*") if p.is_file())
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs `unshare -r -m` (user and mount namespaces) for a real small tmpfs")
+def test_a_full_disk_is_a_storage_error_with_the_numbers_and_leaves_no_partial_file(s3_env, tmp_path):
+    """A 2 MiB tmpfs and a 3 MiB object: the fetch refuses before downloading; a single download and a local copy
+    (the job's local output) fail mid-write with ENOSPC. Each is a StorageError naming the path, the free and the
+    needed bytes, never a retry loop, and no `.partial` file stays behind."""
+    server, bucket = s3_env
+    big = tmp_path / "a.bin"
+    big.write_bytes(os.urandom(3 * 2**20))
+    storage.upload_file(big, f"s3://{bucket}/big/a.bin", endpoint_url=server.endpoint)
+    small = tmp_path / "small"
+    small.mkdir()
+    started = time.monotonic()
+    proc = subprocess.run(with_tmpfs({small: "size=2m"}, 'exec "$0" -c "$1" "$2" "$3" "$4" "$5"') + [
+        sys.executable, FULL_DISK_SCRIPT, str(small), server.endpoint, bucket, str(big)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert time.monotonic() - started < 60  # no retrying of a full disk
+    size = big.stat().st_size
+    assert result["fetch"].startswith(f"not enough disk space to download s3://{bucket}/big/ to {small}/fetched:"
+                                      f" {size} bytes to download (1 file(s)), "), result["fetch"]
+    assert "bytes free there" in result["fetch"] and "larger disk" in result["fetch"]
+    for case, path in (("download", small / "one" / "a.bin"), ("copy", small / "out" / "a.bin")):
+        assert result[case].startswith(f"no space left on the device while writing {path}: "), result[case]
+        assert f"bytes free there, {size} bytes needed" in result[case], result[case]
+    assert [f for f in result["left"] if not f.startswith(".")] == [], result["left"]  # only the fetch index

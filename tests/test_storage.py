@@ -51,3 +51,68 @@ def test_local_paths(tmp_path):
         storage.fetch(str(tmp_path / "missing"), tmp_path)
     storage.upload_file(f, str(tmp_path / "out" / "d.jsonl"))
     assert (tmp_path / "out" / "d.jsonl").read_text() == "{}\n"
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_fetch_mirrors_the_listing_exactly(s3_env, tmp_path, caplog):
+    """A rerun with another prefix into the same directory: only the new prefix's files remain, leftovers of an
+    interrupted download included."""
+    server, bucket = s3_env
+    client = server.client()
+    client.put_object(Bucket=bucket, Key="old/a.jsonl", Body=b"old a\n")
+    client.put_object(Bucket=bucket, Key="old/sub/b.jsonl", Body=b"old b\n")
+    client.put_object(Bucket=bucket, Key="new/c.jsonl", Body=b"new c\n")
+    client.put_object(Bucket=bucket, Key="new/sub/b.jsonl", Body=b"new b\n")  # same name and size, other bytes
+    dest = tmp_path / "data" / "train"
+    storage.fetch(f"s3://{bucket}/old/", dest, endpoint_url=server.endpoint)
+    assert _files(dest) == {"a.jsonl": b"old a\n", "sub/b.jsonl": b"old b\n"}
+    (dest / "c.jsonl.partial").write_bytes(b"half")  # an interrupted download
+    (dest / "junk" / "x.json").parent.mkdir()
+    (dest / "junk" / "x.json").write_text("{}")
+    with caplog.at_level("INFO", logger="qlora.storage"):
+        got = storage.fetch(f"s3://{bucket}/new/", dest, endpoint_url=server.endpoint)
+    assert got == dest
+    assert _files(dest) == {"c.jsonl": b"new c\n", "sub/b.jsonl": b"new b\n"}
+    assert not (dest / "junk").exists()
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"downloading s3://{bucket}/new/"))
+    assert f"to {dest}: 2 file(s)" in line and "reusing 0" in line
+    assert "removed 3 not in the listing: junk/x.json, c.jsonl.partial, a.jsonl" in line, line
+    assert "1 changed or unverified, replaced: sub/b.jsonl" in line, line
+
+
+def test_fetch_downloads_a_changed_object_of_the_same_size_again(s3_env, tmp_path, caplog):
+    server, bucket = s3_env
+    client = server.client()
+    client.put_object(Bucket=bucket, Key="d/train.jsonl", Body=b'{"v": 1}\n')
+    uri = f"s3://{bucket}/d/train.jsonl"
+    first = storage.fetch(uri, tmp_path / "train", endpoint_url=server.endpoint)
+    assert first.read_bytes() == b'{"v": 1}\n'
+    mtime = first.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="qlora.storage"):
+        assert storage.fetch(uri, tmp_path / "train", endpoint_url=server.endpoint) == first
+    assert first.stat().st_mtime_ns == mtime and "reusing 1 unchanged" in caplog.text  # unchanged: not fetched again
+    client.put_object(Bucket=bucket, Key="d/train.jsonl", Body=b'{"v": 2}\n')  # same name, same size
+    again = storage.fetch(uri, tmp_path / "train", endpoint_url=server.endpoint)
+    assert again.read_bytes() == b'{"v": 2}\n'
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["train.jsonl"]
+
+
+def test_conditional_writes(s3_env, tmp_path):
+    """put_if / delete_if on S3 (If-None-Match, If-Match) and on a local directory (link, lock) behave alike."""
+    server, bucket = s3_env
+    for uri in (f"s3://{bucket}/cond/x.json", str(tmp_path / "cond" / "x.json")):
+        first = storage.put_if(uri, "one", etag=None, endpoint_url=server.endpoint)
+        with pytest.raises(storage.Conflict):
+            storage.put_if(uri, "two", etag=None, endpoint_url=server.endpoint)
+        second = storage.put_if(uri, "two", etag=first, endpoint_url=server.endpoint)
+        with pytest.raises(storage.Conflict):
+            storage.put_if(uri, "three", etag=first, endpoint_url=server.endpoint)
+        assert storage.read_versioned(uri, endpoint_url=server.endpoint) == storage.Versioned("two", second)
+        with pytest.raises(storage.Conflict):
+            storage.delete_if(uri, first, endpoint_url=server.endpoint)
+        storage.delete_if(uri, second, endpoint_url=server.endpoint)
+        assert storage.read_text(uri, endpoint_url=server.endpoint) is None
+    assert sorted(p.name for p in (tmp_path / "cond").iterdir()) == [storage.LOCK_NAME]
