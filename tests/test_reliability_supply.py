@@ -27,6 +27,14 @@ from entrypoints.modeling import check_model_dir, load_model, load_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
+def data_dir(tmp_path: Path) -> Path:
+    """A data directory of its own: the job's base dir (and its outputs) may not lie inside the data."""
+    folder = tmp_path / "data"
+    folder.mkdir(exist_ok=True)
+    (folder / "train.jsonl").write_text('{"text": "x"}\n')
+    return folder
+
+
 def test_safety_defaults():
     assert FIELDS["trust_remote_code"].default is False
     assert FIELDS["allow_pickle_weights"].default is False
@@ -57,7 +65,7 @@ def test_pickle_next_to_safetensors_is_never_loaded(tmp_path, cache_dir):
             return (Path.touch, (marker,))
 
     (model / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
-    cfg = parse_config({"QLORA_DATA": str(tmp_path), "QLORA_BASE_DIR": str(tmp_path / "opt-ml"),
+    cfg = parse_config({"QLORA_DATA": str(data_dir(tmp_path)), "QLORA_BASE_DIR": str(tmp_path / "opt-ml"),
                         "QLORA_QUANTIZATION": "none"})
     check_model_dir(model, cfg.allow_pickle_weights)
     load_model(model, cfg)
@@ -79,7 +87,7 @@ def test_remote_code_is_not_run_unless_allowed(tmp_path, cache_dir):
     tok_config = json.loads((model / "tokenizer_config.json").read_text())
     tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
     (model / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    cfg = parse_config({"QLORA_DATA": str(tmp_path), "QLORA_BASE_DIR": str(tmp_path / "opt-ml"),
+    cfg = parse_config({"QLORA_DATA": str(data_dir(tmp_path)), "QLORA_BASE_DIR": str(tmp_path / "opt-ml"),
                         "QLORA_QUANTIZATION": "none"})
     assert cfg.trust_remote_code is False
     try:
