@@ -123,11 +123,15 @@ class OutputClaim:
     earlier run in the same work directory could not release (storage was down when it ended) is then known to be
     this job's own and is taken over at once, instead of after the lease: a plain rerun succeeds. (One job per work
     directory at a time: two would overwrite each other's downloads and checkpoints anyway.)
+    `owner`: the identity of the job across machines (a retried Kubernetes pod or a restarted SageMaker job gets a
+    fresh disk but keeps it): a claim left by an earlier attempt of the same job (killed without running its
+    `finally`: an OOM kill, a lost node) is taken over at once too.
     """
 
-    def __init__(self, base_uri: str, mode: str, endpoint_url: str = "", *, record: Path | None = None,
+    def __init__(self, base_uri: str, mode: str, endpoint_url: str = "", *, record: Path | None = None, owner: str = "",
                  heartbeat_seconds: float = HEARTBEAT_SECONDS, lease_seconds: float = LEASE_SECONDS):
         self.base_uri, self.mode, self.endpoint, self.record = base_uri, mode, endpoint_url, record
+        self.owner = owner
         self.heartbeat_seconds, self.lease_seconds = heartbeat_seconds, lease_seconds
         self.target: OutputTarget | None = None
         self.claim_uri = ""
@@ -181,7 +185,7 @@ class OutputClaim:
         return json.dumps({
             "format": CLAIM_FORMAT, "run_id": run_id, "output": uri, "host": socket.gethostname(), "pid": os.getpid(),
             "started_at": _iso(started), "started_unix": started, "heartbeat_at": _iso(heartbeat),
-            "heartbeat_unix": heartbeat, "lease_seconds": self.lease_seconds,
+            "heartbeat_unix": heartbeat, "lease_seconds": self.lease_seconds, "owner": self.owner,
         }, indent=1)
 
     def _create(self, body: str) -> bool:
@@ -208,7 +212,8 @@ class OutputClaim:
             holder = _parse_claim(current.text)
             age = time.time() - holder.get("heartbeat_unix", 0.0)
             lease = holder.get("lease_seconds", LEASE_SECONDS)
-            own = holder.get("run_id") == self._noted_run() != ""
+            own = (holder.get("run_id") == self._noted_run() != ""
+                   or (self.owner != "" and holder.get("owner") == self.owner))
             if age <= lease and not own:
                 expires = _iso(holder.get("heartbeat_unix", 0.0) + lease)
                 raise OutputExistsError(
@@ -224,8 +229,8 @@ class OutputClaim:
             self._written = body
             self._note(body)
             if own:
-                log.warning("took over the claim on %s of %s, an earlier run in this work directory that could not"
-                            " release it", self.base_uri, _describe(holder))
+                log.warning("took over the claim on %s of %s, an earlier attempt of this job that could not release it",
+                            self.base_uri, _describe(holder))
             else:
                 log.warning("took over the claim on %s of %s: no heartbeat for %.0f s (lease %.0f s), so that run is"
                             " gone", self.base_uri, _describe(holder), age, lease)

@@ -722,6 +722,15 @@ def route_library_logs() -> None:
     hf_logging.enable_propagation()
 
 
+def job_identity(cfg: JobConfig, env: Mapping[str, str]) -> str:
+    """What stays the same across the attempts of one job and differs between jobs: SageMaker's job name (a spot
+    restart keeps it), else the checkpoint prefix (the launcher gives every Kubernetes Job its own; attempts share
+    it, and two jobs sharing it would mix their checkpoints anyway). Empty: only the work directory tells."""
+    if env.get("TRAINING_JOB_NAME"):
+        return "sagemaker-job:" + env["TRAINING_JOB_NAME"]
+    return "checkpoints:" + cfg.checkpoint_uri if cfg.checkpoint_uri else ""
+
+
 def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop: StopFlag) -> dict[str, Any]:
     started = time.monotonic()
     route_library_logs()
@@ -731,7 +740,8 @@ def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop
     ranks.from_local_main(lambda: lock_local_dirs(cfg), "the directory locks")
     # World rank 0 claims the output (picking the versioned prefix) before any download or GPU work; every rank fails
     # alike on a conflict. The claim is given up however the run ends, preemption included.
-    claim = OutputClaim(cfg.output_uri, cfg.output_exists, cfg.s3_endpoint_url, record=work / "output-claim.json")
+    claim = OutputClaim(cfg.output_uri, cfg.output_exists, cfg.s3_endpoint_url, record=work / "output-claim.json",
+                        owner=job_identity(cfg, env))
     try:
         target = ranks.from_main(claim.acquire, "the output claim")
         log.info("output: %s%s", target.uri, " (versioned run)" if target.versioned else "")

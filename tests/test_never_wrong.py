@@ -207,3 +207,35 @@ def test_a_full_checkpoint_disk_is_a_storage_error_naming_the_directory(tmp_path
     failure = (tmp_path / "opt-ml" / "output" / "failure").read_text()
     assert failure.startswith("storage error: the disk is full while saving a checkpoint in " + str(ckpt))
     assert "bytes free" in failure and "Traceback" not in output
+
+
+def test_sigterm_during_the_merge_then_a_rerun_publishes_the_trained_adapter_without_training(tmp_path, tiny_model):
+    """A signal at any moment: preempted while merging (after training, before the manifest), the job exits 75 and
+    publishes nothing; the rerun takes the finished checkpoint as it is (no step trained again) and publishes it."""
+    data = write_jsonl(tmp_path / "train.jsonl", short_records(24))
+    env = job_env(tmp_path, QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data), QLORA_MAX_STEPS="3",
+                  QLORA_NUM_SAMPLE_GENERATIONS="0", QLORA_REPORT_TO="none", QLORA_OUTPUT=str(tmp_path / "out"))
+    proc = subprocess.Popen([sys.executable, "-m", "entrypoints.train"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "merging the adapter" in line:
+            proc.send_signal(signal.SIGSTOP)  # hold it inside the merge: the signal lands there, not after it
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, ("".join(lines) + rest)[-3000:]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    again = run_job(env)
+    assert again.code == 0, again.output[-3000:]
+    assert again.summary["steps_this_run"] == 0 and again.summary["global_step"] == 3 and not logged_steps(again.output)
+    trained = load_file(str(tmp_path / "opt-ml" / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors"))
+    published = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    assert trained.keys() == published.keys() and all(torch.equal(trained[k], published[k]) for k in trained)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    listed = {f["path"] for f in manifest["files"]} | {"manifest.json"}
+    on_disk = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")
+               if p.is_file() and not p.name.startswith(".")}
+    assert on_disk == listed and any(p.startswith("merged/") for p in listed)

@@ -264,6 +264,25 @@ def test_a_live_claim_refuses_and_a_stale_one_is_taken_over_and_its_run_does_not
     assert storage.read_text(storage.join(base, CLAIM), endpoint_url=endpoint) is None
 
 
+def test_a_claim_left_by_an_earlier_attempt_of_the_same_job_is_taken_over_at_once(claim_base, caplog):
+    """A retried Kubernetes pod (or a restarted SageMaker job) gets a fresh disk: the claim its killed predecessor
+    could not release (an OOM kill runs no `finally`) is recognised by the job's identity, not after the lease (a
+    retry refused with exit 6 would fail the whole Job through its pod failure policy)."""
+    server, base = claim_base
+    endpoint = server.endpoint
+    killed = OutputClaim(base, "error", endpoint, owner="checkpoints:s3://b/ckpt/job-1")
+    killed.acquire()  # and never released
+    stranger = OutputClaim(base, "error", endpoint, owner="checkpoints:s3://b/ckpt/job-2")
+    with pytest.raises(OutputExistsError):
+        stranger.acquire()
+    retry = OutputClaim(base, "error", endpoint, owner="checkpoints:s3://b/ckpt/job-1")
+    with caplog.at_level(logging.WARNING, logger="qlora.outputs"):
+        retry.acquire()
+    assert "an earlier attempt of this job that could not release it" in caplog.text
+    killed._stop.set()
+    retry.release()
+
+
 def test_the_heartbeat_keeps_a_claim_and_notices_a_takeover(claim_base, tmp_path):
     server, base = claim_base
     endpoint = server.endpoint
