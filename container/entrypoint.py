@@ -38,11 +38,12 @@ from pathlib import Path
 from entrypoints.errors import EXIT_CONFIG, EXIT_PREEMPTED, RANK_EXIT_DIR_ENV, write_failure_file
 from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
 
+# mode -> (the module `python -m` runs, what it does)
 MODES = {
-    "train": "fine-tune (the job SageMaker runs)",
-    "merge": "merge a saved adapter into its base model",
-    "benchmark": "measure training throughput on this machine's GPUs",
-    "demo": "the local end-to-end demo (a local S3 server, a small model, a few steps)",
+    "train": ("entrypoints.train", "fine-tune (the job SageMaker runs)"),
+    "merge": ("entrypoints.merge", "merge a saved adapter into its base model"),
+    "benchmark": ("entrypoints.bench.throughput", "measure training throughput on this machine's GPUs"),
+    "demo": ("entrypoints.demo", "the local end-to-end demo (a local S3 server, a small model, a few steps)"),
 }
 APP_UID = 1000
 APP_GID = 1000
@@ -75,7 +76,7 @@ class Topology:
 
 def usage() -> str:
     lines = ["usage: <image> [--dry-run] MODE [job flags...]", "", "modes:"]
-    lines += [f"  {name:<10} {doc}" for name, doc in MODES.items()]
+    lines += [f"  {name:<10} {doc}" for name, (_, doc) in MODES.items()]
     return "\n".join(lines)
 
 
@@ -200,7 +201,7 @@ def job_command(mode: str, job_args: Sequence[str], env: Mapping[str, str], reso
                 python: str) -> tuple[list[str], dict[str, str]]:
     """The command to exec and the variables to add to its environment."""
     extra_env = {k: v for k, v in ENV_DEFAULTS.items() if k not in env}
-    module = f"entrypoints.{mode}"
+    module = MODES[mode][0]
     if mode != "train":
         return [python, "-m", module, *job_args], extra_env
     topo = topology(env, resource_config)
@@ -333,7 +334,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         log(message)
         write_failure_file(failure_file, message)
         return EXIT_CONFIG
-    module = f"entrypoints.{mode}"
+    module = MODES[mode][0]
     module_found = importlib.util.find_spec(module) is not None
     try:
         resource_config = container_paths(base_dir).base / "input" / "config" / "resourceconfig.json"

@@ -91,7 +91,7 @@ class JobConfig:
         choices=("error", "overwrite", "version"),
         group="outputs",
     )
-    merge: bool = _f(True, "Also write the merged model: the adapter merged into the 16-bit base weights as the adapter saw them in training (the nf4/fp4 round trip; entrypoints/MERGE.md), loadable without peft.", group="outputs")
+    merge: bool = _f(True, "Also write the merged model: the adapter merged into the 16-bit base weights as the adapter saw them in training (the nf4/fp4 round trip; docs/MERGE.md), loadable without peft.", group="outputs")
     checkpoint_dir: str = _f("", "Local checkpoint directory; a rerun resumes from its newest complete checkpoint. Default: <base_dir>/checkpoints.", group="outputs")
     checkpoint_uri: str = _f("", "Optional s3:// prefix that checkpoints are mirrored to and restored from (Kubernetes; SageMaker syncs checkpoint_dir itself).", group="outputs")
     resume: bool = _f(True, "Resume from the newest complete checkpoint when one exists.", group="outputs")
@@ -108,7 +108,7 @@ class JobConfig:
     # --- LoRA
     lora_r: int = _f(16, "LoRA rank.", group="lora")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).", group="lora")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input. 0 (the default) saves every adapted module a dropped-out copy of its input: 45% vs 44% MFU and 29 vs 41 GiB on 7B with the same loss (entrypoints/PERF.md); 0.05-0.1 regularises small data sets over many epochs.", group="lora")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input. 0 (the default) saves every adapted module a dropped-out copy of its input: 45% vs 44% MFU and 29 vs 41 GiB on 7B with the same loss (docs/PERF.md); 0.05-0.1 regularises small data sets over many epochs.", group="lora")
     lora_target_modules: str = _f("all-linear", "Comma-separated module names to adapt, or `all-linear` for every linear layer except the output head.", group="lora")
 
     # --- training
@@ -127,7 +127,7 @@ class JobConfig:
     gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass to save memory. `auto`: on a GPU with packing, as many decoder layers as the GPU's memory allows keep their activations (all of them for 7B on an 80 GB GPU) and the rest are recomputed; on CPU or without packing every layer is recomputed. `true`/`false` (or any boolean) force it.", choices=("auto", "true", "false"), group="training")
     max_gpu_memory_gib: float = _f(0.0, "Cap on the GPU memory the job may use, in GiB: the allocator is limited to it and the batch plan (micro-batch tokens, checkpointed layers) is fitted into it; for a shared GPU or a smaller card's budget. 0: the whole GPU.", group="training")
     packing: bool = _f(True, "Pack whole samples into rows of max_seq_length (best-fit, padding-free, per-sample attention); off: each micro-batch is padded to its longest sample.", group="training")
-    torch_compile: bool = _f(False, "Compile every decoder layer with torch.compile (regional compilation) on CUDA, in place of Liger's kernels: 14,781 vs 10,606 tokens/s on the 7B benchmark (entrypoints/PERF.md). Needs a C compiler for Triton (the image has none: then it is skipped with a warning); off by default until it has run in more settings.", group="training")
+    torch_compile: bool = _f(False, "Compile every decoder layer with torch.compile (regional compilation) on CUDA, in place of Liger's kernels: 14,781 vs 10,606 tokens/s on the 7B benchmark (docs/PERF.md). Needs a C compiler for Triton (the image has none: then it is skipped with a warning); off by default until it has run in more settings.", group="training")
     use_liger: bool = _f(True, "Use Liger's fused RMSNorm, SwiGLU and RoPE kernels on CUDA (when liger-kernel is installed).", group="training")
     assistant_only_loss: bool = _f(True, "Train on assistant tokens only (prompts, system and user turns are masked out of the loss).", group="training")
     seed: int = _f(42, "Random seed for data order, LoRA init and dropout.", group="training")
@@ -473,7 +473,7 @@ def markdown_table() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m entrypoints.config", description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", action="store_true", help="print the README table of variables")
     ap.add_argument("--check", action="store_true", help="parse the environment and print the settings as JSON")
     args, rest = ap.parse_known_args(argv)

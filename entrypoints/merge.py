@@ -14,7 +14,7 @@ without `model.safetensors.index.json` is incomplete.
 
 `merge_into`: `original` adds the delta to the 16-bit base weights; `nf4`/`fp4` first round-trip every
 weight that was 4-bit in training through bitsandbytes' quantize/dequantize, i.e. merge into the base
-as the adapter saw it. See entrypoints/MERGE.md for the measured difference and why the default is what
+as the adapter saw it. See docs/MERGE.md for the measured difference and why the default is what
 it is.
 
 Every adapter key and shape is checked against the base's safetensors headers (or, for an s3:// base,
@@ -46,7 +46,7 @@ log = logging.getLogger("qlora.merge")
 
 MERGE_INTO_CHOICES = ("original", "nf4", "fp4")
 # The base as the 4-bit training saw it: the merged model then computes what was trained and evaluated
-# (measured in entrypoints/MERGE.md, "Which base to merge into"). Adapters trained on a 16-bit base
+# (measured in docs/MERGE.md, "Which base to merge into"). Adapters trained on a 16-bit base
 # (QLORA_QUANTIZATION=none) must pass `original`.
 DEFAULT_MERGE_INTO = "nf4"
 

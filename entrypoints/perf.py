@@ -3,7 +3,7 @@
     python -m entrypoints.perf --shape 7b --gpu-mem-gib 24 --mean-tokens 410   # print the batch plan
 
 Plain functions the job (entrypoints.train / entrypoints.modeling) and the benchmark both call, so the
-benchmark measures the job's real path. What each lever gave, measured, is in entrypoints/PERF.md.
+benchmark measures the job's real path. What each lever gave, measured, is in docs/PERF.md.
 
 - `plan_batch`: tokens per packed micro-batch and gradient accumulation, from the GPU's memory and the
   data's mean sample length, keeping the tokens per optimizer step of the unpacked recipe (so packing
@@ -430,7 +430,7 @@ def partial_checkpointing_callback(layers_without: int):
 def main(argv: Sequence[str] | None = None) -> int:
     from entrypoints.config import JobConfig
 
-    parser = argparse.ArgumentParser(description="Print the job's batch plan for a model shape and GPU memory.")
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.perf", description="Print the job's batch plan for a model shape and GPU memory.")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--gpu-mem-gib", type=float, default=80.0)
     parser.add_argument("--mean-tokens", type=float, default=410.0)

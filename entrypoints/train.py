@@ -440,7 +440,7 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: Prepared, tr
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
-    # The fast path (entrypoints/perf.py, measured in entrypoints/PERF.md): packed micro-batches sized
+    # The fast path (entrypoints/perf.py, measured in docs/PERF.md): packed micro-batches sized
     # from the GPU's memory, Liger kernels.
     kwargs.update(perf.sft_overrides(cfg, plan, cuda))
     args = SFTConfig(**kwargs)
@@ -767,7 +767,7 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
         data = ranks.local_main_first(
             lambda: prepare_data(cfg, inputs, tokenizer, template, fresh_cache=ranks.is_local_main), "data preparation")
 
-    # The fast path (entrypoints/perf.py, measured in entrypoints/PERF.md): packed micro-batches sized from the
+    # The fast path (entrypoints/perf.py, measured in docs/PERF.md): packed micro-batches sized from the
     # GPU's memory (capped first, when max_gpu_memory_gib is set). Planned from the model's config, before loading
     # it, so that a checkpoint of other inputs or settings is refused before minutes of loading.
     if device_kind() == "cuda":
@@ -842,7 +842,7 @@ def publish(cfg: JobConfig, inputs: Inputs, data: Prepared, stage: Path, publish
 
         log.info("merging the adapter into the 16-bit base model")
         # Into the base as the adapter saw it in training (nf4/fp4 round trip): measured closest to
-        # the trained model (entrypoints/MERGE.md); plain LoRA merges into the original weights.
+        # the trained model (docs/MERGE.md); plain LoRA merges into the original weights.
         merge_into = {"nf4": "nf4", "fp4": "fp4", "none": "original"}[cfg.quantization]
         merge_summary = merge_adapter(inputs.model_dir, adapter_dir, stage / "merged", merge_into=merge_into,
                                       double_quant=cfg.double_quant, on_file_written=publisher.submit)

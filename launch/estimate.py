@@ -20,7 +20,7 @@ GPU memory of one QLoRA training process (one per GPU: DDP keeps a full copy of 
 
 Throughput (tokens/s per GPU for a 7B Llama with QLoRA, bf16 compute) is a rough planning number per GPU
 model, scaled by 7B / model size; real numbers depend on sequence length, packing and kernels. Only the H100
-figure is anchored to a measurement of the job (entrypoints/PERF.md); the others are estimates. Step tokens = micro_batch_size x gradient_accumulation_steps x
+figure is anchored to a measurement of the job (docs/PERF.md); the others are estimates. Step tokens = micro_batch_size x gradient_accumulation_steps x
 max_seq_length x GPUs (an upper bound: it assumes full, packed sequences).
 """
 
@@ -86,7 +86,7 @@ TOKENS_PER_SECOND_7B = {
     "NVIDIA L40S": 2200,
     "NVIDIA A100 40GB": 3000,
     "NVIDIA A100 80GB": 3200,
-    # Measured with the job's default path on the Llama-2-7B shape (entrypoints/PERF.md): 8,303 tokens/s on an
+    # Measured with the job's default path on the Llama-2-7B shape (docs/PERF.md): 8,303 tokens/s on an
     # H100 with every layer recomputed, 12,688 on an H200 with the activations kept (80 GB allows it).
     "NVIDIA H100": 11000,
 }

@@ -49,7 +49,7 @@ PLACEHOLDERS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="submit.py", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="python launch/submit.py", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--instance", required=True, help="GPU instance type, e.g. g5.2xlarge (see python -m launch.instances)")
     ap.add_argument("--backend", choices=("sagemaker", "kubernetes"), default="sagemaker")

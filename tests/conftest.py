@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoints.local_s3 import S3Server
+from entrypoints.demo.local_s3 import S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 

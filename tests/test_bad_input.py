@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from entrypoints import train
 from entrypoints.data import FORMATS, load_conversations
-from entrypoints.demo_assets import smollm2, tiny_llama2
+from entrypoints.demo.assets import smollm2, tiny_llama2
 from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT_EXISTS, EXIT_STORAGE, DataError
 
 pytestmark = pytest.mark.integration

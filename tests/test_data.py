@@ -345,7 +345,7 @@ def test_inspector_help_names_the_command_and_exit_codes():
 
 
 def test_inspector_per_file_breakdown_and_held_out_warning():
-    proc = _inspect("entrypoints/demo_data")
+    proc = _inspect("entrypoints/demo/data")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert set(report) == {"format", "records", "skipped", "files", "ignored", "first"}

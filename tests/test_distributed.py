@@ -27,7 +27,7 @@ import pytest
 
 from entrypoints import errors, storage
 from entrypoints.checkpoints import StopFlag
-from entrypoints.demo_assets import tiny_llama2
+from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_DATA, EXIT_PREEMPTED, DataError
 from entrypoints.train import SUMMARY_PREFIX, RankFailed, Ranks
 

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def small_model(tmp_path_factory):
     import torch
 
-    from entrypoints import benchmark
+    from entrypoints.bench import throughput as benchmark
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -32,7 +32,7 @@ def small_model(tmp_path_factory):
 
 
 def _cfg(model_dir, tmp_path, **settings):
-    from entrypoints.benchmark import job_config
+    from entrypoints.bench.throughput import job_config
 
     return job_config(model_dir, tmp_path, 256, 0, settings)
 
@@ -87,7 +87,7 @@ def test_job_default_path_trains_packed(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "entrypoints.benchmark", "--shape", "tiny", "--runs", "default", "--samples", "64",
+        [sys.executable, "-m", "entrypoints.bench.throughput", "--shape", "tiny", "--runs", "default", "--samples", "64",
          "--max-length", "256", "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = json.loads(out.read_text())["runs"][0]
@@ -106,7 +106,7 @@ def test_multi_gpu_launch_ddp(tmp_path):
     out = tmp_path / "ddp.json"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "entrypoints.benchmark", "--shape", "tiny", "--runs", "default", "--samples", "64", "--max-length", "256",
+         "entrypoints.bench.throughput", "--shape", "tiny", "--runs", "default", "--samples", "64", "--max-length", "256",
          "--model-dir", str(tmp_path / "model"), "--out", str(out)],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

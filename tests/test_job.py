@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from entrypoints import storage
-from entrypoints.demo_assets import tiny_llama2
+from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_CONFIG, EXIT_OUTPUT_EXISTS
 
 from .jobrun import FAKE_HF_TOKEN, FAKE_WANDB_KEY, job_env, run_job

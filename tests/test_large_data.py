@@ -2,11 +2,11 @@
 
     PYTHONPATH=$PWD python -m pytest tests/test_large_data.py
 
-Runs `python -m entrypoints.data_benchmark` (the job's own prepare_data on generated ~1 KB chat records,
+Runs `python -m entrypoints.bench.data_prep` (the job's own prepare_data on generated ~1 KB chat records,
 real Llama 2 tokenizer) at two sizes in fresh processes. Holding the data in memory costs at least its own
 size again (the old in-memory Arrow table plus whole token columns read as Python lists cost ~15 KB per
 1 KB row), so the extra peak memory of the larger run must stay well below the extra data it read.
-The 1,000,000-row figure is in entrypoints/RELIABILITY.md.
+The 1,000,000-row figure is in docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from entrypoints.data_benchmark import RESULT_PREFIX
+from entrypoints.bench.data_prep import RESULT_PREFIX
 
 from .jobrun import REPO
 
@@ -28,7 +28,7 @@ SMALL_ROWS, LARGE_ROWS = 2_000, 12_000
 
 
 def bench(rows: int, cache_dir, tmp_path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "entrypoints.data_benchmark", "--rows", str(rows), "--cache-dir",
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.bench.data_prep", "--rows", str(rows), "--cache-dir",
                            str(cache_dir), "--work-dir", str(tmp_path / f"w{rows}")], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

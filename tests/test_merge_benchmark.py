@@ -10,7 +10,7 @@ import json
 import pytest
 
 pytest.importorskip("torch")
-from entrypoints import merge_benchmark as mb  # noqa: E402
+from entrypoints.bench import merge_memory as mb  # noqa: E402
 from entrypoints.merge import merge_adapter  # noqa: E402
 
 pytestmark = pytest.mark.integration

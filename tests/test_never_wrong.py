@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from entrypoints.demo_assets import tiny_llama2
+from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_CONFIG, EXIT_PREEMPTED, EXIT_STORAGE
 
 from .jobrun import REPO, job_env, run_job

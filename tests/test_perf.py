@@ -10,7 +10,8 @@ import statistics
 
 import pytest
 
-from entrypoints import benchmark, perf
+from entrypoints import perf
+from entrypoints.bench import throughput as benchmark
 from entrypoints.config import JobConfig
 
 GIB = perf.GIB

@@ -97,7 +97,7 @@ def jsonl(path: Path, records: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(cache_dir):
-    from entrypoints.demo_assets import tiny_llama2
+    from entrypoints.demo.assets import tiny_llama2
 
     return tiny_llama2(cache_dir)
 

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from entrypoints import storage
-from entrypoints.demo_assets import tiny_llama2
+from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_OK, EXIT_PREEMPTED
 from entrypoints.train import SUMMARY_PREFIX
 

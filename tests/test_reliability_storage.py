@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from entrypoints import storage
-from entrypoints.demo_assets import tiny_llama2
+from entrypoints.demo.assets import tiny_llama2
+from entrypoints.demo.local_s3 import S3Server
 from entrypoints.errors import EXIT_OK, EXIT_STORAGE, StorageError
-from entrypoints.local_s3 import S3Server
 from entrypoints.train import SUMMARY_PREFIX
 
 from .jobrun import REPO, can_unshare, job_env, with_tmpfs

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from entrypoints.config import FIELDS, parse_config
-from entrypoints.demo_assets import tiny_llama2
+from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import ModelError
 from entrypoints.modeling import check_model_dir, load_model, load_tokenizer
 

@@ -18,9 +18,9 @@ import pytest
 
 from entrypoints import storage
 from entrypoints.config import parse_config
-from entrypoints.demo_assets import tiny_llama2
+from entrypoints.demo.assets import tiny_llama2
+from entrypoints.demo.local_s3 import SECRET_KEY
 from entrypoints.errors import ConfigError, StorageError
-from entrypoints.local_s3 import SECRET_KEY
 from entrypoints.secrets import REDACTED, REDACTOR, install_redactor, resolve_secrets
 
 from .jobrun import job_env, run_job

@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from entrypoints.demo_assets import llama2_tokenizer, smollm2
+from entrypoints.demo.assets import llama2_tokenizer, smollm2
 from entrypoints.errors import ModelError
 from entrypoints.templating import (
     choose_pad_token,

@@ -1,6 +1,6 @@
 """Data preparation benchmark: rows per second and peak memory of the job's own data step on a large file.
 
-    python -m entrypoints.data_benchmark --rows 1000000     # writes ~1 GB of chat JSONL, then prepares it
+    python -m entrypoints.bench.data_prep --rows 1000000     # writes ~1 GB of chat JSONL, then prepares it
 
 It writes a JSONL file of `messages` records (about 1 KB each), then runs `entrypoints.train.prepare_data`
 on it exactly as the job does (stream -> normalise -> Arrow cache files -> tokenize with the chat template
@@ -142,7 +142,7 @@ def run(rows: int, work: Path, tokenizer_dir: Path, keep: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m entrypoints.bench.data_prep", description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--work-dir", type=Path, default=None, help="where the JSONL and the Arrow cache go (default: a temp dir)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer directory (default: the Llama 2 tokenizer)")
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("datasets").setLevel(logging.WARNING)
     if args.tokenizer is None:
-        from entrypoints.demo_assets import llama2_tokenizer
+        from entrypoints.demo.assets import llama2_tokenizer
 
         args.cache_dir.mkdir(parents=True, exist_ok=True)
         args.tokenizer = llama2_tokenizer(args.cache_dir)

@@ -28,8 +28,8 @@ from importlib import resources
 from pathlib import Path
 
 from entrypoints import storage
-from entrypoints.demo_assets import smollm2
-from entrypoints.local_s3 import S3Server
+from entrypoints.demo.assets import smollm2
+from entrypoints.demo.local_s3 import S3Server
 from entrypoints.train import SUMMARY_PREFIX
 
 log = logging.getLogger("qlora.demo")
@@ -61,7 +61,7 @@ DEMO_SETTINGS = {
 
 
 def demo_data_dir() -> Path:
-    return Path(str(resources.files("entrypoints").joinpath("demo_data")))
+    return Path(str(resources.files("entrypoints.demo").joinpath("data")))
 
 
 def upload_inputs(model_dir: Path, endpoint: str) -> dict[str, str]:
@@ -117,7 +117,7 @@ def print_report(summary: dict, endpoint: str, elapsed: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run the QLoRA job end to end on a local S3 server.")
+    ap = argparse.ArgumentParser(prog="python -m entrypoints.demo", description="Run the QLoRA job end to end on a local S3 server.")
     ap.add_argument("--work-dir", default=".demo", help="scratch space for the S3 server, /opt/ml and logs")
     ap.add_argument("--cache-dir", default=os.environ.get("QLORA_TEST_CACHE", ".cache"), help="model cache")
     ap.add_argument("--set", action="append", default=[], metavar="QLORA_NAME=VALUE",

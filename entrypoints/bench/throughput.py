@@ -1,7 +1,7 @@
 """Throughput, memory and MFU of the job's default path against the standard QLoRA recipe, side by side.
 
-    python -m entrypoints.benchmark --shape 7b --runs baseline,default --out results.json
-    python -m entrypoints.benchmark --shape tiny --device cpu --samples 24     # the CPU smoke test
+    python -m entrypoints.bench.throughput --shape 7b --runs baseline,default --out results.json
+    python -m entrypoints.bench.throughput --shape tiny --device cpu --samples 24     # the CPU smoke test
 
 On the GPU it finds, one process: measures the bf16 matmul peak, writes a Llama-2-shaped checkpoint
 with random bf16 weights (7b by default; 13b, 70b, or `tiny` for CPUs), generates a synthetic chat data
@@ -492,7 +492,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m entrypoints.bench.throughput", description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(perf.SHAPES), default="7b")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--runs", default="baseline,default", help=f"comma-separated: baseline, {', '.join(LEVERS)}")
@@ -546,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.init_process_group("nccl")
 
     report: dict[str, Any] = {"gpu": _gpu_name(), "world_size": world, "date": datetime.date.today().isoformat(), "versions": _versions(),
-                              "command": "python -m entrypoints.benchmark " + " ".join(argv or sys.argv[1:]),
+                              "command": "python -m entrypoints.bench.throughput " + " ".join(argv or sys.argv[1:]),
                               "mem_cap_gib": args.mem_cap_gib or None, "runs": []}
     peak = perf.measure_bf16_peak_flops() if args.device == "cuda" else None
     report["bf16_peak_tflops"] = round(peak / 1e12, 1) if peak else None

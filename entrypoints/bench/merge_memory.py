@@ -1,8 +1,8 @@
 """Peak memory and time of our streaming merge against peft's merge_and_unload, on a random checkpoint.
 
-    python -m entrypoints.merge_benchmark --shape 7b --work-dir /work/merge-bench [--json results.json]
-    python -m entrypoints.merge_benchmark --shape 70b --plan-only    # memory bound from the shapes alone
-    python -m entrypoints.merge_benchmark --compare-bases --model DIR --data entrypoints/demo_data --work-dir D
+    python -m entrypoints.bench.merge_memory --shape 7b --work-dir /work/merge-bench [--json results.json]
+    python -m entrypoints.bench.merge_memory --shape 70b --plan-only    # memory bound from the shapes alone
+    python -m entrypoints.bench.merge_memory --compare-bases --model DIR --data entrypoints/demo/data --work-dir D
 
 Builds a random bf16 checkpoint of the given Llama-2 shape, written tensor by tensor (never the whole
 model in memory) in the real checkpoint's shard layout, and an r=16 all-linear LoRA adapter in peft's
@@ -155,7 +155,7 @@ def evict_page_cache(directory: Path) -> None:
 def run_child(which: str, base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
     """One merge in a fresh process: its peak RSS (ru_maxrss via wait4) and wall time."""
     evict_page_cache(base_dir)
-    cmd = [sys.executable, "-m", "entrypoints.merge_benchmark", "--child", which,
+    cmd = [sys.executable, "-m", "entrypoints.bench.merge_memory", "--child", which,
            "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out_dir)]
     started = time.monotonic()
     proc = subprocess.Popen(cmd)
@@ -336,7 +336,7 @@ def compare_bases(model_dir: Path, data_dir: Path, work: Path, *, epochs: int, l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m entrypoints.merge_benchmark", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m entrypoints.bench.merge_memory", description=__doc__.split("\n\n")[1])
     p.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     p.add_argument("--work-dir", default="merge-bench")
     p.add_argument("--json", default="", help="also write the results here")
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-bases", action="store_true",
                    help="train a QLoRA adapter on --model/--data and compare the two merge bases' eval loss")
     p.add_argument("--model", default="", help="--compare-bases: a small causal LM directory (safetensors)")
-    p.add_argument("--data", default="entrypoints/demo_data", help="--compare-bases: dir with train/eval.jsonl")
+    p.add_argument("--data", default="entrypoints/demo/data", help="--compare-bases: dir with train/eval.jsonl")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--child", choices=("ours", "peft"), help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
 """A real S3-compatible server (SeaweedFS's `weed`) on loopback, for the demo and the tests.
 
-    python -m entrypoints.local_s3    # start one in the foreground and print its endpoint
+    python -m entrypoints.demo.local_s3    # start one in the foreground and print its endpoint
 """
 
 from __future__ import annotations

