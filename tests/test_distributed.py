@@ -29,7 +29,8 @@ from entrypoints import errors, storage
 from entrypoints.checkpoints import StopFlag
 from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_DATA, EXIT_PREEMPTED, DataError
-from entrypoints.train import SUMMARY_PREFIX, RankFailed, Ranks
+from entrypoints.ranks import RankFailed, Ranks
+from entrypoints.train import SUMMARY_PREFIX
 
 from .jobrun import REPO, job_env, run_job
 from .wandb_records import summarize
@@ -334,10 +335,10 @@ def _raise(exc: BaseException):
 def test_one_process_ranks_just_run_the_step():
     ranks = Ranks()
     assert ranks.is_main and ranks.is_local_main and ranks.host_leader == 0
-    assert ranks.from_main(lambda: 1, "x") == 1 and ranks.from_local_main(lambda: 2, "x") == 2
-    assert ranks.local_main_first(lambda: 3, "x") == 3 and ranks.gather("v") == ["v"]
+    assert ranks.on_world_leader(lambda: 1, "x") == 1 and ranks.on_host_leader(lambda: 2, "x") == 2
+    assert ranks.host_leader_first(lambda: 3, "x") == 3 and ranks.gather("v") == ["v"]
     with pytest.raises(DataError):
-        ranks.from_local_main(lambda: _raise(DataError("bad")), "x")
+        ranks.on_host_leader(lambda: _raise(DataError("bad")), "x")
 
 
 def test_host_leader_is_the_first_rank_of_the_host():
@@ -350,7 +351,7 @@ def _gloo_worker(rank: int, store: str, results) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     ranks = Ranks(world_size=2, rank=rank, local_rank=rank)
-    out: dict = {"main": ranks.from_main(lambda: f"made by {rank}", "x")}
+    out: dict = {"main": ranks.on_world_leader(lambda: f"made by {rank}", "x")}
     order: list[str] = []
 
     def step() -> str:
@@ -358,16 +359,16 @@ def _gloo_worker(rank: int, store: str, results) -> None:
         time.sleep(0.3 if rank == 0 else 0)
         return f"own {rank}"
 
-    out["first"] = ranks.local_main_first(step, "x")
+    out["first"] = ranks.host_leader_first(step, "x")
     out["first_time"] = float(order[0].split(" at ")[1])
     try:
-        ranks.from_local_main(lambda: _raise(DataError("bad record at line 7")), "x")
+        ranks.on_host_leader(lambda: _raise(DataError("bad record at line 7")), "x")
     except RankFailed as exc:
         out["error"] = ("RankFailed", exc.exit_code, exc.kind, str(exc))
     except DataError as exc:
         out["error"] = ("DataError", exc.exit_code, exc.kind, str(exc))
     try:
-        ranks.from_main(lambda: _raise(KeyboardInterrupt()), "x")
+        ranks.on_world_leader(lambda: _raise(KeyboardInterrupt()), "x")
     except RankFailed as exc:
         out["interrupt"] = exc.exit_code
     except KeyboardInterrupt:

@@ -75,7 +75,7 @@ def test_training_that_changed_nothing_or_diverged_is_not_published():
 
     from entrypoints.config import JobConfig
     from entrypoints.errors import ConfigError
-    from entrypoints.train import check_trained
+    from entrypoints.trainer import check_trained
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=2, vocab_size=100)

@@ -2,7 +2,7 @@
 
     python -m entrypoints.bench.data_prep --rows 1000000     # writes ~1 GB of chat JSONL, then prepares it
 
-It writes a JSONL file of `messages` records (about 1 KB each), then runs `entrypoints.train.prepare_data`
+It writes a JSONL file of `messages` records (about 1 KB each), then runs `entrypoints.dataset.prepare_data`
 on it exactly as the job does (stream -> normalise -> Arrow cache files -> tokenize with the chat template
 and assistant masks on every core -> token statistics), with the real Llama 2 tokenizer. A sampler thread
 records the memory of the whole process tree (the tokenizing workers too) while it runs. The last stdout
@@ -102,9 +102,8 @@ def run(rows: int, work: Path, tokenizer_dir: Path, keep: bool = False) -> dict:
     from transformers import AutoTokenizer
 
     from entrypoints.config import parse_config
-    from entrypoints.data import list_data_files
+    from entrypoints.dataset import prepare_data
     from entrypoints.templating import choose_pad_token, resolve_chat_template
-    from entrypoints.train import Inputs, prepare_data
 
     data = work / "data" / "train.jsonl"
     started = time.monotonic()
@@ -117,10 +116,9 @@ def run(rows: int, work: Path, tokenizer_dir: Path, keep: bool = False) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     template = resolve_chat_template(tokenizer, cfg.chat_template)
     tokenizer.pad_token = choose_pad_token(tokenizer)
-    inputs = Inputs(data, None, tokenizer_dir, list_data_files(data))
     with MemorySampler() as mem:
         started = time.monotonic()
-        prepared = prepare_data(cfg, inputs, tokenizer, template)
+        prepared = prepare_data(cfg, data, None, tokenizer, template)
         seconds = time.monotonic() - started
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     result = {

@@ -12,7 +12,7 @@ then trains one pass over the same samples with each run named in --runs:
   quant, bf16 compute, LoRA r=16 alpha=16 all-linear, paged AdamW 32-bit, gradient checkpointing,
   batch 4 x 4 accumulation padded to the longest sample, no packing, max length 2048, sdpa), written
   out here independently of the job's code;
-- `default`: the job's own path: entrypoints.modeling.load_model + entrypoints.train.build_trainer
+- `default`: the job's own path: entrypoints.modeling.load_model + entrypoints.trainer.build_trainer
   with the job's default settings (plus --set overrides);
 - the levers in LEVERS: the job's path with one setting changed, for the table in PERF.md.
 
@@ -327,10 +327,12 @@ def job_config(model_dir: Path, work: Path, max_length: int, seed: int, settings
 
 def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, Any], work: Path, max_length: int,
                 seed: int, settings: dict[str, Any]):
-    """The job's own path: modeling.load_model + train.build_trainer, as entrypoints.train.run calls them."""
-    from entrypoints import modeling, train
+    """The job's own path: modeling.load_model + trainer.build_trainer, as entrypoints.train.run calls them."""
+    from entrypoints import modeling
     from entrypoints.checkpoints import StopFlag
+    from entrypoints.dataset import TokenizedData
     from entrypoints.tracking import NullTracker
+    from entrypoints.trainer import build_trainer
 
     settings = dict(settings)
     varlen = settings.pop("varlen", True)
@@ -344,9 +346,9 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
         model = modeling.load_model(model_dir, cfg, _local_rank())
     finally:
         perf.wants_varlen = original
-    data = train.Prepared(dataset, None, [], dict(stats))
+    data = TokenizedData(dataset, None, [], dict(stats))
     plan = perf.plan_for(cfg, model.config, data.stats) if cfg.packing else None
-    trainer = train.build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), plan, {})
+    trainer = build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), plan, {})
     if layers_without:
         trainer.add_callback(perf.partial_checkpointing_callback(layers_without))
     return trainer, model, cfg

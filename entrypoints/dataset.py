@@ -1,0 +1,191 @@
+"""Where data becomes tokens: records -> chat template -> token ids and loss masks in Arrow caches, the eval
+split, the held-out samples, and the counts of what is trained on (after truncation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from entrypoints.config import JobConfig, env_name
+from entrypoints.data import LoadStats, load_conversations
+from entrypoints.errors import ConfigError, DataError, JobError
+
+log = logging.getLogger("qlora.dataset")
+
+
+@dataclass
+class TokenizedData:
+    train: Any
+    eval: Any | None
+    samples: list[dict[str, Any]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
+    if isinstance(conv, str):
+        return None
+    last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+    question = next((m["content"] for m in reversed(conv[:last]) if m["role"] == "user"), "")
+    return {"messages": conv[:last], "prompt": question, "reference": conv[last]["content"]}
+
+
+def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: Any, template: str | None,
+                 fresh_cache: bool = True) -> TokenizedData:
+    """Tokenize the data into Arrow caches. `fresh_cache=False` (a host's other ranks, after its local rank 0
+    has built them) reuses the caches of this job instead of starting over."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    from entrypoints.templating import tokenize_conversation, tokenize_text
+
+    # Arrow cache files in the job's work dir keep memory flat however large the data is. The directory is
+    # emptied first: `datasets` fingerprints a generator by its code, not by the file's content, so a cache
+    # left by an earlier run over changed data at the same path would otherwise be reused silently.
+    cache_dir = cfg.paths.work_dir / "datasets-cache"
+    if fresh_cache:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    def tokenized(path: Path, stats: LoadStats, held_out: bool = False):
+        def gen():
+            for conv in load_conversations(path, cfg.data_format, cfg.max_bad_records, stats, held_out=held_out):
+                yield {"record": json.dumps(conv)}
+        try:
+            return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False)
+        except DatasetGenerationError as exc:
+            # datasets wraps whatever the generator raised; a bad record is a data error, not a crash.
+            if isinstance(exc.__cause__, JobError):
+                raise exc.__cause__ from None
+            raise
+
+    seq = cfg.max_seq_length
+
+    def tokenize(batch):
+        # Truncated here, to max_seq_length (keeping the start), so that what is counted below is what is trained
+        # on; the full lengths and answer-token counts are kept to report what truncation removed.
+        out: dict[str, list] = {"input_ids": [], "assistant_masks": [], "full_tokens": [], "full_loss_tokens": []}
+        for raw in batch["record"]:
+            conv = json.loads(raw)
+            if isinstance(conv, str):
+                enc = tokenize_text(tokenizer, conv)
+            else:
+                if template is None:
+                    raise DataError("chat records need a chat template, but none could be resolved")
+                enc = tokenize_conversation(tokenizer, template, conv, cfg.assistant_only_loss)
+            out["full_tokens"].append(len(enc["input_ids"]))
+            out["full_loss_tokens"].append(sum(enc["assistant_masks"]))
+            out["input_ids"].append(enc["input_ids"][:seq])
+            out["assistant_masks"].append(enc["assistant_masks"][:seq])
+        return out
+
+    train_stats = LoadStats()
+    train_raw = tokenized(data, train_stats)
+    stats: dict[str, Any] = {"format": train_stats.fmt, "train_records_read": train_stats.records,
+                             "bad_records_skipped": train_stats.skipped}
+    if eval_data is not None:
+        eval_stats = LoadStats()
+        eval_raw = tokenized(eval_data, eval_stats, held_out=True)
+        stats["bad_records_skipped"] += eval_stats.skipped
+    elif cfg.eval_fraction > 0 and len(train_raw) < 2:
+        log.warning("%s=%s: a single training record cannot be split; no eval split is held out",
+                    env_name("eval_fraction"), cfg.eval_fraction)
+        eval_raw = None
+    elif cfg.eval_fraction > 0:
+        n_eval = max(1, round(len(train_raw) * cfg.eval_fraction))
+        if len(train_raw) - n_eval < 1:
+            raise ConfigError([f"{env_name('eval_fraction')}={cfg.eval_fraction} holds out {n_eval} of the"
+                               f" {len(train_raw)} training record(s), leaving none to train on: lower it, set it to"
+                               f" 0 (no eval), or give held-out data in {env_name('eval_data')}"])
+        split = train_raw.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+        train_raw, eval_raw = split["train"], split["test"]
+    else:
+        eval_raw = None
+
+    samples = []
+    if eval_raw is not None and cfg.num_sample_generations:
+        for raw in eval_raw.select(range(min(len(eval_raw), cfg.num_sample_generations)))["record"]:
+            sample = _split_sample(json.loads(raw))
+            if sample:
+                samples.append(sample)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    num_proc = min(cores, 8) if len(train_raw) > 20_000 and cores > 1 else None
+    train_ds = train_raw.map(tokenize, batched=True, remove_columns=["record"], num_proc=num_proc, desc="tokenizing train")
+    eval_ds = eval_raw.map(tokenize, batched=True, remove_columns=["record"], desc="tokenizing eval") if eval_raw is not None else None
+    train_counts = _token_stats(train_ds, "train")
+    eval_counts = _token_stats(eval_ds, "eval") if eval_ds is not None else {}
+    stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
+                  **train_counts, **{k: v for k, v in eval_counts.items() if k.startswith("eval_")},
+                  "longest_record_tokens": max(train_counts["longest_record_tokens"],
+                                               eval_counts.get("longest_record_tokens", 0))})
+    train_ds = train_ds.remove_columns(["full_tokens", "full_loss_tokens"])
+    eval_ds = eval_ds.remove_columns(["full_tokens", "full_loss_tokens"]) if eval_ds is not None else None
+    check_loss_tokens(stats, seq, cfg.assistant_only_loss)
+    if eval_ds is not None and stats["eval_loss_tokens"] == 0:
+        log.warning("no eval record has an answer token within max_seq_length=%d: the eval loss is skipped", seq)
+        eval_ds = None
+    if fresh_cache or train_stats.records:
+        log.info("data: %s", json.dumps(stats))
+    else:  # the generator did not run: every split came from the caches local rank 0 built
+        log.info("data: reused the Arrow caches in %s (%d train, %d eval records)", cache_dir,
+                 stats["train_records"], stats["eval_records"])
+    return TokenizedData(train_ds, eval_ds, samples, stats)
+
+
+def _token_stats(ds: Any, split: str) -> dict[str, int]:
+    """Token counts by batched iteration over the Arrow table (reading whole columns would load them into RAM):
+    tokens and answer (loss) tokens as trained on, after truncation, and before it."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = []  # one int32 per record: 4 MB per million records
+    tokens = loss_tokens = full_loss_tokens = truncated = no_answer = longest = 0
+    columns = ["input_ids", "assistant_masks", "full_tokens", "full_loss_tokens"]
+    # Batches of 1,000 records: the per-record sums below make numpy copies of a batch's masks (8 bytes a token).
+    for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=1_000):
+        kept = pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+        full = batch["full_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
+        # Answer tokens per record: differences of the running sum of the flattened 0/1 masks at list boundaries.
+        masks = batch["assistant_masks"]
+        running = np.concatenate([[0], np.cumsum(pc.list_flatten(masks).to_numpy(zero_copy_only=False))])
+        ends = np.cumsum(pc.list_value_length(masks).to_numpy(zero_copy_only=False).astype(np.int64))
+        per_record_loss = running[ends] - running[np.concatenate([[0], ends[:-1]])]
+        lengths.append(full.astype(np.int32))
+        tokens += int(kept.sum())
+        loss_tokens += int(per_record_loss.sum())
+        full_loss_tokens += int(pc.sum(batch["full_loss_tokens"]).as_py() or 0)
+        truncated += int((full > kept).sum())
+        no_answer += int((per_record_loss == 0).sum())
+        longest = max(longest, int(kept.max()) if len(kept) else 0)
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
+    return {f"{split}_tokens": tokens, f"{split}_loss_tokens": loss_tokens,
+            f"{split}_loss_tokens_before_truncation": full_loss_tokens,
+            f"{split}_records_truncated": truncated, f"{split}_records_without_answer_tokens": no_answer,
+            "median_tokens_per_record": int(np.sort(all_lengths)[len(all_lengths) // 2]) if len(all_lengths) else 0,
+            "longest_record_tokens": longest}
+
+
+def check_loss_tokens(stats: dict[str, Any], max_seq_length: int, assistant_only_loss: bool) -> None:
+    """Fail when truncation (or the masks) leave nothing to train on; warn when truncation removes most of it."""
+    before, after = stats["train_loss_tokens_before_truncation"], stats["train_loss_tokens"]
+    what = "answer tokens" if assistant_only_loss else "tokens"
+    if before == 0:
+        raise DataError("no token is trained on: every record's answer was masked out (check the data format)")
+    if after == 0:
+        raise DataError(f"{env_name('max_seq_length')}={max_seq_length} truncates away every one of the {before:,}"
+                        f" {what} of the {stats['train_records']:,} training record(s) (median record"
+                        f" {stats['median_tokens_per_record']:,} tokens): nothing would be trained on. Raise"
+                        f" {env_name('max_seq_length')} or shorten the prompts")
+    removed = before - after
+    if removed:
+        share = removed / before
+        log.log(logging.WARNING if share > 0.5 else logging.INFO,
+                "truncation at max_seq_length=%d removes %d of %d %s (%.0f%%) in %d of %d training records; %d"
+                " records keep no answer token%s", max_seq_length, removed, before, what, 100 * share,
+                stats["train_records_truncated"], stats["train_records"], stats["train_records_without_answer_tokens"],
+                ": raise QLORA_MAX_SEQ_LENGTH or shorten the prompts" if share > 0.5 else "")

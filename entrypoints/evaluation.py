@@ -1,0 +1,54 @@
+"""Evaluation: the eval loss, sample answers to held-out prompts, and how many of them match the reference."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+
+def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: list[dict[str, Any]],
+                     max_new_tokens: int) -> list[str]:
+    import torch
+
+    from entrypoints.templating import prompt_ids
+
+    if not samples or template is None:
+        return []
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    prompts = [prompt_ids(tokenizer, template, s["messages"]) for s in samples]
+    # All prompts in one left-padded batch: each decoding step dequantizes the 4-bit weights once for
+    # the whole batch instead of once per prompt (on CPU that is most of the cost).
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    answers = [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    if was_training:
+        model.train()
+    return answers
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def answer_match(answers: Sequence[str], samples: Sequence[dict[str, Any]]) -> float | None:
+    """Fraction of held-out answers that contain the reference answer (normalised case/punctuation)."""
+    if not answers:
+        return None
+    hits = [normalize_answer(s["reference"]) in normalize_answer(a) for a, s in zip(answers, samples, strict=True)]
+    return sum(hits) / len(hits)
+
+
+def evaluate(trainer: Any, has_eval: bool) -> float | None:
+    if not has_eval:
+        return None
+    loss = trainer.evaluate().get("eval_loss")
+    return float(loss) if loss is not None and math.isfinite(loss) else None

@@ -1,0 +1,263 @@
+"""The trainer: TRL's SFTTrainer configured for the job (one SFTConfig, built in one place), the resume decision,
+the training run itself and the checks that it trained something.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from entrypoints import perf
+from entrypoints.checkpoints import (
+    StopFlag,
+    clear_checkpoints,
+    latest_complete,
+    remove_incomplete,
+    restore_from_uri,
+    trainer_callback,
+)
+from entrypoints.config import JobConfig, env_name
+from entrypoints.dataset import TokenizedData
+from entrypoints.errors import ConfigError, JobError, ModelError, Preempted, disk_space_for
+from entrypoints.ranks import Ranks
+
+log = logging.getLogger("qlora")
+
+
+def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedData, tracker: Any, stop: StopFlag,
+                  plan: perf.BatchPlan | None, fingerprint: dict):
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from entrypoints.modeling import compute_dtype, device_kind
+
+    cuda = device_kind() == "cuda"
+    dtype = compute_dtype(cfg)
+    optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
+    has_eval = data.eval is not None
+    kwargs = dict(
+        output_dir=str(cfg.checkpoint_path),
+        run_name=cfg.run_name or None,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=optim,
+        gradient_checkpointing=cfg.gradient_checkpointing != "false",  # `auto`: decided by the batch plan below
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        use_cpu=not cuda,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit or None,  # 0: keep every checkpoint
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=tracker.report_to,
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        padding_free=cfg.packing,
+        dataset_num_proc=None,
+        disable_tqdm=True,  # one log line per logging step reads better in CloudWatch / kubectl logs
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    # The fast path (entrypoints/perf.py, measured in docs/PERF.md): packed micro-batches sized
+    # from the GPU's memory, Liger kernels.
+    kwargs.update(perf.sft_overrides(cfg, plan, cuda))
+    args = SFTConfig(**kwargs)
+    extra_callbacks = []
+    if plan is not None and plan.gradient_checkpointing and plan.layers_without_checkpointing:
+        extra_callbacks.append(perf.partial_checkpointing_callback(plan.layers_without_checkpointing))
+    peft_config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url, fingerprint),
+                   _throughput_callback(tracker), *extra_callbacks],
+    )
+    # TRL casts a quantized model's LoRA weights to bfloat16, but a resumed run reloads them through peft, which
+    # upcasts adapters to float32: every resume switched the precision and ended with a different adapter than
+    # an uninterrupted run. Float32 adapter weights (peft's own default) in both cases; under bf16/fp16 autocast
+    # the matmuls still run in the compute dtype, so these are the usual float32 master weights.
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if perf.wants_compile(cfg, cuda):
+        perf.compile_layers(trainer.model)
+    elif cfg.torch_compile and cuda:
+        log.warning("torch_compile skipped: Triton needs a C compiler to build its launcher and none is installed")
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our Throughput callback logs each step once, via logging
+    return trainer
+
+
+def _throughput_callback(tracker: Any):
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        """Adds trained-tokens-per-second (non-padding tokens, from TRL's `num_tokens`) to the logs."""
+
+        def __init__(self) -> None:
+            self.last: tuple[float, float] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "num_tokens" not in logs:
+                return
+            now, tokens = time.monotonic(), float(logs["num_tokens"])
+            if self.last is not None and now > self.last[0] and tokens > self.last[1]:
+                rate = (tokens - self.last[1]) / (now - self.last[0])
+                logs["tokens_per_second"] = round(rate, 1)
+                tracker.log({"train/tokens_per_second": rate, "train/global_step": state.global_step})
+            self.last = (now, tokens)
+            if state.is_world_process_zero:
+                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items()}  # 4 significant digits: a learning rate of 2e-05 is not 0.0
+                log.info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(shown))
+
+    return Throughput()
+
+
+def planned_steps(trainer: Any, cfg: JobConfig) -> int:
+    """The optimizer steps this run ends at, counted as the Trainer counts them (its dataloader, accumulation)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = len(trainer.get_train_dataloader())
+    accum = trainer.args.gradient_accumulation_steps
+    per_epoch = max(batches // accum + int(batches % accum > 0), 1)
+    return math.ceil(cfg.num_epochs * per_epoch)
+
+
+def find_checkpoint(cfg: JobConfig, fingerprint: dict, ranks: Ranks) -> Path | None:
+    """The newest complete checkpoint of this very run (same inputs, settings and batch layout), restored from
+    QLORA_CHECKPOINT_URI when the local directory has none; None to start at step 0."""
+    ckpt_dir = cfg.checkpoint_path
+
+    def tidy_checkpoints() -> Path | None:
+        if not cfg.resume:
+            clear_checkpoints(ckpt_dir)
+            return None
+        if cfg.checkpoint_uri:
+            restore_from_uri(cfg.checkpoint_uri, ckpt_dir, cfg.s3_endpoint_url, fingerprint)
+        found = latest_complete(ckpt_dir, fingerprint)
+        remove_incomplete(ckpt_dir)
+        return found
+
+    # One process per host restores and prunes the (host-local) checkpoint directory; its ranks share the answer.
+    resume = ranks.on_host_leader(tidy_checkpoints, "checkpoint restore")
+    if len(set(ranks.gather(resume.name if resume else None))) > 1:
+        raise ConfigError([f"the hosts of this job would resume from different checkpoints in {ckpt_dir}: give every"
+                           " host the same checkpoints (set QLORA_CHECKPOINT_URI, or a shared QLORA_CHECKPOINT_DIR)"])
+    return resume
+
+
+def train(trainer: Any, cfg: JobConfig, stop: StopFlag, resume: Path | None) -> dict[str, Any]:
+    ckpt_dir = cfg.checkpoint_path
+    total = planned_steps(trainer, cfg)
+    # Warm-up in whole steps, rounded down: the Trainer rounds a ratio up, and its first warm-up step runs at
+    # learning rate 0, so a short run (under 1/warmup_ratio steps) spent a step, or its only step, learning nothing.
+    trainer.args.warmup_steps = math.floor(cfg.warmup_ratio * total)
+    resumed_at = checkpoint_step(resume) if resume else 0
+    if resumed_at > total:
+        raise ConfigError([f"{resume} is at step {resumed_at}, past this run's last step {total} (max_steps or"
+                           " num_epochs were lowered since it was written): raise QLORA_MAX_STEPS/QLORA_NUM_EPOCHS"
+                           " to at least that step, or set QLORA_RESUME=false to start over"])
+    if resume and resumed_at == total:
+        # The checkpoint is the finished run (a rerun after a stop during eval, merge or upload): take its adapter
+        # as it is. The Trainer would run one more step before noticing there is nothing left to do.
+        log.info("resuming from %s: it is this run's last step (%d), nothing is left to train", resume, total)
+        load_adapter_weights(trainer.model, resume)
+        trainer.state.global_step = resumed_at
+        return {"train_loss": None, "global_step": resumed_at, "steps_this_run": 0, "train_runtime_seconds": 0.0,
+                "resumed_from": resume.name}
+    if resume:
+        log.info("resuming from %s (step %d of %d)", resume, resumed_at, total)
+    stop.training = True
+    try:
+        with disk_space_for(ckpt_dir, "saving a checkpoint"):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        stop.training = False
+    if stop.is_set():
+        raise Preempted(f"{stop.signal_name} received: checkpoint saved at step {trainer.state.global_step} in"
+                        f" {ckpt_dir}; run the job again with the same settings to resume")
+    if int(result.global_step) != total:
+        raise JobError(f"training ended at step {result.global_step}, not at the planned step {total}: the adapter"
+                       " is not published. This is a bug; the checkpoints are kept")
+    return {"train_loss": float(result.training_loss), "global_step": int(result.global_step),
+            "steps_this_run": int(result.global_step) - resumed_at,
+            "train_runtime_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 1),
+            "resumed_from": resume.name if resume else None}
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def load_adapter_weights(model: Any, checkpoint: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ModelError(f"{checkpoint}: the checkpoint's adapter lacks {len(missing)} LoRA tensor(s) of this run's"
+                         f" model (e.g. {missing[0]}): set QLORA_RESUME=false to start over")
+
+
+def check_trained(model: Any, result: dict[str, Any], cfg: JobConfig) -> None:
+    """A run that learned nothing, or diverged, must not be published as a result.
+
+    LoRA starts with every B matrix at zero (the adapter is the identity), so an adapter whose B matrices are all
+    still zero after training was never updated: every step ran at learning rate 0, or no token carried a loss.
+    """
+    import torch
+
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss = result.get("train_loss")
+    if (loss is not None and not math.isfinite(loss)) or any(not torch.isfinite(p).all() for p in trainable):
+        raise ConfigError([f"training diverged: the loss is {loss} and the adapter holds non-finite values after"
+                           f" step {result['global_step']}. Lower {env_name('learning_rate')} (now"
+                           f" {cfg.learning_rate}), keep {env_name('max_grad_norm')} above 0, or use"
+                           f" {env_name('compute_dtype')}=bfloat16 instead of float16"])
+    if lora_b and all(not p.any() for p in lora_b):
+        raise ConfigError([f"training changed nothing: after {result['global_step']} optimizer step(s) the adapter is"
+                           f" still the identity (every LoRA B matrix is zero), so publishing it would publish the"
+                           f" base model. This happens when every step runs at learning rate 0 (too few steps for"
+                           f" {env_name('warmup_ratio')}={cfg.warmup_ratio}), or no token carries a loss. Check"
+                           f" {env_name('learning_rate')}, {env_name('warmup_ratio')}, {env_name('max_steps')} and"
+                           " the data"])
+
+
+def save_adapter(trainer: Any, tokenizer: Any, stage: Path) -> Path:
+    adapter_dir = stage / "adapter"
+    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(adapter_dir)
+    return adapter_dir
