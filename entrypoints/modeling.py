@@ -183,7 +183,7 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0):
                          " belongs to another model; use the model's own config.json") from None
     check_loading_info(model_dir, info, quantized_shape_mismatches(model))
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    changed = perf.patch_model(model, cfg, device == "cuda")  # varlen attention for packed rows
+    changed = perf.patch_model(model, cfg.packing, cfg.attn_implementation, device == "cuda")  # varlen attention
     if changed:
         log.info("fast path: %s", changed)
     if device == "cuda":

@@ -57,6 +57,7 @@ from entrypoints.outputs import (
 from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
 from entrypoints.ranks import RankFailed, Ranks, join_ranks, leave_process_group
 from entrypoints.secrets import install_redactor, resolve_secrets
+from entrypoints.sizing import BatchPlan, PlanSettings
 from entrypoints.templating import choose_pad_token, resolve_chat_template
 from entrypoints.tracking import NullTracker, WandbTracker, wandb_wanted
 from entrypoints.trainer import build_trainer, check_trained, find_checkpoint, save_adapter, train
@@ -229,13 +230,13 @@ def load_tokenizer_and_template(cfg: JobConfig, model_dir: Path) -> tuple[Any, s
     return tokenizer, template
 
 
-def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks) -> tuple[perf.BatchPlan | None, dict]:
+def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks) -> tuple[BatchPlan | None, dict]:
     """The batch plan (packed micro-batches sized from the GPU's memory, capped first when max_gpu_memory_gib is set;
     docs/PERF.md) and the run's fingerprint. Planned from the model's config, before the model is loaded, so that a
     checkpoint of other inputs or settings is refused before minutes of loading."""
     if device_kind() == "cuda":
         cap_gpu_memory(cfg.max_gpu_memory_gib, ranks.local_rank)
-    plan = perf.plan_for(cfg, load_model_config(inputs.model_dir, cfg), data.stats) if cfg.packing else None
+    plan = perf.plan_for(PlanSettings.of(cfg), load_model_config(inputs.model_dir, cfg), data.stats) if cfg.packing else None
     if plan is not None:
         log.info("batch plan: %s", plan)
     batch = ({"rows": plan.rows, "row_tokens": plan.row_tokens, "accumulation": plan.gradient_accumulation_steps}

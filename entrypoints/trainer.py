@@ -24,39 +24,47 @@ from entrypoints.config import JobConfig, env_name
 from entrypoints.dataset import TokenizedData
 from entrypoints.errors import ConfigError, JobError, ModelError, Preempted, disk_space_for
 from entrypoints.ranks import Ranks
+from entrypoints.sizing import BatchPlan
 
 log = logging.getLogger("qlora")
 
 
-def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedData, tracker: Any, stop: StopFlag,
-                  plan: perf.BatchPlan | None, fingerprint: dict):
-    import torch
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from entrypoints.modeling import compute_dtype, device_kind
-
-    cuda = device_kind() == "cuda"
-    dtype = compute_dtype(cfg)
-    optim = cfg.optim if cfg.optim != "auto" else ("paged_adamw_32bit" if cuda else "adamw_torch")
-    has_eval = data.eval is not None
-    kwargs = dict(
+def sft_config(cfg: JobConfig, plan: BatchPlan | None, cuda: bool, precision: str, has_eval: bool,
+               report_to: str | list[str]) -> dict[str, Any]:
+    """Every SFTConfig argument of the job, decided here once. `plan`: packed micro-batches sized from the GPU's
+    memory (sizing.plan_batch; None without packing: padded micro-batches of micro_batch_size samples);
+    `precision`: the compute dtype's name."""
+    use_compile = perf.wants_compile(cfg.torch_compile, cuda)
+    return dict(
         output_dir=str(cfg.checkpoint_path),
         run_name=cfg.run_name or None,
-        per_device_train_batch_size=cfg.micro_batch_size,
+        # Packed: rows of plan.row_tokens (samples were cut at max_seq_length already, and a row holds the longest
+        # whole), concatenated into one sequence per micro-batch with per-sample positions (padding-free).
+        packing=plan is not None,
+        packing_strategy="bfd",  # best-fit decreasing: whole samples per row
+        padding_free=plan is not None,
+        max_length=plan.row_tokens if plan else cfg.max_seq_length,
+        per_device_train_batch_size=plan.rows if plan else cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps if plan else cfg.gradient_accumulation_steps,
+        # `auto`: the plan's decision (the first layers the memory allows keep their activations, the callback of
+        # build_trainer exempts them); without a plan every layer is recomputed unless it is switched off.
+        gradient_checkpointing=plan.gradient_checkpointing if plan else cfg.gradient_checkpointing != "false",
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        warmup_steps=0,  # set by train() in whole steps, once the number of steps is known
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        optim=optim,
-        gradient_checkpointing=cfg.gradient_checkpointing != "false",  # `auto`: decided by the batch plan below
-        bf16=cuda and dtype == torch.bfloat16,
-        fp16=cuda and dtype == torch.float16,
+        # LoRA's optimizer state is small (~0.3 GB for 7B r=16): paging it buys nothing, and the fused AdamW kernel
+        # was 8.7% faster end to end on the 7B shape (docs/PERF.md).
+        optim=cfg.optim if cfg.optim != "auto" else ("adamw_torch_fused" if cuda else "adamw_torch"),
+        # Liger's RMSNorm, SwiGLU and RoPE kernels are Triton kernels, which torch.compile cannot trace (it fuses
+        # the same operations itself); TRL keeps its own fused LM head + cross-entropy.
+        use_liger_kernel=cfg.use_liger and cuda and not use_compile and perf.liger_available(),
+        bf16=cuda and precision == "bfloat16",
+        fp16=cuda and precision == "float16",
         use_cpu=not cuda,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
@@ -67,19 +75,25 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
         save_total_limit=cfg.save_total_limit or None,  # 0: keep every checkpoint
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=tracker.report_to,
-        max_length=cfg.max_seq_length,
-        packing=cfg.packing,
-        padding_free=cfg.packing,
+        report_to=report_to,
         dataset_num_proc=None,
         disable_tqdm=True,  # one log line per logging step reads better in CloudWatch / kubectl logs
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
-    # The fast path (entrypoints/perf.py, measured in docs/PERF.md): packed micro-batches sized
-    # from the GPU's memory, Liger kernels.
-    kwargs.update(perf.sft_overrides(cfg, plan, cuda))
-    args = SFTConfig(**kwargs)
+
+
+def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedData, tracker: Any, stop: StopFlag,
+                  plan: BatchPlan | None, fingerprint: dict):
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from entrypoints.modeling import compute_dtype, device_kind
+
+    cuda = device_kind() == "cuda"
+    precision = str(compute_dtype(cfg)).removeprefix("torch.")
+    args = SFTConfig(**sft_config(cfg, plan, cuda, precision, data.eval is not None, tracker.report_to))
     extra_callbacks = []
     if plan is not None and plan.gradient_checkpointing and plan.layers_without_checkpointing:
         extra_callbacks.append(perf.partial_checkpointing_callback(plan.layers_without_checkpointing))
@@ -108,7 +122,7 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    if perf.wants_compile(cfg, cuda):
+    if perf.wants_compile(cfg.torch_compile, cuda):
         perf.compile_layers(trainer.model)
     elif cfg.torch_compile and cuda:
         log.warning("torch_compile skipped: Triton needs a C compiler to build its launcher and none is installed")

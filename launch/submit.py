@@ -29,6 +29,7 @@ from collections.abc import Sequence  # noqa: E402
 
 from entrypoints.config import env_name  # noqa: E402
 from entrypoints.errors import EXIT_CONFIG, EXIT_INTERNAL  # noqa: E402
+from entrypoints.sizing import shape_of_model  # noqa: E402
 from launch import cron, estimate, instances, settings  # noqa: E402
 from launch.kubernetes_backend import KubernetesOptions  # noqa: E402
 from launch.plan import LaunchPlan, base_name, check_name, join_s3, unique_name  # noqa: E402
@@ -77,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                     help="SageMaker tag / Kubernetes label (repeatable)")
     ap.add_argument("--dataset-tokens", type=int, default=0, help="tokens in the training data, for the estimate")
-    ap.add_argument("--model-config", default="", help="a local config.json of the model, for the memory check")
+    ap.add_argument("--model-config", default="", metavar="FILE",
+                    help="the model's config.json (any file name), for the memory check of a model the launcher cannot"
+                         " read (an s3:// or Hub model other than Llama 2)")
     ap.add_argument("--force", action="store_true", help="submit even if the model does not seem to fit the GPU")
     ap.add_argument("--format", choices=("yaml", "json"), default="", help="--dry-run output (default: json for"
                     " SageMaker, yaml for Kubernetes)")
@@ -248,7 +251,10 @@ def kubernetes_options(args: argparse.Namespace, plan: LaunchPlan, problems: lis
 
 def preflight(plan: LaunchPlan, args: argparse.Namespace, problems: list[str]) -> None:
     """The memory fit check and the time/cost estimate, printed to stderr."""
-    shape = estimate.model_shape(args.model_config.removesuffix("config.json") or plan.cfg.model)
+    if args.model_config and not Path(args.model_config).is_file():
+        problems.append(f"--model-config {args.model_config}: no such file (give the model's config.json)")
+        return
+    shape = shape_of_model(plan.cfg.model, Path(args.model_config) if args.model_config else None)
     fit = estimate.check_fit(shape, plan.cfg, plan.instance)
     if not fit.ok and not args.force:
         problems.append(f"GPU memory: {fit.message} (or pass --force to submit anyway)")

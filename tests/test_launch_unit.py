@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from entrypoints import sizing
 from entrypoints.config import parse_config
 from launch import cron, estimate, instances, settings, submit
 
@@ -36,47 +37,54 @@ def test_unknown_instance_lists_close_matches():
     assert "not in the catalog" in str(info.value)
 
 
-def test_memory_estimate_matches_the_documented_formula():
+def test_the_fit_check_is_the_jobs_own_memory_model_and_plan():
+    """The launcher answers with sizing (the job's memory model): the least memory the job runs in, and the plan
+    the job would make on that GPU."""
     cfg = parse_config({"QLORA_DATA": "s3://b/d"}, check_paths=False)
-    shape = estimate.LLAMA2["7b"]
+    shape = sizing.SHAPES["7b"]
     assert shape.total_params == pytest.approx(6.74e9, rel=0.01)  # Llama-2-7B's published size
-    est = estimate.gpu_memory(shape, cfg)
     # r=16 on all 7 linear layers of 32 blocks: 16 * (4*(4096+4096) + 3*(4096+11008)) * 32
-    assert est.lora_params == 16 * (4 * 8192 + 3 * 15104) * 32
-    assert 3.0 < est.weights_gib < 4.5
-    assert est.total_gib == pytest.approx((est.weights_gib + est.lora_gib + est.activations_gib + est.logits_gib
-                                           + est.overhead_gib) * 1.1)
+    assert sizing.lora_params(shape, 16) == 16 * (4 * 8192 + 3 * 15104) * 32
+    assert sizing.lora_params(shape, 16, ("q_proj", "v_proj")) == 16 * 2 * 8192 * 32
+    fit = estimate.check_fit(shape, cfg, instances.lookup("g5.2xlarge"))
+    settings = sizing.PlanSettings.of(cfg)
+    plan = sizing.plan_batch(settings, 24 * sizing.GIB, shape, 1024)
+    assert fit.ok and f"{plan.micro_batch_tokens} tokens per micro-batch" in fit.message
+    assert f"at least {sizing.minimum_gpu_bytes(shape, settings) / sizing.GIB:.1f} GiB per GPU" in fit.message
+    capped = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MAX_GPU_MEMORY_GIB": "6"}, check_paths=False)
+    assert not estimate.check_fit(shape, capped, instances.lookup("g5.2xlarge")).ok  # the job's own cap counts
 
 
 def test_fit_check_refuses_with_numbers_and_warns_when_unknown():
     cfg = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf"}, check_paths=False)
-    fit = estimate.check_fit(estimate.model_shape(cfg.model), cfg, instances.lookup("g5.2xlarge"))
-    assert not fit.ok and "GiB per GPU" in fit.message and "vs 24 GiB" in fit.message
-    assert not estimate.check_fit(estimate.model_shape(cfg.model), cfg, instances.lookup("p4d.24xlarge")).ok
-    small = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf",
-                          "QLORA_MICRO_BATCH_SIZE": "1"}, check_paths=False)
-    assert estimate.check_fit(estimate.model_shape(small.model), small, instances.lookup("p4de.24xlarge")).ok
-    # ~34 GiB of 4-bit weights alone: even one sample does not fit a 40 GiB A100.
-    assert not estimate.check_fit(estimate.model_shape(small.model), small, instances.lookup("p4d.24xlarge")).ok
+    fit = estimate.check_fit(sizing.shape_of_model(cfg.model), cfg, instances.lookup("g5.2xlarge"))
+    assert not fit.ok and "GiB per GPU" in fit.message and "GiB usable" in fit.message
+    # ~34 GiB of 4-bit weights alone: 70B fits an 80 GiB A100, not a 40 GiB one.
+    assert estimate.check_fit(sizing.shape_of_model(cfg.model), cfg, instances.lookup("p4de.24xlarge")).ok
+    assert not estimate.check_fit(sizing.shape_of_model(cfg.model), cfg, instances.lookup("p4d.24xlarge")).ok
     unknown = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "s3://b/models/mine"}, check_paths=False)
-    fit = estimate.check_fit(estimate.model_shape(unknown.model), unknown, instances.lookup("g5.xlarge"))
+    fit = estimate.check_fit(sizing.shape_of_model(unknown.model), unknown, instances.lookup("g5.xlarge"))
     assert fit.ok and fit.warning and "skipped" in fit.message
 
 
-def test_model_shape_from_a_local_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
+def test_model_shape_from_a_local_config_of_any_name(tmp_path):
+    config = tmp_path / "smollm2-config.json"
+    config.write_text(json.dumps({
         "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
         "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}))
-    shape = estimate.model_shape(str(tmp_path))
+    shape = sizing.shape_of_model("s3://b/models/smollm2/", config)
     assert shape.total_params == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M
+    (tmp_path / "config.json").write_text(config.read_text())
+    assert sizing.shape_of_model(str(tmp_path)) == sizing.ModelShape.from_config(json.loads(config.read_text()),
+                                                                                name=str(tmp_path))
 
 
 def test_cost_estimate_needs_steps_or_tokens():
     cfg = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MAX_STEPS": "100"}, check_paths=False)
     inst = instances.lookup("g5.2xlarge")
-    cost = estimate.time_and_cost(estimate.LLAMA2["7b"], cfg, inst, 1, None)
+    cost = estimate.time_and_cost(sizing.SHAPES["7b"], cfg, inst, 1, None)
     tokens = 100 * 4 * 4 * 2048
-    per_gpu = estimate.TOKENS_PER_SECOND_7B[inst.gpu_model] * 7 / (estimate.LLAMA2["7b"].total_params / 1e9)
+    per_gpu = estimate.TOKENS_PER_SECOND_7B[inst.gpu_model] * 7 / (sizing.SHAPES["7b"].total_params / 1e9)
     assert cost.seconds == pytest.approx(tokens / per_gpu + estimate.FIXED_OVERHEAD_SECONDS)
     assert cost.usd == pytest.approx(cost.seconds / 3600 * inst.price_per_hour_usd)
     assert cost.message.startswith("ESTIMATE")

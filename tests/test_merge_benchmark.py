@@ -25,7 +25,7 @@ def test_tiny_checkpoint_merges_and_loads(tmp_path):
     summary = merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     assert summary["lora_modules_merged"] == 2 * 7
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert model.config.hidden_size == mb.SHAPES["tiny"].hidden
+    assert model.config.hidden_size == mb.SHAPES["tiny"].hidden_size
 
 
 def test_70b_peak_fits_a_g5_2xlarge():

@@ -28,8 +28,10 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from entrypoints.sizing import SHAPES as SIZES
+from entrypoints.sizing import ModelShape
 
 GB = 1e9
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,36 +39,24 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 G5_2XLARGE_RAM_BYTES = 32 * 2**30
 
 
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    # The published checkpoint's shard count (Llama-2-7b-hf: 2 files of <= 10 GB; 70b-hf: 15 files).
-    shards: int
+# Llama 2's shapes (entrypoints/sizing.py) and a small one for CPU tests; the published checkpoints' shard counts
+# (Llama-2-7b-hf: 2 files of <= 10 GB; 70b-hf: 15 files).
+SHAPES = {**{name: SIZES[name] for name in ("7b", "13b", "70b")},
+          "tiny": ModelShape("tiny (merge)", 256, 688, 2, 4, 4, 1000)}
+SHARDS = {"7b": 2, "13b": 3, "70b": 15, "tiny": 2}
 
 
-SHAPES = {
-    "7b": Shape(4096, 11008, 32, 32, 32, 32000, 2),
-    "13b": Shape(5120, 13824, 40, 40, 40, 32000, 3),
-    "70b": Shape(8192, 28672, 80, 64, 8, 32000, 15),
-    "tiny": Shape(256, 688, 2, 4, 4, 1000, 2),
-}
+def shards_of(shape: ModelShape) -> int:
+    return next(SHARDS[name] for name, known in SHAPES.items() if known == shape)
 
 
-def llama_config(shape: Shape):
+def llama_config(shape: ModelShape):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                       num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab, tie_word_embeddings=False,
-                       dtype="bfloat16")
+    return LlamaConfig(**shape.llama_config(), dtype="bfloat16")
 
 
-def tensor_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     """Checkpoint keys and shapes, from the architecture on the meta device (nothing allocated)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -88,7 +78,7 @@ def split_evenly(keys: list[str], shapes: dict, parts: int) -> list[list[str]]:
     return groups
 
 
-def build_checkpoint(shape: Shape, base_dir: Path, adapter_dir: Path, rank: int = 16) -> dict:
+def build_checkpoint(shape: ModelShape, base_dir: Path, adapter_dir: Path, rank: int = 16) -> dict:
     """A random bf16 checkpoint and an all-linear LoRA adapter, one tensor in memory at a time."""
     import torch
     from peft import LoraConfig
@@ -106,7 +96,7 @@ def build_checkpoint(shape: Shape, base_dir: Path, adapter_dir: Path, rank: int 
     # Layer order like the published checkpoints (embeddings first, head last).
     keys = sorted(shapes, key=lambda k: (k != "model.embed_tokens.weight", k == "lm_head.weight",
                                          _layer_index(k), k))
-    groups = split_evenly(keys, shapes, shape.shards)
+    groups = split_evenly(keys, shapes, shards_of(shape))
     n = len(groups)
     weight_map, total = {}, 0
     for i, group in enumerate(groups, start=1):
@@ -202,7 +192,7 @@ def compare_outputs(ours: Path, peft: Path, keys: list[str]) -> float:
     return worst
 
 
-def plan_peak(shape: Shape, rank: int = 16, runtime_bytes: float = 0.0) -> dict:
+def plan_peak(shape: ModelShape, rank: int = 16, runtime_bytes: float = 0.0) -> dict:
     """Peak memory of our merge from the shapes: runtime + adapter + 3 x the largest tensor + float32 blocks.
 
     Three tensors: the one being merged and written, one read ahead in the queue, one being read. The base
@@ -216,7 +206,7 @@ def plan_peak(shape: Shape, rank: int = 16, runtime_bytes: float = 0.0) -> dict:
     largest = max(math.prod(s) * 2 for s in shapes.values())
     adapter = sum((s[0] + s[1]) * rank * 4 for k, s in shapes.items()
                   if k.removesuffix(".weight").rsplit(".", 1)[-1] in LORA_TARGETS)
-    shard = params * 2 / shape.shards
+    shard = params * 2 / shards_of(shape)
     blocks = 2 * BLOCK_ELEMENTS * 4  # the float32 block and its delta
     tensor_bound = runtime_bytes + adapter + 3 * largest + blocks
     shard_bound = runtime_bytes + adapter + shard + blocks
@@ -394,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         results["runs"] = runs
         if not args.skip_peft and all(r["exit_code"] == 0 for r in runs):
             sample = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                      f"model.layers.{shape.layers - 1}.mlp.down_proj.weight", "lm_head.weight"]
+                      f"model.layers.{shape.num_hidden_layers - 1}.mlp.down_proj.weight", "lm_head.weight"]
             results["max_abs_diff_ours_vs_peft"] = compare_outputs(work / "out-ours", work / "out-peft", sample)
     finally:
         if not args.keep:

@@ -17,7 +17,7 @@ then trains one pass over the same samples with each run named in --runs:
 - the levers in LEVERS: the job's path with one setting changed, for the table in PERF.md.
 
 Per run it prints and writes to --out: trained (non-padding) tokens per second, seconds per step, peak
-GPU memory allocated and reserved, model-FLOPs utilisation (entrypoints.perf.train_flops_per_token over
+GPU memory allocated and reserved, model-FLOPs utilisation (entrypoints.sizing.train_flops_per_token over
 the measured peak), first and last losses, and every run's tokens/s over the baseline's.
 """
 
@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from entrypoints import perf
+from entrypoints import perf, sizing
 
 log = logging.getLogger("qlora.benchmark")
 
@@ -89,15 +89,37 @@ def write_tokenizer(model_dir: Path, vocab_size: int) -> Any:
     return tok
 
 
+def measure_bf16_peak_flops(device: Any = None, size: int = 8192, repeats: int = 20) -> float:
+    """bf16 matmul FLOP/s measured on this GPU now (median of `repeats` timed products on random data)."""
+    import torch
+
+    device = device or torch.device("cuda")
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2.0 * size**3 / sorted(times)[len(times) // 2]
+
+
 def build_checkpoint(shape_name: str, model_dir: Path, device: str) -> dict[str, Any]:
     """Write a Llama-2-shaped checkpoint with random bf16 weights (initialised on `device`) + tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = perf.SHAPES[shape_name]
+    shape = sizing.SHAPES[shape_name]
     started = time.monotonic()
-    config = LlamaConfig(**shape, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(**shape.llama_config(), max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
+                         eos_token_id=2)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -113,7 +135,7 @@ def build_checkpoint(shape_name: str, model_dir: Path, device: str) -> dict[str,
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    write_tokenizer(model_dir, shape["vocab_size"])
+    write_tokenizer(model_dir, shape.vocab_size)
     return {"shape": shape_name, "parameters": n_params, "build_seconds": round(time.monotonic() - started, 1)}
 
 
@@ -165,7 +187,7 @@ def data_stats(data: dict[str, list], max_tokens: int) -> dict[str, Any]:
     return {"records": n, "train_records": n, "train_tokens": sum(lengths),
             "median_tokens": lengths[n // 2], "p90_tokens": lengths[int(n * 0.9)], "max_tokens": lengths[-1],
             "mean_tokens": round(sum(lengths) / n, 1), "at_max_length": sum(x >= max_tokens for x in lengths),
-            "mean_attended_keys": round(perf.mean_attended_keys(lengths), 1)}
+            "mean_attended_keys": round(sizing.mean_attended_keys(lengths), 1)}
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -249,10 +271,8 @@ def _layers_kept(trainer: Any) -> int:
     layers = sum(1 for m in trainer.model.modules() if type(m).__name__.endswith("DecoderLayer"))
     if not trainer.args.gradient_checkpointing:
         return layers
-    for cb in trainer.callback_handler.callbacks:
-        if type(cb).__name__ == "PartialCheckpointing":
-            return min(layers, cb.layers_without)
-    return 0
+    kept = [cb.layers_without for cb in trainer.callback_handler.callbacks if hasattr(cb, "layers_without")]
+    return min(layers, kept[0]) if kept else 0
 
 
 def _versions() -> dict[str, str]:
@@ -338,16 +358,12 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
     varlen = settings.pop("varlen", True)
     layers_without = int(settings.pop("layers_without_checkpointing", 0))
     cfg = job_config(model_dir, work, max_length, seed, settings)
-    original = perf.wants_varlen
-    if not varlen:
-        perf.wants_varlen = lambda *a, **k: False  # the lever: packed rows through SDPA's block-diagonal mask
     modeling.cap_gpu_memory(cfg.max_gpu_memory_gib, _local_rank())
-    try:
-        model = modeling.load_model(model_dir, cfg, _local_rank())
-    finally:
-        perf.wants_varlen = original
+    model = modeling.load_model(model_dir, cfg, _local_rank())
+    if not varlen:  # the lever: packed rows through SDPA's block-diagonal mask instead of per-sample attention
+        model.config._attn_implementation = "sdpa"
     data = TokenizedData(dataset, None, [], dict(stats))
-    plan = perf.plan_for(cfg, model.config, data.stats) if cfg.packing else None
+    plan = perf.plan_for(sizing.PlanSettings.of(cfg), model.config, data.stats) if cfg.packing else None
     trainer = build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), plan, {})
     if layers_without:
         trainer.add_callback(perf.partial_checkpointing_callback(layers_without))
@@ -372,6 +388,7 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
             trainer, model = baseline_trainer(model_dir, dataset, tokenizer, work / name, cuda, args.max_length,
                                               args.seed)
             result["settings"] = "r=16 alpha=16 all-linear, batch 4x4 padded, paged_adamw_32bit, ckpt, sdpa"
+            lora_r = 16
         else:
             settings = {**LEVERS[name], **extra} if name in LEVERS else dict(extra)
             if settings.get("max_gpu_memory_gib") == "baseline":
@@ -381,7 +398,7 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
                 settings["max_gpu_memory_gib"] = str(baseline_reserved_gib)
             trainer, model, cfg = job_trainer(model_dir, dataset, tokenizer, stats, work / name, args.max_length,
                                               args.seed, settings)
-            targs = trainer.args
+            targs, lora_r = trainer.args, cfg.lora_r
             result["settings"] = {k: v for k, v in settings.items()}
             result["plan"] = {"per_device_train_batch_size": targs.per_device_train_batch_size,
                               "gradient_accumulation_steps": targs.gradient_accumulation_steps,
@@ -426,28 +443,28 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
             "train_loss": round(float(out.training_loss), 4),
         })
         if cuda:  # this rank's GPU (rank 0 under torchrun), and every rank's when several
-            result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / perf.GIB, 2)
-            result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / perf.GIB, 2)
+            result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / sizing.GIB, 2)
+            result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / sizing.GIB, 2)
             if _world_size() > 1:
                 result["peak_reserved_gib_per_rank"] = _per_rank(result["peak_reserved_gib"])
                 result["peak_allocated_gib_per_rank"] = _per_rank(result["peak_allocated_gib"])
         if peak_flops:
-            shape = perf.SHAPES[args.shape]
-            flops = perf.train_flops_per_token(shape, 16, stats["mean_attended_keys"])
+            shape = sizing.SHAPES[args.shape]
+            flops = sizing.train_flops_per_token(shape, lora_r, stats["mean_attended_keys"])
             peak_flops = peak_flops * _world_size()  # MFU against all the GPUs of the launch
             result["model_tflops_per_second"] = round(tokens_per_second * flops / 1e12, 1)
             result["mfu"] = round(tokens_per_second * flops / peak_flops, 4)
-            result["mfu_4n"] = round(tokens_per_second * 4 * perf.matmul_params(shape) / peak_flops, 4)
+            result["mfu_4n"] = round(tokens_per_second * 4 * sizing.matmul_params(shape) / peak_flops, 4)
     except torch.OutOfMemoryError as exc:
         result["error"] = f"out of memory: {str(exc).splitlines()[0]}"
         if cuda:
-            result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / perf.GIB, 2)
+            result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / sizing.GIB, 2)
     finally:
         trainer = model = None
         _free(trainer, model)
         if cuda:  # a run's own cap (max_gpu_memory_gib) must not outlive it
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, (args.mem_cap_gib * perf.GIB / total)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, (args.mem_cap_gib * sizing.GIB / total)
                                                            if args.mem_cap_gib else 1.0))
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     return result
@@ -495,7 +512,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m entrypoints.bench.throughput", description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=sorted(perf.SHAPES), default="7b")
+    p.add_argument("--shape", choices=sorted(sizing.SHAPES), default="7b")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--runs", default="baseline,default", help=f"comma-separated: baseline, {', '.join(LEVERS)}")
     p.add_argument("--samples", type=int, default=512, help="samples in the one pass each run makes")
@@ -550,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {"gpu": _gpu_name(), "world_size": world, "date": datetime.date.today().isoformat(), "versions": _versions(),
                               "command": "python -m entrypoints.bench.throughput " + " ".join(argv or sys.argv[1:]),
                               "mem_cap_gib": args.mem_cap_gib or None, "runs": []}
-    peak = perf.measure_bf16_peak_flops() if args.device == "cuda" else None
+    peak = measure_bf16_peak_flops() if args.device == "cuda" else None
     report["bf16_peak_tflops"] = round(peak / 1e12, 1) if peak else None
 
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
@@ -565,11 +582,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.barrier()  # the other ranks wait for rank 0's checkpoint
         if args.mem_cap_gib and args.device == "cuda":  # after the checkpoint is written: it only caps training
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * perf.GIB / total))
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * sizing.GIB / total))
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        data = synthetic_chat(args.samples, perf.SHAPES[args.shape]["vocab_size"], args.max_length, args.seed,
+        data = synthetic_chat(args.samples, sizing.SHAPES[args.shape].vocab_size, args.max_length, args.seed,
                               args.fixed_length)
         stats = data_stats(data, args.max_length)
         report["data"] = stats

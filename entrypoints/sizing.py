@@ -1,0 +1,310 @@
+"""Model sizes and the memory model: parameters, bytes, FLOPs, and the batch plan that fits a GPU.
+
+    python -m entrypoints.sizing --shape 7b --gpu-mem-gib 24 --mean-tokens 410   # print the batch plan
+
+One answer to "does it fit on this GPU, and how": the job plans its micro-batches with `plan_batch` (from the
+GPU it runs on), and the launcher checks an instance with the same functions before anything is submitted
+(`launch/estimate.py`). Torch-free. The per-token constants are measured on H100/H200 (docs/PERF.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+# Share of the GPU's memory the plan fills with its estimates; the rest absorbs allocator fragmentation
+# (peak reserved was 1.5-2 GiB above peak allocated on 7B/13B) and estimate error.
+MEMORY_SHARE = 0.80
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ------------------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-class decoder (the fields of its config.json)."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any, name: str = "") -> ModelShape:
+        """From a transformers config or a config.json dict (a multimodal config's text part)."""
+        if not isinstance(config, Mapping):
+            config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+        config = config.get("text_config", config) if isinstance(config.get("text_config"), Mapping) else config
+        heads = int(config["num_attention_heads"])
+        return cls(name or str(config.get("_name_or_path") or config.get("model_type") or "model"),
+                   int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"]),
+                   heads, int(config.get("num_key_value_heads") or heads), int(config["vocab_size"]),
+                   bool(config.get("tie_word_embeddings", False)))
+
+    @property
+    def kv_size(self) -> int:
+        return self.hidden_size * self.num_key_value_heads // self.num_attention_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder block, by module name."""
+        h, i, kv = self.hidden_size, self.intermediate_size, self.kv_size
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the blocks' linear layers (what 4-bit quantization stores in 4 bits)."""
+        return self.num_hidden_layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def total_params(self) -> int:
+        norms = (2 * self.num_hidden_layers + 1) * self.hidden_size
+        return self.linear_params + self.embedding_params + norms
+
+    def llama_config(self) -> dict[str, Any]:
+        """Keyword arguments of transformers' LlamaConfig for a model of this shape (the benchmarks build one)."""
+        return {"hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_key_value_heads, "vocab_size": self.vocab_size,
+                "tie_word_embeddings": self.tie_word_embeddings}
+
+
+# Llama 2 (config.json of meta-llama/Llama-2-{7,13,70}b-hf); `tiny` runs on a laptop CPU.
+SHAPES: dict[str, ModelShape] = {
+    "tiny": ModelShape("tiny (2 layers)", 64, 172, 2, 4, 4, 32000),
+    "7b": ModelShape("Llama-2-7B", 4096, 11008, 32, 32, 32, 32000),
+    "13b": ModelShape("Llama-2-13B", 5120, 13824, 40, 40, 40, 32000),
+    "70b": ModelShape("Llama-2-70B", 8192, 28672, 80, 64, 8, 32000),
+}
+
+
+def shape_of_model(model: str, config_file: Path | None = None) -> ModelShape | None:
+    """The shape of `model` from a config.json (`config_file`, or the model's own when it is a local directory),
+    else from a Llama 2 size in its name; None when neither tells."""
+    candidates = [config_file] if config_file else []
+    if not model.startswith("s3://"):
+        candidates.append(Path(model) / "config.json")
+    for path in candidates:
+        if path is not None and path.is_file():
+            return ModelShape.from_config(json.loads(path.read_text(encoding="utf-8")), name=model)
+    match = re.search(r"llama-?2.*?[-_](7|13|70)b", model.lower())
+    return SHAPES[match.group(1) + "b"] if match else None
+
+
+def lora_params(shape: ModelShape, r: int, targets: str | Sequence[str] = "all-linear") -> int:
+    """LoRA A+B parameters: r x (in + out) for every adapted linear layer of the blocks (never the LM head)."""
+    per_layer = sum(r * (n_in + n_out) for module, (n_in, n_out) in shape.linear_shapes().items()
+                    if targets == "all-linear" or module in targets)
+    return per_layer * shape.num_hidden_layers
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+def matmul_params(shape: ModelShape) -> int:
+    """Weights that take part in matmuls: the blocks' linear layers and the LM head (not the embedding)."""
+    return shape.linear_params + shape.hidden_size * shape.vocab_size
+
+
+def mean_attended_keys(lengths: Sequence[int]) -> float:
+    """Keys each token attends to on average under causal per-sample attention: sum n(n+1)/2 / sum n."""
+    total = sum(lengths)
+    return sum(n * (n + 1) / 2 for n in lengths) / total if total else 0.0
+
+
+def train_flops_per_token(shape: ModelShape, lora_r: int, attended_keys: float) -> float:
+    """Model FLOPs of one trained token of QLoRA (recomputation by checkpointing is NOT counted).
+
+    frozen 4-bit matmuls: forward 2N + gradient w.r.t. the input 2N (no weight gradient) = 4N
+    LoRA adapters:        forward 2P + input gradient 2P + weight gradient 2P        = 6P
+    attention (QK^T, AV): forward 2 x 2 x d x c per layer, backward twice that       = 12 L d c
+    with N = matmul weights (LM head included), P = LoRA weights (all-linear), c = mean attended keys per token.
+    """
+    n, p = matmul_params(shape), lora_params(shape, lora_r)
+    return 4.0 * n + 6.0 * p + 12.0 * shape.num_hidden_layers * shape.hidden_size * attended_keys
+
+
+# ------------------------------------------------------------------------------------------- memory
+@dataclass(frozen=True)
+class PlanSettings:
+    """The settings the memory model and the batch plan read (a slice of the job's configuration)."""
+
+    max_seq_length: int = 2048
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    micro_batch_tokens: int = 0
+    gradient_checkpointing: str = "auto"  # auto, true, false
+    packing: bool = True
+    quantization: str = "nf4"
+    double_quant: bool = True
+    lora_r: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str | tuple[str, ...] = "all-linear"
+
+    @classmethod
+    def of(cls, cfg: Any) -> PlanSettings:
+        """From a JobConfig."""
+        targets = cfg.target_modules
+        return cls(cfg.max_seq_length, cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_tokens,
+                   cfg.gradient_checkpointing, cfg.packing, cfg.quantization, cfg.double_quant, cfg.lora_r,
+                   float(cfg.lora_dropout), targets if isinstance(targets, str) else tuple(targets))
+
+
+def weight_bytes(shape: ModelShape, quantization: str = "nf4", double_quant: bool = True) -> float:
+    """Resident bytes of the frozen model: the blocks' linear layers in 4 bits plus the quantization constants
+    (0.127 bit per weight with double quantization, 0.5 without) or in bf16, and the embeddings and head in bf16."""
+    bits = 16.0 if quantization == "none" else 4.0 + (0.127 if double_quant else 0.5)
+    return shape.linear_params * bits / 8 + 2 * shape.embedding_params
+
+
+def recomputed_bytes_per_token(shape: ModelShape) -> float:
+    """Peak activation bytes per token of a packed micro-batch with every layer recomputed.
+
+    0.55 MB per token on the Llama-2-7B shape, measured on an H100/H200 (the bf16 input of every layer, one layer's
+    activations during its recompute, the LM head and loss over a 32,000-token vocabulary), scaled with layers x
+    hidden size for other shapes; a larger vocabulary adds its logits (bf16, their fp32 upcast and gradient: about
+    10 bytes per entry and token), e.g. ~1 MB per token for Llama 3's 128,256.
+    """
+    scale = shape.num_hidden_layers * shape.hidden_size / (32 * 4096)
+    return 0.55e6 * scale + 10.0 * max(0, shape.vocab_size - 32000)
+
+
+def layer_bytes_per_token(shape: ModelShape, lora_dropout: bool) -> float:
+    """Extra activation bytes per token of one decoder layer that is not recomputed (QLoRA, Liger kernels).
+
+    bf16 tensors kept for the backward pass: the normalised inputs, residuals and attention output (~7 x
+    hidden), q/k/v (hidden + 2 x kv), the SwiGLU gate and up projections (2 x intermediate); with LoRA dropout,
+    every adapted module also keeps its own dropped-out bf16 copy of its input (6 x hidden + intermediate).
+    Plus 10% margin. Measured on 7B (H200, 2026-11-28, docs/PERF.md; all 32 layers kept vs none at 6,144-token
+    micro-batches): 118 KB per token and layer without dropout, 187 KB with; this gives 130 and 208 KB.
+    """
+    d, ff, kv = shape.hidden_size, shape.intermediate_size, shape.kv_size
+    kept = 2.0 * (7 * d + 2 * kv + 2 * ff)
+    if lora_dropout:
+        kept += 2.0 * (6 * d + ff)
+    return 1.10 * kept
+
+
+def activation_bytes_per_token(shape: ModelShape, checkpointing: bool, lora_dropout: bool = True) -> float:
+    """Peak activation bytes per token with every layer recomputed (True) or none (counted with LoRA dropout's
+    extra copies, the larger figure: without recomputation the whole budget rides on it)."""
+    recomputed = recomputed_bytes_per_token(shape)
+    return recomputed if checkpointing else recomputed + shape.num_hidden_layers * layer_bytes_per_token(
+        shape, lora_dropout)
+
+
+def fixed_bytes(shape: ModelShape, s: PlanSettings) -> float:
+    """Memory that does not grow with the micro-batch: frozen weights, LoRA weights + AdamW state (fp32:
+    weight, gradient, two moments = 16 bytes each), and 1 GiB for the CUDA context's share and workspaces."""
+    return (weight_bytes(shape, s.quantization, s.double_quant) + 16.0 * lora_params(shape, s.lora_r, s.lora_targets)
+            + 1.0 * GIB)
+
+
+def minimum_gpu_bytes(shape: ModelShape, s: PlanSettings) -> float:
+    """The least GPU memory the job runs in, before the 80% share: the fixed part plus its smallest micro-batch
+    (one packed row of max_seq_length, or micro_batch_size padded samples without packing) with every layer
+    recomputed (`auto`, `true`) or none (`false`)."""
+    tokens = s.max_seq_length * (1 if s.packing else s.micro_batch_size)
+    return fixed_bytes(shape, s) + tokens * activation_bytes_per_token(shape, s.gradient_checkpointing != "false")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    rows: int  # packed rows per micro-batch (per_device_train_batch_size)
+    micro_batch_tokens: int  # rows * row_tokens: tokens per forward/backward pass
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool  # whether any decoder layer is recomputed in the backward pass
+    layers_without_checkpointing: int  # decoder layers that keep their activations (the first ones)
+    reason: str
+    # Tokens per packed row: max_seq_length, or less when one optimizer step holds fewer tokens than that (never
+    # less than the longest sample, so packing truncates nothing that max_seq_length keeps).
+    row_tokens: int = 0
+
+
+def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_sample_tokens: float,
+               on_gpu: bool = True, longest_sample_tokens: int | None = None) -> BatchPlan:
+    """Pick the packed row length, rows per micro-batch, gradient accumulation and checkpointed layers.
+
+    Tokens per optimizer step = micro_batch_size x gradient_accumulation_steps x mean sample length, i.e.
+    the same number of samples per step as the unpacked recipe, so the learning dynamics stay the same.
+    Packed rows are max_seq_length tokens long; when one step holds fewer tokens than that (small samples, small
+    batches), a row is one step long instead, but never shorter than the longest sample (so that packing cuts
+    nothing that max_seq_length keeps): a step is never larger than the documented size or than one sample.
+    Tokens per micro-batch: `micro_batch_tokens` when set, else as many as fit in 80% of the GPU's memory after
+    the weights with every layer recomputed, never above one step's tokens.
+    Checkpointing: `true` recomputes every layer, `false` none; `auto` (on a GPU) then spends what is left of
+    80% of the memory on layers that keep their activations, each costing `layer_bytes_per_token` x the
+    micro-batch's tokens, and switches checkpointing off when all of them fit. Recomputation is a third of
+    a layer's work, so every layer kept is ~1/3 of its backward saved (docs/PERF.md).
+    """
+    seq = s.max_seq_length
+    layers = shape.num_hidden_layers
+    mode = s.gradient_checkpointing
+    step_tokens = s.micro_batch_size * s.gradient_accumulation_steps * max(mean_sample_tokens, 1.0)
+    longest = min(seq, max(1, longest_sample_tokens or seq))
+    row = seq if step_tokens >= seq else min(seq, max(longest, math.ceil(step_tokens)))
+    step_tokens = max(step_tokens, float(row))
+    step_text = (f"one step is ~{int(step_tokens)} tokens ({s.micro_batch_size}x{s.gradient_accumulation_steps}"
+                 f" samples of ~{mean_sample_tokens:.0f}{'' if row == seq else f', the longest {longest}'})")
+    fixed = fixed_bytes(shape, s)
+    if s.micro_batch_tokens:
+        micro = max(row, s.micro_batch_tokens)
+        reason = f"micro_batch_tokens={s.micro_batch_tokens} set; {step_text}"
+    elif not on_gpu:
+        micro = max(row, int(step_tokens))
+        reason = f"no GPU memory to plan for: one step per micro-batch; {step_text}"
+    else:
+        budget = MEMORY_SHARE * gpu_mem_bytes - fixed
+        fit = int(budget / activation_bytes_per_token(shape, mode != "false")) if budget > 0 else 0
+        micro = max(row, min(fit, int(step_tokens)))
+        reason = f"{fit} tokens fit in {MEMORY_SHARE:.0%} of {gpu_mem_bytes / GIB:.0f} GiB; {step_text}"
+    if row < seq:
+        reason += f"; packed rows of {row} tokens (one step is less than max_seq_length={seq})"
+    rows = max(1, micro // row)
+    tokens = rows * row
+    accum = max(1, round(step_tokens / tokens))
+    if mode == "false":
+        kept = layers
+    elif mode == "true" or not on_gpu:
+        kept = 0
+        if mode == "auto":
+            reason += "; every layer recomputed"
+    else:
+        spare = MEMORY_SHARE * gpu_mem_bytes - fixed - tokens * recomputed_bytes_per_token(shape)
+        per_layer = tokens * layer_bytes_per_token(shape, s.lora_dropout > 0)
+        kept = max(0, min(layers, int(spare // per_layer))) if spare > 0 else 0
+        reason += (f"; {kept} of {layers} layers keep their activations ({per_layer / GIB:.2f} GiB each at"
+                   f" {tokens} tokens, {max(spare, 0) / GIB:.1f} GiB spare in {MEMORY_SHARE:.0%})")
+    return BatchPlan(rows, tokens, accum, kept < layers, kept, reason, row)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.sizing",
+                                     description="Print the job's batch plan for a model shape and GPU memory.")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    parser.add_argument("--mean-tokens", type=float, default=410.0)
+    args = parser.parse_args(argv)
+    shape, settings = SHAPES[args.shape], PlanSettings()
+    plan = plan_batch(settings, int(args.gpu_mem_gib * GIB), shape, args.mean_tokens)
+    print(json.dumps({**asdict(plan), "minimum_gpu_gib": round(minimum_gpu_bytes(shape, settings) / GIB, 2),
+                      "flops_per_token": train_flops_per_token(shape, settings.lora_r, math.sqrt(args.mean_tokens))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
