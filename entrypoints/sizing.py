@@ -47,6 +47,10 @@ class ModelShape:
             config = config.get_text_config() if hasattr(config, "get_text_config") else config
             config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
         config = config.get("text_config", config) if isinstance(config.get("text_config"), Mapping) else config
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if config.get(k) is None]
+        if missing:
+            raise ValueError(f"not the config of a Llama-class decoder: no {', '.join(missing)}")
         heads = int(config["num_attention_heads"])
         return cls(name or str(config.get("_name_or_path") or config.get("model_type") or "model"),
                    int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"]),

@@ -33,6 +33,7 @@ from entrypoints.data import list_data_files
 from entrypoints.dataset import TokenizedData, prepare_data
 from entrypoints.errors import (
     ConfigError,
+    ModelError,
     Preempted,
     StorageError,
     disk_space_for,
@@ -236,7 +237,13 @@ def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks) 
     checkpoint of other inputs or settings is refused before minutes of loading."""
     if device_kind() == "cuda":
         cap_gpu_memory(cfg.max_gpu_memory_gib, ranks.local_rank)
-    plan = perf.plan_for(PlanSettings.of(cfg), load_model_config(inputs.model_dir, cfg), data.stats) if cfg.packing else None
+    plan = None
+    if cfg.packing:
+        try:
+            plan = perf.plan_for(PlanSettings.of(cfg), load_model_config(inputs.model_dir, cfg), data.stats)
+        except ValueError as exc:
+            raise ModelError(f"{inputs.model_dir}/config.json: {exc}. The job fine-tunes Llama-class causal language"
+                             " models (Llama, Mistral, Qwen, SmolLM...): point QLORA_MODEL at one") from None
     if plan is not None:
         log.info("batch plan: %s", plan)
     batch = ({"rows": plan.rows, "row_tokens": plan.row_tokens, "accumulation": plan.gradient_accumulation_steps}

@@ -1,6 +1,8 @@
 """Shared fixtures: a real SeaweedFS S3 server, tiny real models, the real tokenizers.
 
-Tiers: tests without a marker are unit tests; `integration`, `gpu` and `slow` are set per module.
+Tiers by folder: tests/unit (no servers, seconds), tests/integration (real servers, tiny real models, the job as a
+subprocess), tests/gpu (skipped without CUDA). `slow` (the image build, random repeated kills) is marked per test
+and left out of the default run.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if not any(m.name in ("integration", "gpu", "slow") for m in item.iter_markers()):
-            item.add_marker(pytest.mark.unit)
+        tier = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
+        item.add_marker({"unit": pytest.mark.unit, "integration": pytest.mark.integration,
+                         "gpu": pytest.mark.gpu}[tier])
     try:
         import torch
 

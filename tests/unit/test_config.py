@@ -9,7 +9,7 @@ import pytest
 from entrypoints.config import FIELDS, JobConfig, env_name, markdown_table, parse_config
 from entrypoints.errors import EXIT_CONFIG, ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env(tmp_path, **extra):

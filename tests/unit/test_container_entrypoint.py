@@ -1,6 +1,6 @@
 """The image's entrypoint, run as a real process: mode mapping, torchrun commands, errors, root drop, signals.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_container_entrypoint.py
+    PYTHONPATH=$PWD python -m pytest tests/unit/test_container_entrypoint.py
 
 `--dry-run` prints the exact command the entrypoint would exec; the last tests let it exec for real.
 """
@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENTRYPOINT = REPO / "container" / "entrypoint.py"
 PY = sys.executable
 AS_ROOT = os.geteuid() == 0

@@ -1,6 +1,6 @@
 """Large data without large memory: the job's data step, measured at two sizes, must not grow with the data.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_large_data.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_large_data.py
 
 Runs `python -m entrypoints.bench.data_prep` (the job's own prepare_data on generated ~1 KB chat records,
 real Llama 2 tokenizer) at two sizes in fresh processes. Holding the data in memory costs at least its own
@@ -16,13 +16,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from entrypoints.bench.data_prep import RESULT_PREFIX
 
-from .jobrun import REPO
-
-pytestmark = pytest.mark.integration
+from ..jobrun import REPO
 
 SMALL_ROWS, LARGE_ROWS = 2_000, 12_000
 

@@ -28,9 +28,9 @@ from entrypoints.data import (
     load_conversations,
     normalize,
 )
-from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE, DataError
+from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, DataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 U, A = "user", "assistant"
 CASES = {
@@ -353,7 +353,7 @@ def test_inspector_per_file_breakdown_and_held_out_warning():
     assert set(files) == {"eval.jsonl", "train.jsonl"} and report["format"] == "messages"
     assert report["records"] == sum(f["records"] for f in files.values()) and report["skipped"] == 0
     assert files["eval.jsonl"]["type"] == "jsonl" and files["eval.jsonl"]["format"] == "messages"
-    assert "demo_data/eval.jsonl: the name ('eval') suggests held-out data, but it is read as training data" in proc.stderr
+    assert "demo/data/eval.jsonl: the name ('eval') suggests held-out data, but it is read as training data" in proc.stderr
 
 
 def test_inspector_missing_path(tmp_path):
@@ -377,34 +377,6 @@ def test_inspector_honours_the_bad_record_budget(tmp_path):
     assert proc.returncode == EXIT_CONFIG and "QLORA_MAX_BAD_RECORDS='some': expected an integer" in proc.stderr
     proc = _inspect(str(f), "--max-bad-records", "-1")
     assert proc.returncode == EXIT_CONFIG and "QLORA_MAX_BAD_RECORDS=-1: must be 0 or more" in proc.stderr
-
-
-@pytest.mark.integration
-def test_inspector_reads_s3_uris(s3_env, tmp_path):
-    server, bucket = s3_env
-    client = server.client()
-    client.put_object(Bucket=bucket, Key="ds/a.jsonl.gz", Body=gzip.compress(_alpaca_lines(3)))
-    client.put_object(Bucket=bucket, Key="ds/B.NDJSON", Body=_alpaca_lines(2))
-    client.put_object(Bucket=bucket, Key="ds/_SUCCESS", Body=b"")
-    client.put_object(Bucket=bucket, Key="bad/train.jsonl", Body=_alpaca_lines(1) + b"{broken\n")
-    env = server.env()
-    proc = _inspect(f"s3://{bucket}/ds/", env={**env, "QLORA_S3_ENDPOINT_URL": server.endpoint})
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    assert report["records"] == 5 and report["format"] == "alpaca"
-    assert [(f["file"], f["type"], f["records"]) for f in report["files"]] == [
-        (f"s3://{bucket}/ds/B.NDJSON", "jsonl", 2), (f"s3://{bucket}/ds/a.jsonl.gz", "jsonl+gzip", 3)]
-    assert report["ignored"] == [f"s3://{bucket}/ds/_SUCCESS"]
-    # One object, the endpoint as a flag; a bad record is named by its URI and line.
-    proc = _inspect(f"s3://{bucket}/bad/train.jsonl", "--s3-endpoint-url", server.endpoint, env=env)
-    assert proc.returncode == EXIT_DATA
-    assert f"data error: s3://{bucket}/bad/train.jsonl:2: invalid JSON" in proc.stderr
-    proc = _inspect(f"s3://{bucket}/bad/train.jsonl", "--s3-endpoint-url", server.endpoint, "--max-bad-records", "1",
-                    env=env)
-    assert proc.returncode == 0 and json.loads(proc.stdout)["skipped"] == 1
-    proc = _inspect(f"s3://{bucket}/nothing/", "--s3-endpoint-url", server.endpoint, env=env)
-    assert proc.returncode == EXIT_STORAGE and "the prefix is empty or the key does not exist" in proc.stderr
-    assert "Traceback" not in proc.stderr
 
 
 role = st.sampled_from(["system", "user", "assistant", "human", "gpt", "robot", None])

@@ -1,7 +1,7 @@
 """infra/: cfn-lint on every CloudFormation file, kubernetes-validate --strict on every manifest, the kustomize
 base complete and in sync with the launcher, and the image script's syntax and dry run.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_infra.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_infra.py
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 K8S = INFRA / "kubernetes"
 BIN = Path(sys.executable).parent

@@ -1,6 +1,6 @@
 """The job under torchrun with two processes on CPU (gloo): who downloads, who writes, and what comes out.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_distributed.py -v
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_distributed.py -v
 
 The real entrypoint runs as `python -m torch.distributed.run --nproc-per-node=2 -m entrypoints.train` with the
 tiny Llama-2-shaped model in a real S3 server (so there is something to download) and local data and output.
@@ -32,8 +32,8 @@ from entrypoints.errors import EXIT_DATA, EXIT_PREEMPTED, DataError
 from entrypoints.ranks import RankFailed, Ranks
 from entrypoints.train import SUMMARY_PREFIX
 
-from .jobrun import REPO, job_env, run_job
-from .wandb_records import summarize
+from ..jobrun import REPO, job_env, run_job
+from ..wandb_records import summarize
 
 RECORDS = [{"instruction": f"What is code {i}?", "input": "", "output": f"Code {i} is {i * 7 % 13}."} for i in range(24)]
 SETTINGS = {
@@ -116,7 +116,6 @@ def tiny_model(cache_dir):
     return tiny_llama2(cache_dir)
 
 
-@pytest.mark.integration
 def test_two_ranks_on_cpu_write_one_output_of_the_same_format_as_one_process(s3_env, tiny_model, tmp_path):
     server, bucket = s3_env
     storage.upload_tree(tiny_model, f"s3://{bucket}/models/tiny", endpoint_url=server.endpoint)
@@ -172,7 +171,6 @@ def test_two_ranks_on_cpu_write_one_output_of_the_same_format_as_one_process(s3_
     print(f"one process {single_seconds:.1f}s, two ranks {two_seconds:.1f}s")
 
 
-@pytest.mark.integration
 def test_a_data_error_on_rank_0_stops_every_rank_with_its_exit_code(tiny_model, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
@@ -188,7 +186,6 @@ def test_a_data_error_on_rank_0_stops_every_rank_with_its_exit_code(tiny_model, 
     assert nothing_published(tmp_path / "out")
 
 
-@pytest.mark.integration
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_complete_checkpoint(tiny_model, tmp_path):
     """SIGTERM reaches each rank on its own (here: rank 1 only). The ranks agree on it at the next step end, save
     one checkpoint together and both exit 75; a rerun resumes from it."""
@@ -253,7 +250,6 @@ def launch(env: dict[str, str], **popen) -> subprocess.Popen:
                             cwd=REPO, text=True, **popen)
 
 
-@pytest.mark.integration
 def test_the_entrypoints_torchrun_launch_exits_with_the_failing_ranks_code(tiny_model, tmp_path):
     """torchrun itself exits 1 when a worker fails; the entrypoint exits with the job's code (3: data error)."""
     data = tmp_path / "train.jsonl"
@@ -270,7 +266,6 @@ def test_the_entrypoints_torchrun_launch_exits_with_the_failing_ranks_code(tiny_
     assert nothing_published(tmp_path / "out")
 
 
-@pytest.mark.integration
 def test_the_entrypoint_forwards_a_platforms_sigterm_to_torchrun_and_exits_75(tiny_model, tmp_path):
     """The platform signals the container's first process (the entrypoint); every rank checkpoints; exit 75."""
     env = long_run_env(tmp_path, tiny_model)
@@ -377,7 +372,6 @@ def _gloo_worker(rank: int, store: str, results) -> None:
     results.put((rank, out))
 
 
-@pytest.mark.integration
 def test_ranks_share_results_order_steps_and_pass_failures_between_two_gloo_processes(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()

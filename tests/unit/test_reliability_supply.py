@@ -1,30 +1,27 @@
 """Supply-chain and runtime safety: safetensors only, no remote code unless asked, non-root read-only pods.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_reliability_supply.py
+    PYTHONPATH=$PWD python -m pytest tests/unit/test_reliability_supply.py
 
 The model checks use real model directories: a pickle-only one, and one whose config asks transformers to
 import code shipped with the model (that code would drop a marker file if it ever ran). The Kubernetes
 checks read the shipped kustomize manifests (infra/kubernetes); the launcher's generated manifests are
-checked the same way in tests/test_launch_kubernetes.py. The image's non-root user and the hashed lock file
+checked the same way in tests/integration/test_launch_kubernetes.py. The image's non-root user and the hashed lock file
 are the container's own tests (tests/test_container*.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from entrypoints.config import FIELDS, parse_config
-from entrypoints.demo.assets import tiny_llama2
+from entrypoints.config import FIELDS
 from entrypoints.errors import ModelError
-from entrypoints.modeling import check_model_dir, load_model, load_tokenizer
+from entrypoints.modeling import check_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def data_dir(tmp_path: Path) -> Path:
@@ -48,54 +45,6 @@ def test_pickle_weights_refused_by_default_and_allowed_with_a_warning(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="qlora.model"):
         check_model_dir(tmp_path, allow_pickle=True)
     assert "loading PICKLE weights" in caplog.text
-
-
-@pytest.mark.integration
-def test_pickle_next_to_safetensors_is_never_loaded(tmp_path, cache_dir):
-    """With safetensors present the loader is pinned to them (use_safetensors=True): a booby-trapped .bin
-    beside them is not touched."""
-    model = tmp_path / "model"
-    shutil.copytree(tiny_llama2(cache_dir), model)
-    marker = tmp_path / "pickle-ran"
-    # A pickle that creates the marker file when unpickled.
-    import pickle
-
-    class Trap:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    (model / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
-    cfg = parse_config({"QLORA_DATA": str(data_dir(tmp_path)), "QLORA_BASE_DIR": str(tmp_path / "opt-ml"),
-                        "QLORA_QUANTIZATION": "none"})
-    check_model_dir(model, cfg.allow_pickle_weights)
-    load_model(model, cfg)
-    assert not marker.exists()
-
-
-@pytest.mark.integration
-def test_remote_code_is_not_run_unless_allowed(tmp_path, cache_dir):
-    model = tmp_path / "model"
-    shutil.copytree(tiny_llama2(cache_dir), model)
-    marker = tmp_path / "remote-code-ran"
-    config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
-                          "AutoModelForCausalLM": "modeling_evil.EvilModel",
-                          "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
-    (model / "config.json").write_text(json.dumps(config))
-    for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
-        (model / name).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
-    tok_config = json.loads((model / "tokenizer_config.json").read_text())
-    tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
-    (model / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    cfg = parse_config({"QLORA_DATA": str(data_dir(tmp_path)), "QLORA_BASE_DIR": str(tmp_path / "opt-ml"),
-                        "QLORA_QUANTIZATION": "none"})
-    assert cfg.trust_remote_code is False
-    try:
-        load_tokenizer(model, cfg)
-        load_model(model, cfg)
-    except ModelError:
-        pass  # refusing is fine; running the code is not
-    assert not marker.exists()
 
 
 def _pod_specs(doc: dict) -> list[dict]:

@@ -1,6 +1,6 @@
 """Kubernetes path: manifests validated by kubernetes-validate --strict, and the official client against kmock.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_launch_kubernetes.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_launch_kubernetes.py
 
 No kube-apiserver can run here: kmock is a fake API server over real HTTP that stores what it is sent.
 It runs no controllers, so the tests play the Job controller's part (a pod, the Job's status) themselves.
@@ -21,9 +21,7 @@ import yaml
 from launch import kubernetes_backend as kb
 from launch import submit
 
-pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.30.0"  # oldest minor we support: podFailurePolicy, timeZone, the job-name label
 BUCKET = "s3://qlora-job-123456789012-us-east-1"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/qlora-job:abc123"

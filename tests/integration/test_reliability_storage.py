@@ -1,6 +1,6 @@
 """Storage faults: a real S3 server (SeaweedFS) killed in the middle of transfers and started again.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_reliability_storage.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_reliability_storage.py
 
 The server here is this module's own (the session-wide one stays up): it is SIGKILLed (a crash, not a
 clean shutdown) and restarted on the same ports and data directory. Transfers must retry with backoff and
@@ -30,9 +30,7 @@ from entrypoints.demo.local_s3 import S3Server
 from entrypoints.errors import EXIT_OK, EXIT_STORAGE, StorageError
 from entrypoints.train import SUMMARY_PREFIX
 
-from .jobrun import REPO, can_unshare, job_env, with_tmpfs
-
-pytestmark = pytest.mark.integration
+from ..jobrun import REPO, can_unshare, job_env, with_tmpfs
 
 DOWN_SECONDS = 3.0
 BIG_BYTES = 80 * 2**20  # above the 64 MiB multipart threshold, and big enough to log progress
@@ -262,7 +260,7 @@ def test_job_rides_out_crashes_during_download_checkpoint_upload_and_final_uploa
     (k1, up1), (k2, up2), (k3, up3) = flaky.outages
     # Each phase was still waiting on storage when the server came back: its next line comes after the server
     # started again (it serves a moment before our readiness probe returns at up1/up2/up3).
-    assert job.first("downloading s3://jobs/data/train.jsonl") < k1 and job.first(" qlora: data: ") > k1 + DOWN_SECONDS
+    assert job.first("downloading s3://jobs/data/train.jsonl") < k1 and job.first(" qlora.dataset: data: ") > k1 + DOWN_SECONDS
     assert job.first("checkpoint checkpoint-2 complete") > k2 + DOWN_SECONDS and k2 > job.first(" qlora: step 1/4 ")
     assert job.first("manifest written last") > k3 + DOWN_SECONDS and k3 > job.first("merging the adapter")
     assert k1 < up1 < k2 < up2 < k3 < up3

@@ -1,6 +1,6 @@
 """Never a wrong result with exit 0: the job as users run it, on small and odd data, rerun in place, interrupted.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_never_wrong.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_never_wrong.py
 
 Each test runs the real training entrypoint as a subprocess on the tiny Llama-2-shaped model (CPU) and checks that
 the run either trains what the settings name and publishes it, or ends with the documented exit code and a message
@@ -25,9 +25,7 @@ from safetensors.torch import load_file
 from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_CONFIG, EXIT_PREEMPTED, EXIT_STORAGE
 
-from .jobrun import REPO, job_env, run_job
-
-pytestmark = pytest.mark.integration
+from ..jobrun import REPO, job_env, run_job
 
 QUICK = {"QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0", "QLORA_REPORT_TO": "none"}
 

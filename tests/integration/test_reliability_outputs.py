@@ -1,6 +1,6 @@
 """Outputs and inputs that are exactly what the settings name: claims, versioned runs, latest.json, stale files.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_reliability_outputs.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_reliability_outputs.py
 
 Real components throughout: the SeaweedFS S3 server (it honours If-None-Match / If-Match like S3), the real job
 as subprocesses started at the same moment, real SIGTERM, and a real read-only or full file system (a tmpfs in
@@ -34,9 +34,7 @@ from entrypoints.errors import (
 from entrypoints.outputs import CLAIM, LATEST, MANIFEST, OutputClaim, OutputTarget, Publisher, advance_latest
 from entrypoints.train import SUMMARY_PREFIX
 
-from .jobrun import REPO, can_unshare, job_env, with_tmpfs
-
-pytestmark = pytest.mark.integration
+from ..jobrun import REPO, can_unshare, job_env, with_tmpfs
 
 RECORDS = [{"instruction": f"What is code {i}?", "output": f"Code {i} is {i * 7 % 13}."} for i in range(12)]
 OTHER_RECORDS = [{"instruction": f"Name colour {i}.", "output": f"Colour {i} is {'red' if i % 2 else 'blue'}."}
@@ -87,7 +85,7 @@ class Job:
         return found[-1] if found else None
 
     def data_stats(self) -> dict:
-        return json.loads(next(line.split(" qlora: data: ", 1)[1] for line in self.lines if " qlora: data: {" in line))
+        return json.loads(next(line.split(" qlora.dataset: data: ", 1)[1] for line in self.lines if " qlora.dataset: data: {" in line))
 
 
 def jsonl(path: Path, records: list[dict]) -> Path:
@@ -174,7 +172,7 @@ def test_a_rerun_after_preemption_is_not_refused_and_reads_only_its_own_data_pre
     server, bucket = s3_data
     out = f"s3://{bucket}/retrained"
     first = Job(env_for(tmp_path, "base", server, tiny_model, QLORA_DATA=f"s3://{bucket}/data/a/", QLORA_OUTPUT=out))
-    first.on(" qlora: data: {", lambda: first.proc.send_signal(signal.SIGTERM))
+    first.on(" qlora.dataset: data: {", lambda: first.proc.send_signal(signal.SIGTERM))
     assert first.wait() == EXIT_PREEMPTED, first.output[-3000:]
     assert first.data_stats()["train_records_read"] == len(RECORDS)
     assert CLAIM not in keys(server, out) and "released the claim" in first.output

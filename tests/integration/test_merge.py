@@ -1,6 +1,6 @@
 """The streaming merge against peft on tiny random Llama models: same weights and logits, clear errors.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_merge.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_merge.py
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from entrypoints import storage  # noqa: E402
 from entrypoints.errors import EXIT_MODEL, ModelError, OutputExistsError  # noqa: E402
 from entrypoints.merge import INDEX_NAME, merge_adapter  # noqa: E402
 
-pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Merged weights are compared to peft's; a bf16 weight may differ by one rounding step (float32 matmul
 # order), a float32 one by float32 noise.
 TOLERANCE = {torch.bfloat16: {"rtol": 2**-7, "atol": 1e-6}, torch.float32: {"rtol": 1e-5, "atol": 1e-6}}

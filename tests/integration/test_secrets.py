@@ -1,6 +1,6 @@
 """Secrets: resolved from the environment, a mounted directory or Secrets Manager, and never written anywhere.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_secrets.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_secrets.py
 
 Secrets Manager is moto's server over real HTTP (botocore signs and sends the real GetSecretValue request).
 The job test runs the real entrypoint with the HF token in a mounted-secret directory and the W&B key only
@@ -23,9 +23,7 @@ from entrypoints.demo.local_s3 import SECRET_KEY
 from entrypoints.errors import ConfigError, StorageError
 from entrypoints.secrets import REDACTED, REDACTOR, install_redactor, resolve_secrets
 
-from .jobrun import job_env, run_job
-
-pytestmark = pytest.mark.integration
+from ..jobrun import job_env, run_job
 
 HF = "hf_RELIABILITYfakeTOKEN0123456789abcd"
 WANDB = "wandbRELIABILITYfake0123456789abcdef0123"

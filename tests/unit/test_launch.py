@@ -1,6 +1,6 @@
 """Launcher units: instance catalog, memory/cost estimates, cron conversion, settings, torch-free import.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_launch_unit.py
+    PYTHONPATH=$PWD python -m pytest tests/unit/test_launch.py
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from entrypoints import sizing
 from entrypoints.config import parse_config
 from launch import cron, estimate, instances, settings, submit
 
-pytestmark = pytest.mark.unit
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_catalog_has_the_families_with_full_specs():

@@ -1,6 +1,6 @@
 """SageMaker path end to end: the SDK (and boto3) against a moto server over HTTP, asserting on the request.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_launch_sagemaker.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_launch_sagemaker.py
 
 moto accepts anything and drops `Environment`, so the outgoing CreateTrainingJob / CreateSchedule
 requests are captured with a botocore event hook and checked with botocore's own parameter validation.
@@ -21,9 +21,7 @@ from botocore.validate import ParamValidator
 
 from launch import sagemaker_backend, submit
 
-pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROLE = "arn:aws:iam::123456789012:role/qlora-job-sagemaker-execution"
 SCHED_ROLE = "arn:aws:iam::123456789012:role/qlora-job-scheduler"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/qlora-job:abc123"

@@ -1,6 +1,6 @@
 """Static checks of the image's recipe: hadolint, shellcheck, and the lock file against pyproject.toml.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_container_lint.py
+    PYTHONPATH=$PWD python -m pytest tests/unit/test_container_lint.py
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-pytestmark = pytest.mark.unit
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOCK = REPO / "container" / "requirements.lock"
 # The OCI annotations the image must carry (hadolint checks presence and format; no other labels allowed).
 REQUIRED_LABELS = {

@@ -1,6 +1,6 @@
 """Builds the real image from ./Dockerfile with buildah and runs its checks and the demo inside it (slow).
 
-    PYTHONPATH=$PWD python -m pytest -m slow tests/test_container_build.py
+    PYTHONPATH=$PWD python -m pytest -m slow tests/integration/test_container_build.py
 
 Needs root, `buildah` and `debootstrap` (Debian packages) and the package index; takes 15-30 minutes and
 about 40 GB of disk with buildah's vfs driver. Excluded from the default CI run (`-m "not slow"`); see
@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_image_builds_and_runs_the_job_as_uid_1000():

@@ -1,6 +1,6 @@
 """Which checkpoint a run may resume from: content fingerprints, the run fingerprint, remote restores.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_checkpoints.py
+    PYTHONPATH=$PWD python -m pytest tests/unit/test_checkpoints.py
 """
 
 from __future__ import annotations
@@ -67,19 +67,3 @@ def test_resume_off_starts_over_in_place(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.integration
-def test_only_a_remote_checkpoint_of_this_run_is_restored(s3_env, tmp_path):
-
-    server, bucket = s3_env
-    uri = f"s3://{bucket}/ckpt"
-    for step, fingerprint in ((2, {"run": "mine"}), (4, {"run": "another"})):
-        local = tmp_path / "src" / f"checkpoint-{step}"
-        local.mkdir(parents=True)
-        (local / "adapter_model.safetensors").write_bytes(b"x" * step)
-        mark_complete(local, step, fingerprint)
-        checkpoints.mirror_to_uri(local, uri, server.endpoint)
-    target = tmp_path / "ckpt"
-    restored = checkpoints.restore_from_uri(uri, target, server.endpoint, {"run": "mine"})
-    assert restored == target / "checkpoint-2"  # the newer checkpoint-4 belongs to another run
-    assert latest_complete(target, {"run": "mine"}) == restored
-    assert checkpoints.restore_from_uri(uri, tmp_path / "none", server.endpoint, {"run": "third"}) is None

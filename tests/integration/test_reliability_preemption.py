@@ -1,7 +1,7 @@
 """Preemption and resume: real signals to the real entrypoint, then the final adapter against an uninterrupted run.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_reliability_preemption.py            # integration tier
-    PYTHONPATH=$PWD python -m pytest tests/test_reliability_preemption.py -m slow    # random kills, many times
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_reliability_preemption.py            # integration tier
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_reliability_preemption.py -m slow    # random kills, many times
 
 Every run trains the tiny Llama-2-shaped model on CPU with the same seed, LoRA dropout on (so the restored
 RNG state matters), gradient accumulation 2 (so a step is several micro-batches) and a shuffled sampler
@@ -31,9 +31,7 @@ from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_OK, EXIT_PREEMPTED
 from entrypoints.train import SUMMARY_PREFIX
 
-from .jobrun import REPO, job_env
-
-pytestmark = pytest.mark.integration
+from ..jobrun import REPO, job_env
 
 MAX_STEPS = 8
 STEP_LINE = re.compile(r" qlora: step (\d+)/(\d+) ")

@@ -1,11 +1,11 @@
 """Bad input, table-driven: every case runs the job's real `main()` and must fail with one clear paragraph.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_bad_input.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_bad_input.py
 
 Each case sets up a real input (settings, files, a model directory, an S3 prefix on the test server) and
 checks: the documented exit code, a message naming the source (the variable, file:line or URI) and the fix,
 the same message as the last log line and in the SageMaker failure file, and no traceback. `main()` runs
-in-process (the subprocess path, the same code, is covered by tests/test_job.py) so the 40-odd cases stay fast.
+in-process (the subprocess path, the same code, is covered by tests/integration/test_job.py) so the 40-odd cases stay fast.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from entrypoints import train
 from entrypoints.data import FORMATS, load_conversations
 from entrypoints.demo.assets import smollm2, tiny_llama2
 from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT_EXISTS, EXIT_STORAGE, DataError
-
-pytestmark = pytest.mark.integration
 
 GOOD = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]}
 
@@ -302,7 +300,7 @@ CASES = [
     Case("config.json of another architecture", EXIT_MODEL,
          lambda c: {**ok_data(c), "QLORA_MODEL": damaged_model(c, config={
              "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2, "n_head": 4})},
-         ("missing from the checkpoint",), "another architecture"),
+         ("config.json", "not the config of a Llama-class decoder"), "point QLORA_MODEL at one"),
     Case("truncated safetensors", EXIT_MODEL,
          lambda c: {**ok_data(c), "QLORA_MODEL": damaged_model(c, truncate=True)},
          ("model.safetensors", "truncated"), "download or copy the model again"),

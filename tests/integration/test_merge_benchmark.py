@@ -1,6 +1,6 @@
 """The merge benchmark's pieces: the random checkpoint it builds loads and merges; the 70B memory bound.
 
-    PYTHONPATH=$PWD python -m pytest tests/test_merge_benchmark.py
+    PYTHONPATH=$PWD python -m pytest tests/integration/test_merge_benchmark.py
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import pytest
 pytest.importorskip("torch")
 from entrypoints.bench import merge_memory as mb  # noqa: E402
 from entrypoints.merge import merge_adapter  # noqa: E402
-
-pytestmark = pytest.mark.integration
 
 
 def test_tiny_checkpoint_merges_and_loads(tmp_path):

@@ -5,8 +5,6 @@ import pytest
 from entrypoints import storage
 from entrypoints.errors import StorageError
 
-pytestmark = pytest.mark.integration
-
 
 def test_upload_tree_fetch_roundtrip(s3_env, tmp_path):
     server, bucket = s3_env

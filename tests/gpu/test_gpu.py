@@ -1,6 +1,6 @@
 """GPU tests: the 4-bit loading path, the packed (varlen) path and the multi-GPU launch, on CUDA only.
 
-    PYTHONPATH=$PWD python -m pytest -m gpu tests/test_gpu.py -v      # skipped without CUDA
+    PYTHONPATH=$PWD python -m pytest -m gpu tests/gpu/test_gpu.py -v      # skipped without CUDA
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.gpu
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +127,7 @@ def test_two_gpus_through_the_container_entrypoint_match_one_gpu(small_model):
 
     import torch
 
-    from .test_distributed import SUMMARY_PREFIX, output_format, rank_lines
+    from ..integration.test_distributed import SUMMARY_PREFIX, output_format, rank_lines
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")

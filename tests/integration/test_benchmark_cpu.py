@@ -1,0 +1,23 @@
+"""The throughput benchmark end to end on CPU (tiny shape): the standard recipe and the job's path on the same samples."""
+
+from __future__ import annotations
+
+import json
+
+from entrypoints.bench import throughput as benchmark
+
+
+def test_benchmark_runs_end_to_end_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = benchmark.main(["--shape", "tiny", "--device", "cpu", "--samples", "12", "--max-length", "96",
+                           "--runs", "baseline,default", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    runs = {r["run"]: r for r in report["runs"]}
+    assert set(runs) == {"baseline", "default"}
+    # both runs see the same samples: the same non-padding and trained tokens
+    assert runs["baseline"]["tokens"] == runs["default"]["tokens"] == report["data"]["train_tokens"]
+    assert runs["baseline"]["trained_tokens"] == runs["default"]["trained_tokens"]
+    assert runs["default"]["plan"]["packing"] is True
+    assert runs["default"]["ratio"] > 0 and runs["baseline"]["ratio"] == 1.0
+    assert "BENCHMARK_JSON" in capsys.readouterr().out

@@ -1,0 +1,154 @@
+"""Unit tests of the fast path's decisions and of the benchmark, on CPU.
+
+    PYTHONPATH=$PWD python -m pytest tests/unit/test_perf.py
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from entrypoints import perf, sizing
+from entrypoints.bench import throughput as benchmark
+from entrypoints.config import JobConfig
+from entrypoints.trainer import sft_config
+
+GIB = sizing.GIB
+
+
+def _cfg(**kw):
+    return JobConfig(data="x", **kw)
+
+
+def _plan(**kw):
+    return sizing.PlanSettings.of(_cfg(**kw))
+
+
+def _sft(cfg, plan, cuda):
+    return sft_config(cfg, plan, cuda=cuda, precision="bfloat16", has_eval=False, report_to="none")
+
+
+def test_the_sft_config_is_decided_once():
+    plan = sizing.plan_batch(_plan(), 80 * GIB, sizing.SHAPES["7b"], mean_sample_tokens=400)
+    out = _sft(_cfg(), plan, cuda=False)
+    assert out["packing"] and out["padding_free"] and out["packing_strategy"] == "bfd"
+    assert (out["per_device_train_batch_size"], out["gradient_accumulation_steps"]) == (plan.rows,
+                                                                                       plan.gradient_accumulation_steps)
+    assert out["gradient_checkpointing"] is plan.gradient_checkpointing and out["max_length"] == plan.row_tokens
+    assert out["use_liger_kernel"] is False and out["optim"] == "adamw_torch"  # Liger and fused AdamW: CUDA only
+    plain = _sft(_cfg(packing=False, micro_batch_size=3), None, cuda=False)
+    assert not plain["packing"] and not plain["padding_free"] and plain["per_device_train_batch_size"] == 3
+    assert plain["max_length"] == 2048 and plain["gradient_checkpointing"] is True
+    assert _sft(_cfg(), plan, cuda=True)["optim"] == "adamw_torch_fused"
+    assert _sft(_cfg(optim="paged_adamw_8bit"), plan, cuda=True)["optim"] == "paged_adamw_8bit"
+    # Every key is a real SFTConfig argument (TRL refuses unknown ones).
+    import dataclasses
+
+    from trl import SFTConfig
+
+    assert set(out) <= {f.name for f in dataclasses.fields(SFTConfig)}
+
+
+def test_lengths_look_like_instruction_data():
+    lengths = benchmark.sample_lengths(4000, 2048, seed=1)
+    assert 225 <= statistics.median(lengths) <= 275
+    assert max(lengths) == 2048 and min(lengths) >= benchmark.MIN_TOKENS
+    assert 0.005 < sum(n == 2048 for n in lengths) / len(lengths) < 0.04  # the long tail reaches the maximum
+
+
+def test_synthetic_chat_masks_answers_only():
+    data = benchmark.synthetic_chat(20, 32000, 512, seed=3)
+    for ids, mask in zip(data["input_ids"], data["assistant_masks"], strict=True):
+        assert len(ids) == len(mask) and ids[0] == 1 and ids[-1] == 2 and mask[-1] == 1 and mask[0] == 0
+        assert all(3 <= t < 32000 for t in ids[1:-1])
+
+
+def test_varlen_attention_equals_attention_per_sample():
+    """The packed path (CPU reference of the varlen kernel) gives each sample exactly its own causal attention."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    lengths = [5, 9, 3]
+    heads, dim = 4, 16
+    q, k, v = (torch.randn(1, heads, sum(lengths), dim) for _ in range(3))
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    out, _ = perf.varlen_attention_forward(None, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu, max_length_q=9)
+    assert out.shape == (1, sum(lengths), heads, dim)
+    start = 0
+    for n in lengths:
+        ref = F.scaled_dot_product_attention(q[:, :, start:start + n], k[:, :, start:start + n],
+                                             v[:, :, start:start + n], is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(out[:, start:start + n], ref)
+        start += n
+
+
+def test_packed_model_forward_matches_separate_samples(tmp_path):
+    """A whole Llama forward over a packed row (varlen attention, per-sample positions) = each sample alone."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    perf.register_varlen_attention()
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**sizing.SHAPES["tiny"].llama_config(), "vocab_size": 100}, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    samples = [torch.randint(3, 100, (n,)) for n in (7, 12, 4)]
+    with torch.no_grad():
+        alone = [model(input_ids=s[None]).logits[0] for s in samples]
+        model.config._attn_implementation = perf.VARLEN_ATTENTION
+        ids = torch.cat(samples)[None]
+        pos = torch.cat([torch.arange(len(s)) for s in samples])[None]
+        cu = torch.tensor([0, 7, 19, 23], dtype=torch.int32)
+        packed = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12,
+                       max_length_k=12).logits[0]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-4)
+
+
+def test_benchmark_rejects_unknown_runs(capsys):
+    assert benchmark.main(["--runs", "baseline,turbo", "--device", "cpu"]) == 2
+    assert "turbo" in capsys.readouterr().err
+
+
+def test_torch_compile_is_opt_in_cuda_only_needs_a_compiler_and_replaces_liger(monkeypatch):
+    assert not perf.wants_compile(False, cuda=True)
+    assert not perf.wants_compile(True, cuda=False)
+    monkeypatch.setattr(perf, "compiler_available", lambda: False)
+    assert not perf.wants_compile(True, cuda=True)  # build_trainer then warns once
+    monkeypatch.setattr(perf, "compiler_available", lambda: True)
+    monkeypatch.setattr(perf, "liger_available", lambda: True)
+    assert perf.wants_compile(True, cuda=True)
+    assert _sft(_cfg(torch_compile=True), None, cuda=True)["use_liger_kernel"] is False
+    assert _sft(_cfg(), None, cuda=True)["use_liger_kernel"] is True
+
+
+def test_partial_checkpointing_recomputes_only_the_layers_it_does_not_exempt():
+    """The callback behind `gradient_checkpointing=auto`: the first N decoder layers run once per step (their
+    activations kept), the others twice (forward + recompute in backward), and the gradients do not change."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    reference = LlamaForCausalLM(config)
+    partial = copy.deepcopy(reference)
+    ids = torch.randint(0, 64, (2, 16))
+    grads, calls = [], []
+    for model, kept in ((reference, 0), (partial, 2)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if kept:
+            perf.partial_checkpointing_callback(kept).on_train_begin(None, None, None, model=model)
+        counts = [0] * 3
+        for i, layer in enumerate(model.model.layers):
+            # a pre-hook: non-reentrant recomputation stops early, once the tensors it needs are back
+            layer.mlp.register_forward_pre_hook(lambda *_, i=i, c=counts: c.__setitem__(i, c[i] + 1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        calls.append(counts)
+    assert calls[0] == [2, 2, 2]  # every layer recomputed
+    assert calls[1] == [1, 1, 2]  # the first two kept their activations
+    assert [layer.gradient_checkpointing for layer in partial.model.layers] == [False, False, True]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
