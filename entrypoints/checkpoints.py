@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from entrypoints import storage
-from entrypoints.errors import ConfigError
+from entrypoints.errors import ConfigError, Preempted
 
 log = logging.getLogger("qlora.checkpoints")
 
@@ -64,12 +64,10 @@ def model_files(model_dir: Path) -> list[Path]:
     return sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.lower().startswith(_NOT_MODEL_CONTENT))
 
 
-def content_sha256(files: list[Path], root: Path | None, cache_file: Path | None = None, threads: int = 4) -> str:
-    """sha256 over (path relative to `root`, sha256 of the file) of every file: a fingerprint of their content.
-
-    Files are hashed on `threads` threads (hashlib releases the GIL); with `cache_file`, a file whose path, size,
-    modification time and inode are unchanged since it was last hashed is not read again (a 13 GB model would
-    otherwise cost a minute on every rerun)."""
+def file_sha256s(files: list[Path], cache_file: Path | None = None, threads: int = 4) -> dict[Path, str]:
+    """The sha256 of every file, hashed on `threads` threads (hashlib releases the GIL); with `cache_file`, a file
+    whose path, size, modification time and inode are unchanged since it was last hashed is not read again (a 13 GB
+    model would otherwise cost a minute on every rerun)."""
     from concurrent.futures import ThreadPoolExecutor
 
     cache: dict[str, list] = {}
@@ -96,11 +94,8 @@ def content_sha256(files: list[Path], root: Path | None, cache_file: Path | None
     paths = sorted(files)
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        digests = list(pool.map(digest, paths))
-    total = hashlib.sha256()
-    for path, value in zip(paths, digests, strict=True):
-        total.update((path.relative_to(root).as_posix() if root else path.name).encode())
-        total.update(value.encode())
+        digests = dict(zip(paths, pool.map(digest, paths), strict=True))
+    for path, value in digests.items():
         cache[str(path.resolve())] = [*key(path), value]
     if cache_file is not None:
         try:
@@ -114,6 +109,17 @@ def content_sha256(files: list[Path], root: Path | None, cache_file: Path | None
     if seconds > 5:
         log.info("hashed %d file(s) (%.1f GiB) in %.0f s", len(paths), sum(p.stat().st_size for p in paths) / 2**30,
                  seconds)
+    return digests
+
+
+def content_sha256(files: list[Path], root: Path | None, cache_file: Path | None = None,
+                   digests: dict[Path, str] | None = None) -> str:
+    """sha256 over (path relative to `root`, sha256 of the file) of every file: a fingerprint of their content."""
+    digests = digests if digests is not None else file_sha256s(files, cache_file)
+    total = hashlib.sha256()
+    for path in sorted(files):
+        total.update((path.relative_to(root).as_posix() if root else path.name).encode())
+        total.update(digests[path].encode())
     return total.hexdigest()
 
 
@@ -125,8 +131,10 @@ def latest_complete(checkpoint_dir: Path, fingerprint: dict | None = None) -> Pa
     candidates = sorted((p for p in checkpoint_dir.iterdir() if p.is_dir() and _step(p) >= 0), key=_step, reverse=True)
     for path in candidates:
         marker = path / MARKER
-        if not marker.is_file():
-            log.warning("ignoring incomplete checkpoint %s (no %s marker: the job stopped while saving it)", path, MARKER)
+        missing = _missing(path)
+        if missing:
+            log.warning("ignoring incomplete checkpoint %s (%s missing: the job stopped while saving or restoring it)",
+                        path, ", ".join(missing))
             continue
         saved = json.loads(marker.read_text() or "{}").get("settings")
         if fingerprint is not None and saved != fingerprint:
@@ -147,14 +155,35 @@ def remove_incomplete(checkpoint_dir: Path) -> None:
     if not checkpoint_dir.is_dir():
         return
     for path in checkpoint_dir.iterdir():
-        if path.is_dir() and _step(path) >= 0 and not (path / MARKER).is_file():
+        if path.is_dir() and _step(path) >= 0 and _missing(path):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def mark_complete(path: Path, step: int, fingerprint: dict | None = None) -> None:
+def _missing(path: Path) -> list[str]:
+    """What a checkpoint lacks to be resumed: its COMPLETE marker, or a file the marker vouches for (a marker without
+    them is a restore interrupted before it finished)."""
+    if not (path / MARKER).is_file():
+        return [MARKER]
+    return [name for name in REQUIRED_FILES if not (path / name).is_file()]
+
+
+def mark_complete(path: Path, step: int, fingerprint: dict | None = None, total_steps: int | None = None) -> None:
+    """`total_steps`: the step the run that wrote it was going to end at (its learning-rate schedule's length)."""
     tmp = path / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "time": time.time(), "settings": fingerprint}))
+    tmp.write_text(json.dumps({"step": step, "time": time.time(), "settings": fingerprint, "total_steps": total_steps}))
     tmp.replace(path / MARKER)
+
+
+def checkpoint_total_steps(path: Path) -> int | None:
+    """The total steps recorded in a checkpoint's marker (None for a marker without it)."""
+    try:
+        return json.loads((path / MARKER).read_text() or "{}").get("total_steps")
+    except (OSError, ValueError):
+        return None
+
+
+# Files without which a checkpoint cannot be resumed (the Trainer's state, the adapter).
+REQUIRED_FILES = ("trainer_state.json", "adapter_model.safetensors")
 
 
 def restore_from_uri(uri: str, checkpoint_dir: Path, endpoint_url: str, fingerprint: dict | None = None
@@ -175,10 +204,13 @@ def restore_from_uri(uri: str, checkpoint_dir: Path, endpoint_url: str, fingerpr
                 continue
         log.info("restoring checkpoint %s from %s", name, uri)
         target = checkpoint_dir / name
-        for obj in objects:
-            if obj.relative.startswith(name + "/"):
-                storage.download_file(obj.uri, checkpoint_dir / obj.relative, size=obj.size, endpoint_url=endpoint_url)
-        return target if (target / MARKER).is_file() else None
+        # The marker last (S3 lists COMPLETE before the lower-case file names): interrupted, the restore leaves a
+        # checkpoint without its marker, which the next run deletes and restores again.
+        parts = sorted((o for o in objects if o.relative.startswith(name + "/")), key=lambda o: o.relative.endswith(
+            "/" + MARKER))
+        for obj in parts:
+            storage.download_file(obj.uri, checkpoint_dir / obj.relative, size=obj.size, endpoint_url=endpoint_url)
+        return target if not _missing(target) else None
     if others:
         log.warning("%s holds %d complete checkpoint(s) (%s) written by runs with other inputs or settings: not"
                     " restored; this run starts from step 0", uri, len(others), ", ".join(others[:3]))
@@ -206,11 +238,18 @@ class StopFlag:
     """Set by SIGTERM/SIGINT. Before training starts the signal interrupts at once; during training the
     Trainer callback saves a checkpoint at the end of the current step and stops."""
 
+    # An interrupt raised by the handler can be swallowed where Python ignores exceptions (logging's after-fork hook
+    # while datasets starts its worker pool): until the job acknowledges the stop, the signal is sent again.
+    RESIGNAL_SECONDS = 3.0
+    RESIGNAL_TIMES = 10
+
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.acknowledged = threading.Event()
         self.training = False
         self.signal_name = ""
         self.owner_pid = os.getpid()
+        self._resignal: threading.Thread | None = None
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -233,7 +272,34 @@ class StopFlag:
         log.warning("%s received: %s", self.signal_name,
                     "saving a checkpoint after the current step" if self.training else "stopping")
         if not self.training:
+            self._resignal_until_acknowledged(signum)
             raise KeyboardInterrupt(self.signal_name)
+
+    def _resignal_until_acknowledged(self, signum: int) -> None:
+        if self._resignal is not None:
+            return
+
+        def again() -> None:
+            for _ in range(self.RESIGNAL_TIMES):
+                if self.acknowledged.wait(self.RESIGNAL_SECONDS) or self.training:
+                    return
+                log.warning("%s: the job has not stopped yet; signalling it again", self.signal_name)
+                os.kill(self.owner_pid, signum)
+
+        self._resignal = threading.Thread(target=again, name="stop-resignal", daemon=True)
+        self._resignal.start()
+
+    def acknowledge(self) -> None:
+        """The job is stopping because of the signal: no need to send it again."""
+        self.acknowledged.set()
+
+    def check(self, where: str) -> None:
+        """Raise Preempted when a signal arrived (between the steps of the job, the signal's own interrupt may have
+        been swallowed by a library)."""
+        if self.event.is_set():
+            self.acknowledge()
+            raise Preempted(f"{self.signal_name} received {where}, before a checkpoint could be saved; run the job"
+                            " again with the same settings to resume")
 
     def is_set(self) -> bool:
         return self.event.is_set()
@@ -285,7 +351,7 @@ def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str, fin
                 return control
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
-                mark_complete(path, state.global_step, fingerprint)
+                mark_complete(path, state.global_step, fingerprint, state.max_steps)
                 if checkpoint_uri:
                     mirror_to_uri(path, checkpoint_uri, endpoint_url)
                 log.info("checkpoint %s complete", path.name)

@@ -237,6 +237,8 @@ def _convert(f: dataclasses.Field, raw: Any) -> Any:
         if text == "auto":
             return "auto"
         raise ValueError("expected auto or a boolean: true/false (also 1/0, yes/no, on/off)")
+    if f.name == "lora_target_modules" and isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+        raw = ",".join(raw)  # hyperparameters.json may hold the list itself: ["q_proj", "v_proj"]
     value = raw if isinstance(raw, str) else json.dumps(raw) if isinstance(raw, (list, dict)) else str(raw)
     if choices and value not in choices:
         raise ValueError(f"expected one of {', '.join(choices)}")
@@ -275,18 +277,51 @@ def _parse_cli(argv: Sequence[str], problems: list[str]) -> dict[str, str]:
             continue
         key, eq, value = arg[2:].partition("=")
         name = key.replace("-", "_")
+        if name not in FIELDS:
+            hint = ""
+            if name.startswith("no_") and name[3:] in FIELDS:
+                hint = f" (write {cli_name(name[3:])} false)"
+            problems.append(_unknown(cli_name(name), f"command line flag --{key}{hint}", [cli_name(n) for n in FIELDS]))
+            # Its value, if it has one, is not a flag of its own.
+            i += 1 if eq or i + 1 >= len(args) or args[i + 1].startswith("--") else 2
+            continue
         if not eq:
-            if i + 1 >= len(args):
-                problems.append(f"command line: {arg} needs a value")
-                break
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                problems.append(f"command line: {arg} needs a value, e.g. {arg} {_example(FIELDS[name])}")
+                i += 1
+                continue
             value = args[i + 1]
             i += 1
-        if name not in FIELDS:
-            problems.append(_unknown(cli_name(name), f"command line flag --{key}", [cli_name(n) for n in FIELDS]))
-        else:
-            values[name] = value
+        values[name] = value
         i += 1
     return values
+
+
+def _example(f: dataclasses.Field) -> str:
+    if f.metadata["choices"]:
+        return f.metadata["choices"][0]
+    return {"bool": "true", "int": "100", "float": "0.5"}.get(_annotation(f), "VALUE")
+
+
+def help_text(command: str) -> str:
+    """The usage of the job: how settings are given, then every setting with its type, default and doc."""
+    import textwrap
+
+    lines = [f"usage: {command} [--name value ...]", "",
+             "Fine-tunes a Llama-class model with QLoRA. Every setting can be given as an environment variable",
+             "(QLORA_NAME), a flag (--name value or --name=value) or a key of SageMaker's hyperparameters.json;",
+             "precedence: defaults < hyperparameters.json < environment < flags. Secrets (HF_TOKEN, WANDB_API_KEY)",
+             "are never settings: they come from the environment, QLORA_SECRETS_DIR or QLORA_SECRETS_ARN.",
+             "Exit codes: 0 ok, 1 internal, 2 configuration, 3 data, 4 model, 5 storage, 6 output exists,",
+             "75 preempted (rerun to resume).", "", "settings:"]
+    for group in dict.fromkeys(f.metadata["group"] for f in FIELDS.values()):
+        lines.append(f"  [{group}]")
+        for f in (f for f in FIELDS.values() if f.metadata["group"] == group):
+            default = "(empty)" if f.default == "" else str(f.default).lower() if isinstance(f.default, bool) else f.default
+            choices = f" {{{','.join(f.metadata['choices'])}}}" if f.metadata["choices"] else ""
+            lines.append(f"  {cli_name(f.name)} / {env_name(f.name)}  ({_type_name(f)}{choices}, default {default})")
+            lines += textwrap.wrap(f.metadata["doc"], width=100, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def parse_config(
@@ -332,6 +367,9 @@ def parse_config(
 
     values: dict[str, Any] = {}
     for name, (value, where) in raw.items():
+        if value is None:  # JSON null: neither a value nor "unset"
+            problems.append(f"{where} is null: give a value, or remove the key to use the default")
+            continue
         try:
             values[name] = _convert(FIELDS[name], value)
         except ValueError as exc:
@@ -352,18 +390,19 @@ def parse_config(
         cfg = JobConfig(**cfg_values)
     except TypeError as exc:  # pragma: no cover - every key was checked above
         raise ConfigError([str(exc)]) from None
-    problems.extend(validate(cfg, check_paths=check_paths))
+    problems.extend(validate(cfg, check_paths=check_paths, sources={name: where for name, (_, where) in raw.items()}))
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def validate(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
+def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, str] | None = None) -> list[str]:
     """Cross-field checks. Returns every problem found, each naming the variable and the fix."""
     p: list[str] = []
 
     def bad(name: str, why: str) -> None:
-        p.append(f"{env_name(name)}={getattr(cfg, name)!r}: {why}")
+        # Named where the value came from: the variable, the flag or the hyperparameters.json key.
+        p.append(f"{(sources or {}).get(name, env_name(name))}={getattr(cfg, name)!r}: {why}")
 
     if not cfg.data:
         p.append(f"{env_name('data')} is not set: give the training data as an s3:// URI or a local path"
@@ -399,6 +438,11 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
             bad(name, "must be 1 or more")
     if cfg.max_seq_length > 131072:
         bad("max_seq_length", "is larger than any Llama-class context (131072)")
+    if not 0 <= cfg.seed < 2**32:
+        bad("seed", "must be between 0 and 4294967295 (the random generators' range)")
+    if isinstance(cfg.target_modules, list) and "lm_head" in cfg.target_modules:
+        bad("lora_target_modules", "the output head (lm_head) cannot be adapted here (TRL refuses it): name the"
+            " blocks' linear layers, e.g. q_proj,k_proj,v_proj,o_proj, or all-linear")
     if cfg.max_gpu_memory_gib < 0:
         bad("max_gpu_memory_gib", "must be 0 (the whole GPU) or a number of GiB, e.g. 22 for a 24 GB card")
     if not 0.0 <= cfg.lora_dropout < 1.0:
@@ -419,7 +463,7 @@ def validate(cfg: JobConfig, *, check_paths: bool = True) -> list[str]:
         bad("max_grad_norm", "must be 0 or more (0 disables clipping)")
     if not cfg.base_dir:
         bad("base_dir", "must be a directory path")
-    p.extend(_overlaps(cfg))
+    p.extend(_overlaps(cfg, check_paths))
     return p
 
 
@@ -430,16 +474,17 @@ def _location(value: str) -> str:
     return os.path.normpath(os.path.abspath(os.path.expanduser(value))).rstrip("/") + "/"
 
 
-def _overlaps(cfg: JobConfig) -> list[str]:
+def _overlaps(cfg: JobConfig, check_paths: bool = True) -> list[str]:
     """Locations that must not lie inside one another: the outputs would be read back as training data by the next
     run, overwrite the base model, be mixed with checkpoints, or be wiped with the job's scratch space."""
     places = {"output": cfg.output_uri, "data": cfg.data, "eval_data": cfg.eval_data, "checkpoint_dir":
               str(cfg.checkpoint_path), "checkpoint_uri": cfg.checkpoint_uri,
               "base_dir (its work/ scratch)": str(cfg.paths.work_dir)}
-    if cfg.model.startswith("s3://") or cfg.model.startswith(("/", ".", "~")):
-        places["model"] = cfg.model
+    if cfg.model.startswith("s3://") or cfg.model.startswith(("/", ".", "~")) or (check_paths and Path(cfg.model).exists()):
+        places["model"] = cfg.model  # a local directory, however it is written (modeling.resolve_model's rule)
     located = {name: _location(value) for name, value in places.items() if value}
-    rules = [("output", "data", "the next run would read the outputs as training data"),
+    rules = [("eval_data", "data", "the eval loss and answers would be measured on training data, not held out"),
+             ("output", "data", "the next run would read the outputs as training data"),
              ("output", "eval_data", "the next run would read the outputs as eval data"),
              ("output", "model", "it would write into the base model"),
              ("checkpoint_dir", "data", "checkpoints would be read as training data"),

@@ -28,7 +28,7 @@ import re
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import IO, Any
@@ -96,6 +96,10 @@ def _not_data(relative: PurePath) -> bool:
     """Files that travel with data sets but hold no records: skipped (and logged), never read, never an error."""
     if any(part.startswith(".") for part in relative.parts):  # hidden files and directories (.DS_Store, .git/)
         return True
+    # Hadoop and Spark treat every path component that starts with `_` as hidden: `_temporary/` holds the attempts
+    # of a write in progress (their part files are copies of the committed ones), `_delta_log/` a table's log.
+    if any(part.startswith("_") for part in relative.parts[:-1]):
+        return True
     if file_type(relative.name) is not None:
         return False
     name = relative.name.upper()
@@ -125,9 +129,7 @@ def scan_data_files(path: Path) -> tuple[list[DataFile], list[Path]]:
         files, ignored = [DataFile(path, *kind)], []
     else:
         files, ignored, unreadable = [], [], []
-        for p in sorted(path.rglob("*")):
-            if not p.is_file():
-                continue
+        for p in _walk(path):
             relative = p.relative_to(path)
             kind = file_type(p.name)
             if _not_data(relative):
@@ -150,6 +152,29 @@ def scan_data_files(path: Path) -> tuple[list[DataFile], list[Path]]:
                         " not installed: `pip install zstandard` in the image, or decompress the file(s) (zstd -d)"
                         " or recompress them with gzip")
     return files, ignored
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every file below `root`, following symbolic links (a linked file or directory is data the user pointed at;
+    a link back to a directory already seen is not followed twice). A dangling link is a data error: what it
+    named is gone, and skipping it would train on less than the settings say."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs.sort()
+        for name in names:
+            file = Path(folder, name)
+            if not file.exists():
+                raise DataError(f"{file}: a symbolic link to {os.readlink(file)!r}, which does not exist: restore its"
+                                " target or remove the link")
+            if file.is_file():
+                found.append(file)
+    return sorted(found)
 
 
 def list_data_files(path: Path) -> list[Path]:
@@ -276,15 +301,15 @@ class _ZstdReader(io.RawIOBase):
 def _iter_jsonl(data_file: DataFile, stream: IO[bytes]) -> Iterator[Record]:
     file = data_file.path
     line_no = 0
-    for line_no, raw in enumerate(stream, start=1):  # noqa: B007 - line_no is read after the loop
+    for line_no, raw in enumerate(_bounded_lines(stream), start=1):  # noqa: B007 - line_no is read after the loop
+        if isinstance(raw, int):  # a line longer than any record may be: its length, never its bytes
+            yield Record(f"{file}:{line_no}", {"__error__": f"the line is {raw / 2**20:.1f} MiB; records over"
+                                               f" {MAX_RECORD_BYTES // 2**20} MiB are refused (far beyond any context"
+                                               " window): split it into several records or drop it"})
+            continue
         if not raw.strip():
             continue
         where = f"{file}:{line_no}"
-        if len(raw) > MAX_RECORD_BYTES:
-            yield Record(where, {"__error__": f"the line is {len(raw) / 2**20:.1f} MiB; records over"
-                                 f" {MAX_RECORD_BYTES // 2**20} MiB are refused (far beyond any context window):"
-                                 " split it into several records or drop it"})
-            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -301,6 +326,25 @@ def _iter_jsonl(data_file: DataFile, stream: IO[bytes]) -> Iterator[Record]:
         yield Record(where, data)
     if line_no == 0:
         raise _empty(data_file)
+
+
+def _bounded_lines(stream: IO[bytes]) -> Iterator[bytes | int]:
+    """The lines of a stream, each read up to MAX_RECORD_BYTES: a longer line (a whole JSON array saved as .jsonl, a
+    multi-GB line) is skipped in pieces and reported by its length, so memory stays bounded whatever the file holds."""
+    while True:
+        line = stream.readline(MAX_RECORD_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_RECORD_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        length = len(line)
+        while not line.endswith(b"\n"):
+            line = stream.readline(1 << 20)
+            if not line:
+                break
+            length += len(line)
+        yield length
 
 
 def _iter_json(data_file: DataFile, stream: IO[bytes]) -> Iterator[Record]:
@@ -422,11 +466,16 @@ def detect_format(data: dict[str, Any]) -> str:
 
 
 def _text(value: Any, field: str) -> str:
-    if isinstance(value, str):
-        return value
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-        return "".join(str(p.get("text", "")) for p in value)  # OpenAI content parts, text only
-    raise RecordError(f"field `{field}` must be a string, got {type(value).__name__}")
+        value = "".join(str(p.get("text", "")) for p in value)  # OpenAI content parts, text only
+    if not isinstance(value, str):
+        raise RecordError(f"field `{field}` must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud83d" alone: half of an emoji, no character at all
+        raise RecordError(f"field `{field}` holds {value[exc.start]!r}, half of a UTF-16 surrogate pair (a broken"
+                          " emoji or character): fix or drop the record") from None
+    return value
 
 
 def _require(data: dict[str, Any], field: str) -> Any:
@@ -435,10 +484,12 @@ def _require(data: dict[str, Any], field: str) -> Any:
     return data[field]
 
 
-def _turns(items: Any, field: str, role_key: str, content_key: str) -> list[dict[str, str]]:
+def _turns(items: Any, field: str, role_key: str, content_key: str) -> list[dict[str, Any]]:
+    """The turns of a conversation. An assistant turn's `weight` (OpenAI's fine-tuning format: 0 or 1) is kept as
+    `"weight": 0` on the message when 0: that answer stays in the context but is not trained on."""
     if not isinstance(items, list) or not items:
         raise RecordError(f"field `{field}` must be a non-empty list of turns")
-    messages = []
+    messages: list[dict[str, Any]] = []
     for i, turn in enumerate(items):
         if not isinstance(turn, dict):
             raise RecordError(f"{field}[{i}] must be an object with `{role_key}` and `{content_key}`")
@@ -446,8 +497,31 @@ def _turns(items: Any, field: str, role_key: str, content_key: str) -> list[dict
         role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
             raise RecordError(f"{field}[{i}].{role_key}={raw_role!r} is not a known role (system, user, assistant)")
-        messages.append({"role": role, "content": _text(turn.get(content_key, ""), f"{field}[{i}].{content_key}")})
+        message: dict[str, Any] = {"role": role,
+                                   "content": _text(turn.get(content_key, ""), f"{field}[{i}].{content_key}")}
+        weight = turn.get("weight")
+        if weight is not None:
+            if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+                raise RecordError(f"{field}[{i}].weight={weight!r}: a weight is 0 (do not train on this answer) or 1,"
+                                  " and only on assistant turns")
+            if weight == 0:
+                message["weight"] = 0
+        messages.append(message)
     return messages
+
+
+def _with_system(data: dict[str, Any], messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A top-level `system` field (many ShareGPT and chat exports keep the system prompt beside the turns) becomes
+    the first turn; with a system turn of its own as well, the record is ambiguous."""
+    system = data.get("system")
+    if system is None or system == "":
+        return messages
+    text = _text(system, "system")
+    if messages and messages[0]["role"] == "system":
+        if messages[0]["content"] == text:
+            return messages
+        raise RecordError("both a top-level `system` field and a system turn, with different texts: keep one")
+    return [{"role": "system", "content": text}, *messages]
 
 
 def normalize(data: dict[str, Any], fmt: str) -> list[dict[str, str]] | str:
@@ -460,9 +534,9 @@ def normalize(data: dict[str, Any], fmt: str) -> list[dict[str, str]] | str:
             raise RecordError("field `text` is empty")
         return text
     if fmt == "messages":
-        messages = _turns(_require(data, "messages"), "messages", "role", "content")
+        messages = _with_system(data, _turns(_require(data, "messages"), "messages", "role", "content"))
     elif fmt == "sharegpt":
-        messages = _turns(_require(data, "conversations"), "conversations", "from", "value")
+        messages = _with_system(data, _turns(_require(data, "conversations"), "conversations", "from", "value"))
     elif fmt == "alpaca":
         instruction = _text(_require(data, "instruction"), "instruction")
         extra = _text(data.get("input") or "", "input")
@@ -500,6 +574,8 @@ def check_conversation(messages: list[dict[str, str]]) -> list[dict[str, str]]:
         body = body[:-1]
     if not any(m["role"] == "assistant" for m in body):
         raise RecordError("no assistant turn: every conversation needs at least one assistant answer to train on")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in body):
+        raise RecordError("every assistant turn has weight 0: nothing in this conversation is trained on")
     for i, m in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
@@ -531,7 +607,8 @@ class LoadStats:
 
 
 def load_conversations(path: Path, fmt: str = "auto", max_bad_records: int = 0, stats: LoadStats | None = None,
-                       *, held_out: bool = False) -> Iterator[list[dict[str, str]] | str]:
+                       *, held_out: bool = False, check: Callable[[Any], None] | None = None
+                       ) -> Iterator[list[dict[str, str]] | str]:
     """Stream normalised records. Bad records fail the job, or are skipped within the budget (over all files).
 
     With `fmt="auto"` each file's format is detected from its first usable record. `held_out=False` (training
@@ -559,6 +636,8 @@ def load_conversations(path: Path, fmt: str = "auto", max_bad_records: int = 0, 
                     file_stats.fmt = detect_format(record.data)
                     stats.fmt = ",".join(dict.fromkeys(f.fmt for f in stats.files if f.fmt))
                 item = normalize(record.data, file_stats.fmt)
+                if check is not None:  # e.g. the chat template must accept it (raises RecordError if not)
+                    check(item)
             except RecordError as exc:
                 stats.skipped += 1
                 file_stats.skipped += 1

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoints.config import JobConfig, env_name
-from entrypoints.data import LoadStats, load_conversations
+from entrypoints.data import LoadStats, RecordError, load_conversations
 from entrypoints.errors import ConfigError, DataError, JobError
 
 log = logging.getLogger("qlora.dataset")
@@ -42,7 +42,7 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
     from datasets import Dataset
     from datasets.exceptions import DatasetGenerationError
 
-    from entrypoints.templating import tokenize_conversation, tokenize_text
+    from entrypoints.templating import render, tokenize_conversation, tokenize_text
 
     # Arrow cache files in the job's work dir keep memory flat however large the data is. The directory is
     # emptied first: `datasets` fingerprints a generator by its code, not by the file's content, so a cache
@@ -51,9 +51,20 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
     if fresh_cache:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
+    def renders(conv: list[dict[str, str]] | str) -> None:
+        """A template may refuse a conversation (Mistral's refuses system turns): that record is a bad record,
+        named by its file and line and counted against the bad-record budget, not a crash in tokenization."""
+        if isinstance(conv, str) or template is None:
+            return
+        try:
+            render(tokenizer, template, conv)
+        except Exception as exc:  # noqa: BLE001 - jinja2's TemplateError and the template's own raise_exception
+            raise RecordError(f"the chat template refuses this conversation ({type(exc).__name__}: {exc})") from None
+
     def tokenized(path: Path, stats: LoadStats, held_out: bool = False):
         def gen():
-            for conv in load_conversations(path, cfg.data_format, cfg.max_bad_records, stats, held_out=held_out):
+            for conv in load_conversations(path, cfg.data_format, cfg.max_bad_records, stats, held_out=held_out,
+                                           check=renders):
                 yield {"record": json.dumps(conv)}
         try:
             return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False)

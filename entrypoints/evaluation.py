@@ -40,10 +40,16 @@ def normalize_answer(text: str) -> str:
 
 
 def answer_match(answers: Sequence[str], samples: Sequence[dict[str, Any]]) -> float | None:
-    """Fraction of held-out answers that contain the reference answer (normalised case/punctuation)."""
+    """Fraction of held-out answers that contain the reference answer as whole words (normalised case and
+    punctuation: "1" is not found in "12", "Paris" is in "It is Paris."). Samples whose reference normalises to
+    nothing (only punctuation or symbols) are left out; None when none is left (or nothing was answered)."""
     if not answers:
         return None
-    hits = [normalize_answer(s["reference"]) in normalize_answer(a) for a, s in zip(answers, samples, strict=True)]
+    scored = [(normalize_answer(a), normalize_answer(s["reference"])) for a, s in zip(answers, samples, strict=True)]
+    scored = [(a, ref) for a, ref in scored if ref]
+    if not scored:
+        return None
+    hits = [f" {ref} " in f" {a} " for a, ref in scored]
     return sum(hits) / len(hits)
 
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from entrypoints.errors import ModelError, OutputExistsError, run_guarded
+from entrypoints.errors import ConfigError, ModelError, OutputExistsError, run_guarded
 
 log = logging.getLogger("qlora.merge")
 
@@ -620,6 +620,11 @@ def merge_adapter(
 
     started = time.monotonic()
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    for name, source in (("base model", base_dir), ("adapter", adapter_dir)):
+        a, b = out_dir.resolve(), source.resolve()
+        if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+            raise ConfigError([f"the output {out_dir} and the {name} {source} overlap: writing the merged model there"
+                               f" would delete or overwrite the {name} it is made from. Choose another output"])
     if merge_into not in MERGE_INTO_CHOICES:
         raise ModelError(f"merge_into={merge_into!r}: choose one of {', '.join(MERGE_INTO_CHOICES)}")
     device = _resolve_device(device)
@@ -630,7 +635,7 @@ def merge_adapter(
         try:
             max_shard_bytes = convert_file_size_to_int(max_shard_size)
         except ValueError:
-            raise ModelError(f"max_shard_size={max_shard_size!r}: write bytes or a size like '5GB'") from None
+            raise ConfigError([f"--max-shard-size {max_shard_size!r}: write bytes or a size like '5GB'"]) from None
 
     # 1. Everything is checked before anything is written.
     adapter = load_adapter(adapter_dir)
@@ -647,7 +652,7 @@ def merge_adapter(
     # 2. The output directory: refuse to mix with an earlier result.
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise OutputExistsError(f"{out_dir} is not empty: choose an empty output or pass overwrite")
+            raise OutputExistsError(f"{out_dir} is not empty: choose an empty output or pass --overwrite")
         for stale in [*out_dir.glob("*.safetensors"), out_dir / INDEX_NAME]:
             stale.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -843,6 +848,9 @@ def run_merge(adapter_uri: str, base_uri: str, output_uri: str, *, work_dir: Pat
         if done is not None and not overwrite:
             raise OutputExistsError(f"{output_uri} already holds a merged model ({INDEX_NAME}): choose another"
                                     " output or pass --overwrite")
+    for flag, uri in (("--adapter", adapter_uri), ("--base", base_uri)):
+        if not storage.is_s3(uri) and not Path(uri).exists():  # a missing input is the model's problem, not storage's
+            raise ModelError(f"{flag} {uri}: no such directory; pass the directory (or s3:// prefix) that holds it")
     adapter_dir = storage.fetch(adapter_uri, work_dir / "adapter", endpoint_url=endpoint_url)
     fetch_shard = release_shard = None
     if storage.is_s3(base_uri):

@@ -11,7 +11,7 @@ from typing import Any
 
 from entrypoints import perf, storage
 from entrypoints.config import JobConfig
-from entrypoints.errors import ModelError
+from entrypoints.errors import ConfigError, ModelError
 
 log = logging.getLogger("qlora.model")
 
@@ -174,6 +174,10 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0):
     log.info("loading %s (%s, compute %s) on %s", model_dir, cfg.quantization, str(dtype).removeprefix("torch."), device)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    except ImportError as exc:  # an attention kernel (flash-attn) or a model's requirement that is not installed
+        raise ConfigError([f"QLORA_ATTN_IMPLEMENTATION={cfg.attn_implementation!r} (or the model) needs a package this"
+                           f" environment lacks ({first_line(exc)}): use QLORA_ATTN_IMPLEMENTATION=sdpa, or install"
+                           " it in the image"]) from None
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: the model cannot be loaded ({type(exc).__name__}: {exc})") from None
     except RuntimeError as exc:  # transformers raises this for tensors whose shapes differ from config.json's

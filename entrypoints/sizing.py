@@ -266,8 +266,10 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
                  f" samples of ~{mean_sample_tokens:.0f}{'' if row == seq else f', the longest {longest}'})")
     fixed = fixed_bytes(shape, s)
     if s.micro_batch_tokens:
-        micro = max(row, s.micro_batch_tokens)
-        reason = f"micro_batch_tokens={s.micro_batch_tokens} set; {step_text}"
+        # Never more than one step: a larger micro-batch would make every optimizer step larger than documented.
+        micro = max(row, min(s.micro_batch_tokens, int(step_tokens)))
+        capped = f", capped at one step's {int(step_tokens)}" if s.micro_batch_tokens > step_tokens else ""
+        reason = f"micro_batch_tokens={s.micro_batch_tokens} set{capped}; {step_text}"
     elif not on_gpu:
         micro = max(row, int(step_tokens))
         reason = f"no GPU memory to plan for: one step per micro-batch; {step_text}"

@@ -120,7 +120,7 @@ def _storage_error(exc: Exception, uri: str, action: str) -> StorageError:
         if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(f"access denied while trying to {action} {uri} ({code}): grant the job's role"
                                 " s3:GetObject/s3:ListBucket on inputs and s3:PutObject on outputs, or fix the credentials")
-        if code in ("NoSuchBucket",):
+        if code in ("NoSuchBucket",) or (action.startswith("access the bucket") and code in ("404", "NotFound")):
             return StorageError(f"bucket of {uri} does not exist: create it or fix the URI")
         if code in ("NoSuchKey", "404", "NotFound"):
             return StorageError(f"{uri} does not exist: check the URI (keys are case-sensitive)")
@@ -474,6 +474,19 @@ def upload_file(local: Path, uri: str, *, endpoint_url: str = "") -> None:
     _retrying(lambda: client.upload_file(str(local), bucket, key, Config=transfer, Callback=progress), uri, "upload")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (other threads may be creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def iter_tree(local_dir: Path) -> Iterator[Path]:
     return (p for p in sorted(local_dir.rglob("*")) if p.is_file())
 
@@ -578,6 +591,8 @@ def _put_if_local(target: Path, text: str, etag: str | None) -> str:
             raise local_write_error(exc, target, len(data)) from None
         tmp = Path(tmp_name)
         try:
+            # mkstemp makes the file 0600; a manifest or latest.json must be as readable as the files it lists.
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             os.link(tmp, target)

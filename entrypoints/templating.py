@@ -82,7 +82,8 @@ def render(tokenizer: Any, template: str, messages: list[dict[str, str]], add_ge
 
 
 def assistant_spans(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation and return the character spans of each assistant answer + end-of-turn.
+    """Render the conversation and return the character spans of each assistant answer + end-of-turn that is
+    trained on (an answer with `"weight": 0`, OpenAI's fine-tuning format, stays in the context only).
 
     Each span is what rendering the conversation up to and including that answer adds to rendering it
     up to the question with the generation prompt, so the span starts where generation would start and
@@ -91,7 +92,7 @@ def assistant_spans(tokenizer: Any, template: str, messages: list[dict[str, str]
     full = render(tokenizer, template, messages)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
         prefix = render(tokenizer, template, messages[:i], add_generation_prompt=True)
         upto = render(tokenizer, template, messages[: i + 1])

@@ -25,10 +25,11 @@ from entrypoints import perf, storage
 from entrypoints.checkpoints import (
     StopFlag,
     content_sha256,
+    file_sha256s,
     model_files,
     run_fingerprint,
 )
-from entrypoints.config import JobConfig, env_name, parse_config
+from entrypoints.config import JobConfig, env_name, help_text, parse_config
 from entrypoints.data import list_data_files
 from entrypoints.dataset import TokenizedData, prepare_data
 from entrypoints.errors import (
@@ -91,9 +92,15 @@ def resolve_inputs(cfg: JobConfig, work: Path, hf_token: str | None) -> Inputs:
 def content_fingerprints(inputs: Inputs, work: Path) -> dict[str, str | None]:
     """sha256 of the bytes this run trains on: the training data, the eval data and the base model's files."""
     cache = work / "sha256-cache.json"
+    train, held_out = file_sha256s(inputs.data_files, cache), file_sha256s(inputs.eval_files, cache)
+    same = sorted(str(p) for p, digest in held_out.items() if digest in set(train.values()))
+    if same:
+        log.warning("%d eval file(s) hold the same bytes as a training file (%s): the eval loss and the answers are"
+                    " measured on training data, not held out", len(same), ", ".join(same[:3]))
     return {
-        "data_sha256": content_sha256(inputs.data_files, _root(inputs.data), cache),
-        "eval_data_sha256": content_sha256(inputs.eval_files, _root(inputs.eval_data), cache) if inputs.eval_files else None,
+        "data_sha256": content_sha256(inputs.data_files, _root(inputs.data), digests=train),
+        "eval_data_sha256": content_sha256(inputs.eval_files, _root(inputs.eval_data), digests=held_out)
+        if inputs.eval_files else None,
         "model_sha256": content_sha256(model_files(inputs.model_dir), inputs.model_dir, cache),
     }
 
@@ -114,7 +121,8 @@ def lock_local_dirs(cfg: JobConfig) -> None:
     import fcntl
     import socket
 
-    for folder, setting in ((cfg.paths.work_dir, "base_dir"), (cfg.checkpoint_path, "checkpoint_dir")):
+    folders = {cfg.paths.work_dir.resolve(): "base_dir", cfg.checkpoint_path.resolve(): "checkpoint_dir"}
+    for folder, setting in folders.items():  # one lock when both settings name the same directory
         try:
             folder.mkdir(parents=True, exist_ok=True)
             handle = open(folder / ".qlora-job.lock", "a+")  # noqa: SIM115 - kept open: the lock lives with it
@@ -187,6 +195,7 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
     with disk_space_for(work / "datasets-cache", "tokenizing the data"):
         data = ranks.host_leader_first(lambda: prepare_data(cfg, inputs.data, inputs.eval_data, tokenizer, template,
                                                             fresh_cache=ranks.is_local_main), "data preparation")
+    stop.check("while the data was prepared")
     plan, fingerprint = plan_run(cfg, inputs, data, ranks)
     resume = find_checkpoint(cfg, fingerprint, ranks)
     # One W&B run per job: transformers' WandbCallback logs from world rank 0 only, so only it opens the run.
@@ -196,7 +205,9 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
     try:
         model = load_model(inputs.model_dir, cfg, ranks.local_rank)
         trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint)
+        stop.check("while the model was loaded")
         metrics, samples = train_and_evaluate(cfg, trainer, tokenizer, template, data, stop, resume)
+        stop.check("after training (during eval or the sample answers)")
         if not trainer.is_world_process_zero():
             exit_code = 0
             return {}
@@ -263,6 +274,7 @@ def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: s
     has_eval = data.eval is not None
     eval_before, before = evaluate(trainer, has_eval), answer()
     log.info("eval loss before training: %s", eval_before)
+    stop.check("before training (during the first eval or sample answers)")
     result = train(trainer, cfg, stop, resume)
     check_trained(trainer.model, result, cfg)
     eval_after, after = evaluate(trainer, has_eval), answer()
@@ -339,6 +351,9 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text("python -m entrypoints.train"))
+        return 0
     distributed = int(env.get("WORLD_SIZE", "1") or "1") > 1  # launched by torchrun with several processes
     setup_logging(env.get("QLORA_LOG_LEVEL", "info") if env.get("QLORA_LOG_LEVEL") in ("debug", "info", "warning", "error") else "info",
                   rank=int(env.get("RANK", "0")) if distributed else None)
@@ -361,9 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             summary = run(cfg, secrets, env, stop)
         except (Preempted, RankFailed):
+            stop.acknowledge()
             raise
         except BaseException as exc:
             if stop.is_set():
+                stop.acknowledge()
                 # What the signal interrupted (a worker pool, a download, a library call) may surface as an error of
                 # its own: the cause is the signal, and the documented answer to it is exit 75 and a rerun.
                 raise Preempted(f"{stop.signal_name} received before a checkpoint could be saved ({type(exc).__name__}"

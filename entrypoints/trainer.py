@@ -14,6 +14,7 @@ from typing import Any
 from entrypoints import perf
 from entrypoints.checkpoints import (
     StopFlag,
+    checkpoint_total_steps,
     clear_checkpoints,
     latest_complete,
     remove_incomplete,
@@ -91,6 +92,7 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
 
     from entrypoints.modeling import compute_dtype, device_kind
 
+    check_lora_targets(model, cfg.target_modules)
     cuda = device_kind() == "cuda"
     precision = str(compute_dtype(cfg)).removeprefix("torch.")
     args = SFTConfig(**sft_config(cfg, plan, cuda, precision, data.eval is not None, tracker.report_to))
@@ -130,6 +132,21 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
 
     trainer.remove_callback(PrinterCallback)  # our Throughput callback logs each step once, via logging
     return trainer
+
+
+def check_lora_targets(model: Any, targets: str | list[str]) -> None:
+    """Every module name in QLORA_LORA_TARGET_MODULES must name modules of this model: peft adapts the names that
+    match and drops the others without a word (a misspelt `value_proj` beside `q_proj` trained q_proj alone)."""
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if hasattr(module, "in_features") and name.startswith("model.")})
+        raise ConfigError([f"{env_name('lora_target_modules')}={','.join(targets)!r}: {', '.join(unmatched)} match no"
+                           f" module of this model; its layers' linear modules are {', '.join(linear)} (or use"
+                           " all-linear)"])
 
 
 def _throughput_callback(tracker: Any):
@@ -201,6 +218,16 @@ def train(trainer: Any, cfg: JobConfig, stop: StopFlag, resume: Path | None) -> 
         raise ConfigError([f"{resume} is at step {resumed_at}, past this run's last step {total} (max_steps or"
                            " num_epochs were lowered since it was written): raise QLORA_MAX_STEPS/QLORA_NUM_EPOCHS"
                            " to at least that step, or set QLORA_RESUME=false to start over"])
+    recorded = checkpoint_total_steps(resume) if resume else None
+    if resume and recorded is not None and recorded != total:
+        if not (resumed_at == recorded and total > recorded):
+            raise ConfigError([f"{resume} is step {resumed_at} of a run planned for {recorded} steps, and this run"
+                               f" plans {total} (max_steps or num_epochs changed): its learning-rate schedule was"
+                               f" laid out for {recorded} steps, so resuming would publish neither run. Set them back"
+                               f" so the run ends at step {recorded}, or set QLORA_RESUME=false to start over (a"
+                               " finished run may be extended: resume it with more steps)"])
+        log.warning("extending the finished %d-step run of %s to %d steps: the learning-rate schedule now spans %d"
+                    " steps, so it resumes at its step %d", recorded, resume, total, total, resumed_at)
     if resume and resumed_at == total:
         # The checkpoint is the finished run (a rerun after a stop during eval, merge or upload): take its adapter
         # as it is. The Trainer would run one more step before noticing there is nothing left to do.

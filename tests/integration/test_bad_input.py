@@ -93,6 +93,18 @@ def damaged_model(c: Ctx, edit: Callable[[dict, dict], None] | None = None, trun
     return str(target)
 
 
+def template_refuses_system(c: Ctx) -> dict[str, str]:
+    """The tiny model with a chat template that raises on system turns (as Mistral's does), and data with one."""
+    model = Path(damaged_model(c))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    record = {"messages": [{"role": "system", "content": "Be brief."}, *GOOD["messages"]]}
+    return {"QLORA_MODEL": str(model), "QLORA_DATA": c.jsonl(record, GOOD)}
+
+
 def long_prompts(c: Ctx) -> str:
     """Records whose prompt alone is longer than 32 tokens: a max_seq_length of 32 cuts every answer away."""
     record = {"messages": [{"role": "user", "content": "Please read this carefully. " * 20},
@@ -173,7 +185,7 @@ CASES = [
          ("/empty/",), "the prefix is empty or the key does not exist"),
     Case("output bucket does not exist", EXIT_STORAGE,
          lambda c: {**ok_data(c), "QLORA_OUTPUT": "s3://no-such-bucket-x2/out"}, ("s3://no-such-bucket-x2",),
-         "check the URI"),
+         "does not exist: create it or fix the URI"),
     Case("endpoint unreachable", EXIT_STORAGE,
          lambda c: {"QLORA_DATA": f"s3://{c.bucket}/d.jsonl", "AWS_MAX_ATTEMPTS": "1",
                     "QLORA_S3_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}"},
@@ -317,6 +329,30 @@ CASES = [
     Case("output inside the job's scratch space", EXIT_CONFIG,
          lambda c: {**ok_data(c), "QLORA_OUTPUT": str(c.tmp / "opt-ml" / "work" / "output")},
          ("QLORA_OUTPUT=", "QLORA_BASE_DIR="), "Give them separate locations"),
+    Case("a LoRA target the model does not have", EXIT_CONFIG,
+         lambda c: {**ok_data(c), "QLORA_LORA_TARGET_MODULES": "q_proj,value_proj"},
+         ("QLORA_LORA_TARGET_MODULES='q_proj,value_proj'", "value_proj match no module"), "v_proj"),
+    Case("the output head as a LoRA target", EXIT_CONFIG,
+         lambda c: {**ok_data(c), "QLORA_LORA_TARGET_MODULES": "q_proj,lm_head"}, ("QLORA_LORA_TARGET_MODULES",),
+         "all-linear"),
+    Case("eval data that is the training data", EXIT_CONFIG,
+         lambda c: {"QLORA_DATA": c.jsonl(GOOD, GOOD), "QLORA_EVAL_DATA": str(c.tmp / "data" / "train.jsonl"),
+                    "QLORA_EVAL_FRACTION": "0"}, ("QLORA_EVAL_DATA=", "not held out"), "separate locations"),
+    Case("null in hyperparameters.json", EXIT_CONFIG,
+         lambda c: {**ok_data(c), "_HP": json.dumps({"checkpoint_dir": None})},
+         ("hyperparameters.json key 'checkpoint_dir' is null",),
+         "remove the key to use the default"),
+    Case("seed out of range", EXIT_CONFIG, lambda c: {**ok_data(c), "QLORA_SEED": "-1"}, ("QLORA_SEED=-1",),
+         "between 0 and 4294967295"),
+    Case("a chat template that refuses the records", EXIT_DATA, template_refuses_system,
+         ("train.jsonl:1", "the chat template refuses this conversation"), "QLORA_MAX_BAD_RECORDS"),
+    Case("half of a surrogate pair in a record", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.data("train.jsonl", '{"messages": [{"role": "user", "content": "hi \\ud83d"},'
+                                                        ' {"role": "assistant", "content": "ok"}]}\n')},
+         ("train.jsonl:1", "surrogate"), "fix or drop the record"),
+    Case("an attention kernel that is not installed", EXIT_CONFIG,
+         lambda c: {**ok_data(c), "QLORA_ATTN_IMPLEMENTATION": "flash_attention_2"}, ("QLORA_ATTN_IMPLEMENTATION",),
+         "use QLORA_ATTN_IMPLEMENTATION=sdpa"),
     Case("eval fraction leaves nothing to train on", EXIT_CONFIG,
          lambda c: {**ok_data(c), "QLORA_EVAL_FRACTION": "0.9"}, ("QLORA_EVAL_FRACTION=0.9", "leaving none"),
          "lower it"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from entrypoints import checkpoints
 from entrypoints.checkpoints import latest_complete, mark_complete
 
@@ -13,6 +15,7 @@ def test_only_a_remote_checkpoint_of_this_run_is_restored(s3_env, tmp_path):
         local = tmp_path / "src" / f"checkpoint-{step}"
         local.mkdir(parents=True)
         (local / "adapter_model.safetensors").write_bytes(b"x" * step)
+        (local / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         mark_complete(local, step, fingerprint)
         checkpoints.mirror_to_uri(local, uri, server.endpoint)
     target = tmp_path / "ckpt"

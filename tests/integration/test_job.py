@@ -165,6 +165,8 @@ def test_resume_refuses_checkpoint_of_other_settings(tmp_path):
 
     ckpt = tmp_path / "checkpoint-8"
     ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "adapter_model.safetensors").write_bytes(b"x")
     mark_complete(ckpt, 8, settings_fingerprint({"micro_batch_size": 8, "seed": 1}))
     (tmp_path / "checkpoint-10").mkdir()  # incomplete: ignored
     assert latest_complete(tmp_path, settings_fingerprint({"micro_batch_size": 8, "seed": 1})) == ckpt

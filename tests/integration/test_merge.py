@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from entrypoints import storage  # noqa: E402
-from entrypoints.errors import EXIT_MODEL, ModelError, OutputExistsError  # noqa: E402
+from entrypoints.errors import EXIT_CONFIG, EXIT_MODEL, ModelError, OutputExistsError  # noqa: E402
 from entrypoints.merge import INDEX_NAME, merge_adapter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -267,6 +267,19 @@ def test_cli_local_paths_and_exit_code(bases, tmp_path):
     assert failed.returncode == EXIT_MODEL
     assert "model error:" in failed.stderr and "does not fit the base model" in failed.stderr
     assert not (tmp_path / "bad").exists()
+
+    # An output on top of its own inputs deleted the adapter (exit 0) or the base model (exit 1 with a traceback).
+    before = {p.name: p.read_bytes() for d in (adapter_dir, base_dir) for p in d.iterdir() if p.is_file()}
+    for target in (adapter_dir, base_dir, base_dir.parent):
+        refused = _cli("--adapter", str(adapter_dir), "--base", str(base_dir), "--output", str(target), "--overwrite")
+        assert refused.returncode == EXIT_CONFIG and "overlap" in refused.stderr and "Traceback" not in refused.stderr
+    assert before == {p.name: p.read_bytes() for d in (adapter_dir, base_dir) for p in d.iterdir() if p.is_file()}
+    # A missing input is a model error (exit 4), a bad shard size a bad argument (exit 2).
+    missing = _cli("--adapter", str(tmp_path / "nope"), "--base", str(base_dir), "--output", str(tmp_path / "m2"))
+    assert missing.returncode == EXIT_MODEL and "--adapter" in missing.stderr and "no such directory" in missing.stderr
+    size = _cli("--adapter", str(adapter_dir), "--base", str(base_dir), "--output", str(tmp_path / "m3"),
+                "--max-shard-size", "5XB")
+    assert size.returncode == EXIT_CONFIG and "--max-shard-size '5XB'" in size.stderr
 
 
 def test_cli_s3_end_to_end(bases, tmp_path, s3_env):

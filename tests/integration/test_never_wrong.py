@@ -237,3 +237,18 @@ def test_sigterm_during_the_merge_then_a_rerun_publishes_the_trained_adapter_wit
     on_disk = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")
                if p.is_file() and not p.name.startswith(".")}
     assert on_disk == listed and any(p.startswith("merged/") for p in listed)
+
+
+def test_a_checkpoint_of_a_longer_schedule_is_not_taken_for_a_finished_shorter_run(tmp_path, tiny_model):
+    """Preempted at step 3 of 6, then rerun with max_steps=3: the checkpoint's step equals the new end, but its
+    learning rates were those of a 6-step schedule; it was published as a finished 3-step run with exit 0."""
+    data = write_jsonl(tmp_path / "train.jsonl", short_records(40))
+    common = {**QUICK, "QLORA_MODEL": str(tiny_model), "QLORA_DATA": str(data), "QLORA_EVAL_FRACTION": "0",
+              "QLORA_SAVE_STEPS": "3", "QLORA_MICRO_BATCH_SIZE": "2", "QLORA_GRADIENT_ACCUMULATION_STEPS": "1"}
+    assert run_job(job_env(tmp_path, **common, QLORA_MAX_STEPS="6", QLORA_OUTPUT=str(tmp_path / "o1"))).code == 0
+    shutil.rmtree(tmp_path / "opt-ml" / "checkpoints" / "checkpoint-6")  # as if preempted after step 3's save
+    shorter = run_job(job_env(tmp_path, **common, QLORA_MAX_STEPS="3", QLORA_OUTPUT=str(tmp_path / "o2")))
+    assert shorter.code == EXIT_CONFIG, shorter.output[-3000:]
+    failure = (tmp_path / "opt-ml" / "output" / "failure").read_text()
+    assert "checkpoint-3 is step 3 of a run planned for 6 steps, and this run plans 3" in failure
+    assert not (tmp_path / "o2" / "manifest.json").exists()

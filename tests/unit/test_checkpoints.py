@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from entrypoints import checkpoints
 from entrypoints.checkpoints import content_sha256, latest_complete, mark_complete, model_files, run_fingerprint
 from entrypoints.errors import ConfigError
+
+
+def complete(path, step: int, fingerprint, total: int | None = None):
+    """A checkpoint as the Trainer leaves it (its state and adapter), marked complete."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (path / "adapter_model.safetensors").write_bytes(b"x" * step)
+    mark_complete(path, step, fingerprint, total)
+    return path
 
 
 def test_content_sha256_follows_the_bytes_not_the_name_or_size(tmp_path):
@@ -45,25 +55,61 @@ def test_a_checkpoint_of_other_content_or_batch_layout_is_refused(tmp_path):
     mine = run_fingerprint(settings, {"data_sha256": "a" * 64, "model_sha256": "b" * 64, "eval_data_sha256": None},
                            {"rows": 2, "accumulation": 4, "processes": 1})
     assert "max_steps" not in mine and mine["batch_rows"] == 2 and "eval_data_sha256" not in mine
-    ckpt = tmp_path / "checkpoint-4"
-    ckpt.mkdir()
-    mark_complete(ckpt, 4, mine)
+    ckpt = complete(tmp_path / "checkpoint-4", 4, mine)
     assert latest_complete(tmp_path, mine) == ckpt
     for changed in ({"data_sha256": "c" * 64}, {"batch_processes": 2}, {"batch_rows": 1}):
         with pytest.raises(ConfigError, match=f"({next(iter(changed))}) differ"):
             latest_complete(tmp_path, {**mine, **changed})
     old = tmp_path / "old"
-    (old / "checkpoint-2").mkdir(parents=True)
-    mark_complete(old / "checkpoint-2", 2, None)  # written by a job that recorded no fingerprint
+    complete(old / "checkpoint-2", 2, None)  # written by a job that recorded no fingerprint
     with pytest.raises(ConfigError, match="records no settings fingerprint"):
         latest_complete(old, mine)
 
 
 def test_resume_off_starts_over_in_place(tmp_path):
-    (tmp_path / "checkpoint-3").mkdir()
-    mark_complete(tmp_path / "checkpoint-3", 3, {"x": 1})
+    complete(tmp_path / "checkpoint-3", 3, {"x": 1})
     (tmp_path / "notes.txt").write_text("kept")
     checkpoints.clear_checkpoints(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+
+
+def test_a_marker_without_the_files_it_vouches_for_is_not_a_checkpoint(tmp_path):
+    """A restore from QLORA_CHECKPOINT_URI interrupted after the marker arrived (S3 lists COMPLETE first) left a
+    checkpoint every rerun failed on; it is incomplete, ignored and removed, and the older one is resumed."""
+    older = complete(tmp_path / "checkpoint-2", 2, {"x": 1})
+    partial = tmp_path / "checkpoint-4"
+    partial.mkdir()
+    mark_complete(partial, 4, {"x": 1})
+    assert latest_complete(tmp_path, {"x": 1}) == older
+    checkpoints.remove_incomplete(tmp_path)
+    assert not partial.exists() and older.exists()
+    assert checkpoints.checkpoint_total_steps(complete(tmp_path / "checkpoint-6", 6, {"x": 1}, total=10)) == 10
+
+
+def test_a_swallowed_interrupt_is_raised_again_until_the_job_stops(tmp_path):
+    """A SIGTERM that lands while datasets forks its worker pool raises inside logging's after-fork hook, which
+    ignores exceptions: the job tokenized on, loaded, evaluated and trained for a minute. The flag signals again
+    until the job acknowledges the stop."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "swallow.py"
+    script.write_text(
+        "import sys, time\n"
+        "from entrypoints.checkpoints import StopFlag\n"
+        "stop = StopFlag()\nstop.RESIGNAL_SECONDS = 0.3\nstop.install()\n"
+        "try:\n    print('ready', flush=True)\n    time.sleep(30)\nexcept KeyboardInterrupt:\n"
+        "    pass  # swallowed, as a library might\n"
+        "print('swallowed', flush=True)\n"
+        "try:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    print('raised again', flush=True)\n    sys.exit(75)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    proc.send_signal(15)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 75 and "swallowed" in out and "raised again" in out, out
+    assert time.monotonic() - started < 10

@@ -146,3 +146,27 @@ def test_readme_table_matches_code():
 def test_secrets_are_not_settings():
     for secret in ("hf_token", "wandb_api_key", "aws_secret_access_key"):
         assert secret not in FIELDS
+
+
+def test_a_relative_model_directory_is_checked_for_overlaps_too(tmp_path, monkeypatch):
+    """`QLORA_MODEL=models/tiny QLORA_OUTPUT=models/tiny` wrote the outputs into the base model: a relative local
+    path was taken for a Hub id and not compared."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    with pytest.raises(ConfigError, match="QLORA_OUTPUT='models/tiny' and QLORA_MODEL='models/tiny' overlap"):
+        parse_config({"QLORA_DATA": str(data), "QLORA_MODEL": "models/tiny", "QLORA_OUTPUT": "models/tiny",
+                      "QLORA_BASE_DIR": str(tmp_path / "ml")})
+
+
+def test_problems_name_where_the_value_came_from(tmp_path):
+    hp = tmp_path / "ml" / "input" / "config" / "hyperparameters.json"
+    hp.parent.mkdir(parents=True)
+    hp.write_text(json.dumps({"max_steps": 0, "lora_target_modules": ["q_proj", "v_proj"]}))
+    with pytest.raises(ConfigError) as err:
+        parse_config({"QLORA_DATA": "s3://b/d", "QLORA_BASE_DIR": str(tmp_path / "ml")}, check_paths=False)
+    assert f"{hp} key 'max_steps'=0: must be a positive number of steps" in str(err.value)
+    cfg = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_BASE_DIR": str(tmp_path / "ml")}, ["--max-steps", "5"],
+                       check_paths=False)
+    assert cfg.target_modules == ["q_proj", "v_proj"]  # a JSON list of modules is the list, not its text

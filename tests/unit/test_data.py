@@ -376,7 +376,7 @@ def test_inspector_honours_the_bad_record_budget(tmp_path):
     proc = _inspect(str(f), env={"QLORA_MAX_BAD_RECORDS": "some"})
     assert proc.returncode == EXIT_CONFIG and "QLORA_MAX_BAD_RECORDS='some': expected an integer" in proc.stderr
     proc = _inspect(str(f), "--max-bad-records", "-1")
-    assert proc.returncode == EXIT_CONFIG and "QLORA_MAX_BAD_RECORDS=-1: must be 0 or more" in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "--max-bad-records=-1: must be 0 or more" in proc.stderr
 
 
 role = st.sampled_from(["system", "user", "assistant", "human", "gpt", "robot", None])
@@ -395,3 +395,74 @@ def test_normalizer_property(turns):
     assert body and all(m["role"] == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(body))
     assert body[-1]["role"] == "assistant" and all(isinstance(m["content"], str) for m in out)
     assert all(m["content"].strip() for m in body if m["role"] == "assistant")
+
+
+def test_linked_files_and_directories_are_read_and_a_dangling_link_is_an_error(tmp_path):
+    """A symlinked subdirectory was skipped without a word (rglob does not enter it) and a dangling link too: the
+    job trained on 10 of 90 records."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "more.jsonl").write_bytes(_alpaca_lines(40))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "own.jsonl").write_bytes(_alpaca_lines(10))
+    (data / "linkdir").symlink_to(outside, target_is_directory=True)
+    (data / "linkfile.jsonl").symlink_to(outside / "more.jsonl")
+    (data / "loop").symlink_to(data, target_is_directory=True)  # a link back up is followed once, not forever
+    stats = LoadStats()
+    assert len(list(load_conversations(data, stats=stats))) == 90
+    (data / "dangling.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    with pytest.raises(DataError, match="dangling.jsonl: a symbolic link to .*gone.jsonl'?, which does not exist"):
+        list(load_conversations(data))
+
+
+def test_files_below_underscore_folders_are_ignored(tmp_path):
+    """Spark leaves the attempts of a write in `_temporary/`: their part files are copies of the committed ones."""
+    (tmp_path / "part-00000.jsonl").write_bytes(_alpaca_lines(5))
+    attempt = tmp_path / "_temporary" / "0" / "_temporary" / "attempt_1"
+    attempt.mkdir(parents=True)
+    (attempt / "part-00000.jsonl").write_bytes(_alpaca_lines(5))
+    stats = LoadStats()
+    assert len(list(load_conversations(tmp_path, stats=stats))) == 5
+    assert any("_temporary" in p for p in stats.ignored)
+
+
+def test_a_top_level_system_prompt_and_answer_weights_are_honoured():
+    record = {"system": "Be brief.", "messages": [{"role": "user", "content": "q1"},
+                                                  {"role": "assistant", "content": "old answer", "weight": 0},
+                                                  {"role": "user", "content": "q2"},
+                                                  {"role": "assistant", "content": "a2", "weight": 1}]}
+    conv = normalize(record, "messages")
+    assert conv[0] == {"role": "system", "content": "Be brief."}
+    assert conv[2] == {"role": "assistant", "content": "old answer", "weight": 0} and "weight" not in conv[4]
+    sharegpt = normalize({"system": "S", "conversations": [{"from": "human", "value": "q"},
+                                                            {"from": "gpt", "value": "a"}]}, "sharegpt")
+    assert sharegpt[0] == {"role": "system", "content": "S"}
+    with pytest.raises(RecordError, match="every assistant turn has weight 0"):
+        normalize({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+                  "messages")
+    with pytest.raises(RecordError, match="weight=0.5"):
+        normalize({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]},
+                  "messages")
+    with pytest.raises(RecordError, match="both a top-level `system` field and a system turn"):
+        normalize({"system": "A", "messages": [{"role": "system", "content": "B"}, {"role": "user", "content": "q"},
+                                               {"role": "assistant", "content": "a"}]}, "messages")
+
+
+def test_a_line_longer_than_any_record_is_never_read_whole(tmp_path):
+    """A 410 MiB single-line file (a JSON array saved as .jsonl) peaked at 875 MB before its error; the line is now
+    read in bounded pieces and refused by its length."""
+    import tracemalloc
+
+    f = tmp_path / "train.jsonl"
+    with open(f, "wb") as fh:
+        fh.write(_alpaca_lines(1))
+        fh.write(b"[" + b'{"instruction": "x", "output": "y"},' * 1_500_000 + b"{}]\n")  # ~54 MiB on one line
+        fh.write(_alpaca_lines(1))
+    stats = LoadStats()
+    tracemalloc.start()
+    with pytest.raises(DataError, match=r"train.jsonl:2: the line is 5\d\.\d MiB"):
+        list(load_conversations(f, stats=stats))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 25 * 2**20  # bounded by the 8 MiB read limit (and its buffers), not by the 54 MiB line

@@ -103,3 +103,19 @@ def test_a_result_is_refused_then_replaced_leaving_exactly_the_new_files(tmp_pat
     listed = {f["path"] for f in json.loads((output / MANIFEST).read_text())["files"]} | {MANIFEST}
     present = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file() and not p.name.startswith(".")}
     assert present == listed and not (output / "merged").exists()
+
+
+def test_the_manifest_is_as_readable_as_the_files_it_lists(tmp_path):
+    """A local manifest.json (and latest.json) came out 0600 (mkstemp's mode): a reader running as another user could
+    see every file of the result but not the marker that says it is complete."""
+    import os
+    import stat
+
+    output = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        _publish(tmp_path, _stage(tmp_path), output)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((output / MANIFEST).stat().st_mode) == 0o644
+    assert stat.S_IMODE((output / "README.md").stat().st_mode) == 0o644

@@ -126,5 +126,13 @@ def test_plan_shrinks_micro_batch_on_small_gpus_and_accumulates():
 
 
 def test_plan_override():
+    plan = sizing.plan_batch(_plan(micro_batch_tokens=4096), 80 * GIB, sizing.SHAPES["7b"], mean_sample_tokens=400)
+    assert plan.rows == 2 and plan.micro_batch_tokens == 4096 and plan.gradient_accumulation_steps == 2
+
+
+def test_micro_batch_tokens_above_one_step_never_make_the_step_larger():
+    """micro_batch_tokens=16384 with steps of 4x4 samples of ~400 tokens (6,400) made every optimizer step 16,384
+    tokens; a micro-batch is at most one step."""
     plan = sizing.plan_batch(_plan(micro_batch_tokens=16384), 80 * GIB, sizing.SHAPES["7b"], mean_sample_tokens=400)
-    assert plan.rows == 8 and plan.micro_batch_tokens == 16384 and plan.gradient_accumulation_steps == 1
+    assert plan.micro_batch_tokens * plan.gradient_accumulation_steps <= 6400 and plan.gradient_accumulation_steps == 1
+    assert "capped at one step's 6400" in plan.reason
