@@ -191,6 +191,8 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
                  target: OutputTarget, claim: OutputClaim, started: float) -> dict[str, Any]:
     work = cfg.paths.work_dir
     inputs = ranks.on_host_leader(lambda: resolve_inputs(cfg, work, secrets.get("HF_TOKEN")), "the input downloads")
+    if ranks.is_main:
+        check_disk_space(cfg, inputs.model_dir)
     tokenizer, template = load_tokenizer_and_template(cfg, inputs.model_dir)
     with disk_space_for(work / "datasets-cache", "tokenizing the data"):
         data = ranks.host_leader_first(lambda: prepare_data(cfg, inputs.data, inputs.eval_data, tokenizer, template,
@@ -229,6 +231,42 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
                 "wall_seconds": round(time.monotonic() - started, 1)}
     finally:
         tracker.finish(exit_code)
+
+
+def check_disk_space(cfg: JobConfig, model_dir: Path) -> None:
+    """Log the free space of every place the job writes, and fail before any training when the outputs cannot fit:
+    the merged model is about as large as the base's weights (the same dtype), written to the staging directory
+    (and copied again to a local output on another file system). The model download was checked when it ran."""
+    places = {"work (downloads, data caches, staging)": cfg.paths.work_dir, "checkpoints": cfg.checkpoint_path}
+    if not storage.is_s3(cfg.output_uri):
+        places["output"] = Path(cfg.output_uri)
+    free = {name: storage.free_bytes(path) for name, path in places.items()}
+    log.info("disk: %s", ", ".join(f"{name} {path}: {free[name] / 2**30:.1f} GiB free" for name, path in places.items()))
+    if not cfg.merge:
+        return
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    needs: dict[int, list[str]] = {}  # file system -> the places the merged model is written to on it
+    for name in ("work (downloads, data caches, staging)", "output"):
+        if name in places:
+            needs.setdefault(_device(places[name]), []).append(name)
+    for names in needs.values():
+        need, have = weights * len(names), free[names[0]]
+        if need > have:
+            where = " and ".join(f"{places[n]} ({n})" for n in names)
+            raise StorageError(f"not enough disk space for the merged model in {where}: it needs about"
+                               f" {need / 2**30:.1f} GiB (the size of the base model's weights{' twice' if len(names) > 1 else ''}),"
+                               f" and {have / 2**30:.1f} GiB are free. Give the job a larger volume (SageMaker:"
+                               " volume_size; Kubernetes: the scratch volume), or set QLORA_MERGE=false to publish"
+                               " the adapter only")
+
+
+def _device(path: Path) -> int:
+    for candidate in (path, *path.parents):
+        try:
+            return os.stat(candidate).st_dev
+        except OSError:
+            continue
+    return -1
 
 
 def load_tokenizer_and_template(cfg: JobConfig, model_dir: Path) -> tuple[Any, str | None]:

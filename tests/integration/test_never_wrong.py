@@ -252,3 +252,22 @@ def test_a_checkpoint_of_a_longer_schedule_is_not_taken_for_a_finished_shorter_r
     failure = (tmp_path / "opt-ml" / "output" / "failure").read_text()
     assert "checkpoint-3 is step 3 of a run planned for 6 steps, and this run plans 3" in failure
     assert not (tmp_path / "o2" / "manifest.json").exists()
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare (a user+mount namespace) to mount a small tmpfs")
+def test_a_merge_that_cannot_fit_the_disk_fails_before_training_with_the_numbers(tmp_path, tiny_model):
+    """The merged model (about the size of the base's weights, ~17 MB here) cannot fit an 8 MiB work volume: the
+    job says so before training, instead of after it."""
+    data = write_jsonl(tmp_path / "train.jsonl", short_records(20))
+    base = tmp_path / "small"
+    base.mkdir()
+    env = job_env(tmp_path, QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data), QLORA_MAX_STEPS="2",
+                  QLORA_NUM_SAMPLE_GENERATIONS="0", QLORA_REPORT_TO="none", QLORA_BASE_DIR=str(base),
+                  QLORA_OUTPUT=str(tmp_path / "out"))
+    script = f"mount -t tmpfs -o size=8m tmpfs {base} && exec {sys.executable} -m entrypoints.train"
+    proc = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_STORAGE, output[-3000:]
+    assert "not enough disk space for the merged model" in output and "QLORA_MERGE=false" in output
+    assert " qlora: step " not in output and "disk: work" in output
