@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from entrypoints.data import LoadStats, RecordError, load_conversations
 from entrypoints.errors import ConfigError, DataError, JobError
 
 log = logging.getLogger("qlora.dataset")
+PROGRESS_RECORDS = 100_000  # a log line every so many records read (a million records take minutes)
 
 
 @dataclass
@@ -37,23 +39,56 @@ def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
 
 def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: Any, template: str | None,
                  fresh_cache: bool = True) -> TokenizedData:
-    """Tokenize the data into Arrow caches. `fresh_cache=False` (a host's other ranks, after its local rank 0
-    has built them) reuses the caches of this job instead of starting over."""
-    from datasets import Dataset
-    from datasets.exceptions import DatasetGenerationError
-
-    from entrypoints.templating import render, tokenize_conversation, tokenize_text
-
-    # Arrow cache files in the job's work dir keep memory flat however large the data is. The directory is
-    # emptied first: `datasets` fingerprints a generator by its code, not by the file's content, so a cache
-    # left by an earlier run over changed data at the same path would otherwise be reused silently.
+    """Read, hold out, tokenize and count the data, into Arrow caches in the job's work dir (memory stays flat
+    however large the data is). `fresh_cache=False` (a host's other ranks, after its local rank 0 has built them)
+    reuses the caches of this job instead of starting over."""
     cache_dir = cfg.paths.work_dir / "datasets-cache"
     if fresh_cache:
+        # `datasets` fingerprints a generator by its code, not by the file's content: a cache left by an earlier
+        # run over changed data at the same path would otherwise be reused silently.
         shutil.rmtree(cache_dir, ignore_errors=True)
+    check = _template_check(tokenizer, template)
+    train_stats = LoadStats()
+    train_raw = _read(cfg, data, train_stats, cache_dir, check, held_out=False)
+    stats: dict[str, Any] = {"format": train_stats.fmt, "train_records_read": train_stats.records,
+                             "bad_records_skipped": train_stats.skipped}
+    if eval_data is not None:
+        eval_stats = LoadStats()
+        eval_raw = _read(cfg, eval_data, eval_stats, cache_dir, check, held_out=True)
+        stats["bad_records_skipped"] += eval_stats.skipped
+    else:
+        train_raw, eval_raw = _hold_out(cfg, train_raw)
+    samples = [s for raw in (eval_raw.select(range(min(len(eval_raw), cfg.num_sample_generations)))["record"]
+                             if eval_raw is not None and cfg.num_sample_generations else [])
+               if (s := _split_sample(json.loads(raw)))]
+    train_ds, eval_ds = _tokenize(cfg, train_raw, eval_raw, tokenizer, template)
+    train_counts = _token_stats(train_ds, "train")
+    eval_counts = _token_stats(eval_ds, "eval") if eval_ds is not None else {}
+    stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
+                  **train_counts, **{k: v for k, v in eval_counts.items() if k.startswith("eval_")},
+                  "longest_record_tokens": max(train_counts["longest_record_tokens"],
+                                               eval_counts.get("longest_record_tokens", 0))})
+    train_ds = train_ds.remove_columns(["full_tokens", "full_loss_tokens"])
+    eval_ds = eval_ds.remove_columns(["full_tokens", "full_loss_tokens"]) if eval_ds is not None else None
+    check_loss_tokens(stats, cfg.max_seq_length, cfg.assistant_only_loss)
+    if eval_ds is not None and stats["eval_loss_tokens"] == 0:
+        log.warning("no eval record has an answer token within max_seq_length=%d: the eval loss is skipped",
+                    cfg.max_seq_length)
+        eval_ds = None
+    if fresh_cache or train_stats.records:
+        log.info("data: %s", json.dumps(stats))
+    else:  # the generator did not run: every split came from the caches local rank 0 built
+        log.info("data: reused the Arrow caches in %s (%d train, %d eval records)", cache_dir,
+                 stats["train_records"], stats["eval_records"])
+    return TokenizedData(train_ds, eval_ds, samples, stats)
+
+
+def _template_check(tokenizer: Any, template: str | None):
+    """A template may refuse a conversation (Mistral's refuses system turns): that record is a bad record, named by
+    its file and line and counted against the bad-record budget, not a crash in tokenization."""
+    from entrypoints.templating import render
 
     def renders(conv: list[dict[str, str]] | str) -> None:
-        """A template may refuse a conversation (Mistral's refuses system turns): that record is a bad record,
-        named by its file and line and counted against the bad-record budget, not a crash in tokenization."""
         if isinstance(conv, str) or template is None:
             return
         try:
@@ -61,24 +96,58 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
         except Exception as exc:  # noqa: BLE001 - jinja2's TemplateError and the template's own raise_exception
             raise RecordError(f"the chat template refuses this conversation ({type(exc).__name__}: {exc})") from None
 
-    def tokenized(path: Path, stats: LoadStats, held_out: bool = False):
-        def gen():
-            for conv in load_conversations(path, cfg.data_format, cfg.max_bad_records, stats, held_out=held_out,
-                                           check=renders):
-                yield {"record": json.dumps(conv)}
-        try:
-            return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False)
-        except DatasetGenerationError as exc:
-            # datasets wraps whatever the generator raised; a bad record is a data error, not a crash.
-            if isinstance(exc.__cause__, JobError):
-                raise exc.__cause__ from None
-            raise
+    return renders
+
+
+def _read(cfg: JobConfig, path: Path, stats: LoadStats, cache_dir: Path, check: Any, held_out: bool) -> Any:
+    """The normalised records of `path` as an Arrow-backed Dataset of JSON strings (one column, `record`)."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    started = time.monotonic()
+
+    def gen():
+        for n, conv in enumerate(load_conversations(path, cfg.data_format, cfg.max_bad_records, stats,
+                                                    held_out=held_out, check=check), start=1):
+            if n % PROGRESS_RECORDS == 0:
+                log.info("read %d records from %s (%.0f/s)", n, path, n / max(time.monotonic() - started, 1e-9))
+            yield {"record": json.dumps(conv)}
+
+    try:
+        return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False)
+    except DatasetGenerationError as exc:
+        # datasets wraps whatever the generator raised; a bad record is a data error, not a crash.
+        if isinstance(exc.__cause__, JobError):
+            raise exc.__cause__ from None
+        raise
+
+
+def _hold_out(cfg: JobConfig, records: Any) -> tuple[Any, Any | None]:
+    """Split eval_fraction of the records off for eval (none with 0, or with a single record)."""
+    if cfg.eval_fraction <= 0:
+        return records, None
+    if len(records) < 2:
+        log.warning("%s=%s: a single training record cannot be split; no eval split is held out",
+                    env_name("eval_fraction"), cfg.eval_fraction)
+        return records, None
+    n_eval = max(1, round(len(records) * cfg.eval_fraction))
+    if len(records) - n_eval < 1:
+        raise ConfigError([f"{env_name('eval_fraction')}={cfg.eval_fraction} holds out {n_eval} of the"
+                           f" {len(records)} training record(s), leaving none to train on: lower it, set it to"
+                           f" 0 (no eval), or give held-out data in {env_name('eval_data')}"])
+    split = records.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: Any, template: str | None
+              ) -> tuple[Any, Any | None]:
+    """Token ids and loss masks, truncated here to max_seq_length (keeping the start) so that what is counted is
+    what is trained on; the full lengths and answer-token counts are kept to report what truncation removed."""
+    from entrypoints.templating import tokenize_conversation, tokenize_text
 
     seq = cfg.max_seq_length
 
     def tokenize(batch):
-        # Truncated here, to max_seq_length (keeping the start), so that what is counted below is what is trained
-        # on; the full lengths and answer-token counts are kept to report what truncation removed.
         out: dict[str, list] = {"input_ids": [], "assistant_masks": [], "full_tokens": [], "full_loss_tokens": []}
         for raw in batch["record"]:
             conv = json.loads(raw)
@@ -94,58 +163,16 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
             out["assistant_masks"].append(enc["assistant_masks"][:seq])
         return out
 
-    train_stats = LoadStats()
-    train_raw = tokenized(data, train_stats)
-    stats: dict[str, Any] = {"format": train_stats.fmt, "train_records_read": train_stats.records,
-                             "bad_records_skipped": train_stats.skipped}
-    if eval_data is not None:
-        eval_stats = LoadStats()
-        eval_raw = tokenized(eval_data, eval_stats, held_out=True)
-        stats["bad_records_skipped"] += eval_stats.skipped
-    elif cfg.eval_fraction > 0 and len(train_raw) < 2:
-        log.warning("%s=%s: a single training record cannot be split; no eval split is held out",
-                    env_name("eval_fraction"), cfg.eval_fraction)
-        eval_raw = None
-    elif cfg.eval_fraction > 0:
-        n_eval = max(1, round(len(train_raw) * cfg.eval_fraction))
-        if len(train_raw) - n_eval < 1:
-            raise ConfigError([f"{env_name('eval_fraction')}={cfg.eval_fraction} holds out {n_eval} of the"
-                               f" {len(train_raw)} training record(s), leaving none to train on: lower it, set it to"
-                               f" 0 (no eval), or give held-out data in {env_name('eval_data')}"])
-        split = train_raw.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
-        train_raw, eval_raw = split["train"], split["test"]
-    else:
-        eval_raw = None
-
-    samples = []
-    if eval_raw is not None and cfg.num_sample_generations:
-        for raw in eval_raw.select(range(min(len(eval_raw), cfg.num_sample_generations)))["record"]:
-            sample = _split_sample(json.loads(raw))
-            if sample:
-                samples.append(sample)
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     num_proc = min(cores, 8) if len(train_raw) > 20_000 and cores > 1 else None
+    started = time.monotonic()
+    log.info("tokenizing %d train and %d eval records%s", len(train_raw), len(eval_raw) if eval_raw is not None else 0,
+             f" on {num_proc} processes" if num_proc else "")
     train_ds = train_raw.map(tokenize, batched=True, remove_columns=["record"], num_proc=num_proc, desc="tokenizing train")
-    eval_ds = eval_raw.map(tokenize, batched=True, remove_columns=["record"], desc="tokenizing eval") if eval_raw is not None else None
-    train_counts = _token_stats(train_ds, "train")
-    eval_counts = _token_stats(eval_ds, "eval") if eval_ds is not None else {}
-    stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
-                  **train_counts, **{k: v for k, v in eval_counts.items() if k.startswith("eval_")},
-                  "longest_record_tokens": max(train_counts["longest_record_tokens"],
-                                               eval_counts.get("longest_record_tokens", 0))})
-    train_ds = train_ds.remove_columns(["full_tokens", "full_loss_tokens"])
-    eval_ds = eval_ds.remove_columns(["full_tokens", "full_loss_tokens"]) if eval_ds is not None else None
-    check_loss_tokens(stats, seq, cfg.assistant_only_loss)
-    if eval_ds is not None and stats["eval_loss_tokens"] == 0:
-        log.warning("no eval record has an answer token within max_seq_length=%d: the eval loss is skipped", seq)
-        eval_ds = None
-    if fresh_cache or train_stats.records:
-        log.info("data: %s", json.dumps(stats))
-    else:  # the generator did not run: every split came from the caches local rank 0 built
-        log.info("data: reused the Arrow caches in %s (%d train, %d eval records)", cache_dir,
-                 stats["train_records"], stats["eval_records"])
-    return TokenizedData(train_ds, eval_ds, samples, stats)
+    eval_ds = (eval_raw.map(tokenize, batched=True, remove_columns=["record"], desc="tokenizing eval")
+               if eval_raw is not None else None)
+    log.info("tokenized in %.1f s", time.monotonic() - started)
+    return train_ds, eval_ds
 
 
 def _token_stats(ds: Any, split: str) -> dict[str, int]:

@@ -383,7 +383,26 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
                         format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s", force=True)
     for noisy in ("httpx", "urllib3", "botocore", "s3transfer", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_known_noise()
     install_redactor()
+
+
+def quiet_known_noise() -> None:
+    """Silence what is understood and harmless, and only that; each line says why."""
+    import warnings
+
+    # peft reads `model.is_gradient_checkpointing`, which transformers >= 5.2x renamed: a warning about peft's
+    # code, not the job's, and the value it reads is right.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # bitsandbytes on CPU first tries the optimized kernels of the `kernels` package (downloaded from the Hub) and
+    # falls back to its own CPU kernel, which is what runs here: its warning says nothing is wrong.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Progress bars of internal steps (datasets' caches, TRL's label building and packing, transformers' weight
+    # loading) repeat for every split and fill non-interactive logs (CloudWatch, kubectl logs, CI) with carriage
+    # returns: off there, where the job's own log lines say what each step did; kept in a terminal.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ the training run itself and the checks that it trained something.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -95,7 +96,12 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
     check_lora_targets(model, cfg.target_modules)
     cuda = device_kind() == "cuda"
     precision = str(compute_dtype(cfg)).removeprefix("torch.")
-    args = SFTConfig(**sft_config(cfg, plan, cuda, precision, data.eval is not None, tracker.report_to))
+    kwargs = sft_config(cfg, plan, cuda, precision, data.eval is not None, tracker.report_to)
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}:
+        # transformers >= 5.2x renamed the setting (the old name still works, with a FutureWarning); 5.17 has only
+        # the old one: the name this transformers knows.
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+    args = SFTConfig(**kwargs)
     extra_callbacks = []
     if plan is not None and plan.gradient_checkpointing and plan.layers_without_checkpointing:
         extra_callbacks.append(perf.partial_checkpointing_callback(plan.layers_without_checkpointing))
