@@ -25,6 +25,13 @@ UNSUPPORTED_ADAPTER_OPTIONS = {
 }
 # Initialisations that rewrite the base weights (the adapter only works on that rewritten base).
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# The tensors of one adapted module, by the end of their key: A, B (and B's bias) of a Linear, A and B of an
+# Embedding, and DoRA's magnitude (saved with or without `.weight`).
+LORA_SUFFIXES = {
+    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "B_bias",
+    ".lora_embedding_A": "EA", ".lora_embedding_B": "EB",
+    ".lora_magnitude_vector": "M", ".lora_magnitude_vector.weight": "M",
+}
 
 
 @dataclass
@@ -60,7 +67,21 @@ class Adapter:
 
 def load_adapter(adapter_dir: Path) -> Adapter:
     """Read and check a peft LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    import torch
+    config, weights_path, tensors = _read_adapter_files(adapter_dir)
+    adapter = Adapter(adapter_dir, config)
+    parts = _split_by_module(tensors, weights_path, adapter.replacements)
+    for module, p in sorted(parts.items()):
+        delta = _lora_delta(module, p, config, weights_path)
+        if delta.bias is not None:
+            adapter.bias_deltas[module + ".bias"] = delta
+        adapter.deltas[module + ".weight"] = delta
+    if not adapter.deltas and not adapter.replacements:
+        raise ModelError(f"{weights_path} holds no LoRA weights: nothing to merge")
+    return adapter
+
+
+def _read_adapter_files(adapter_dir: Path) -> tuple[dict, Path, dict[str, object]]:
+    """The config (checked for options this merge does not support), the weights' path and the tensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -83,20 +104,19 @@ def load_adapter(adapter_dir: Path) -> Adapter:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ModelError(f"{weights_path} cannot be read ({exc}): re-download or re-save the adapter") from None
+    return config, weights_path, tensors
 
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    adapter = Adapter(adapter_dir, config)
-    suffixes = {
-        ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "B_bias",
-        ".lora_embedding_A": "EA", ".lora_embedding_B": "EB",
-        ".lora_magnitude_vector": "M", ".lora_magnitude_vector.weight": "M",
-    }
+
+def _split_by_module(tensors: dict[str, object], weights_path: Path,
+                     replacements: dict[str, object]) -> dict[str, dict[str, object]]:
+    """module -> {role: tensor} for the LoRA tensors; full tensors go to `replacements` (base key -> tensor)."""
+    parts: dict[str, dict[str, object]] = {}
     for key, tensor in tensors.items():
         if not key.startswith(ADAPTER_PREFIX):
             raise ModelError(f"{weights_path}: key {key!r} does not start with {ADAPTER_PREFIX!r}; this is not a"
                              " peft adapter of a transformers model: re-save it with peft's save_pretrained")
         name = key[len(ADAPTER_PREFIX):]
-        for suffix, role in suffixes.items():
+        for suffix, role in LORA_SUFFIXES.items():
             if name.endswith(suffix):
                 parts.setdefault(name[: -len(suffix)], {})[role] = tensor
                 break
@@ -106,42 +126,40 @@ def load_adapter(adapter_dir: Path) -> Adapter:
                                  " Linear and Embedding LoRA (optionally DoRA) adapters are supported")
             # Full tensors saved with the adapter (modules_to_save, trained biases, or the embedding copies
             # peft saves as `<module>.base_layer.weight`) replace the base's, as PeftModel.from_pretrained does.
-            adapter.replacements[name.replace(".base_layer.", ".")] = tensor
+            replacements[name.replace(".base_layer.", ".")] = tensor
+    return parts
 
+
+def _lora_delta(module: str, p: dict[str, object], config: dict, weights_path: Path) -> LoraDelta:
+    """One module's delta from its tensors, checked: both halves, shapes that multiply, the configured rank."""
+    if "A" in p or "B" in p:
+        kind, a, b = "linear", p.get("A"), p.get("B")
+    else:
+        kind, a, b = "embedding", p.get("EA"), p.get("EB")
+    if a is None or b is None:
+        raise ModelError(f"{weights_path}: module {module!r} has only half of its LoRA pair"
+                         f" ({', '.join(sorted(p))}): the file is incomplete, re-save the adapter")
+    if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+        raise ModelError(f"{weights_path}: module {module!r} has LoRA shapes A {list(a.shape)} and B"
+                         f" {list(b.shape)}, which do not multiply (only 2-D Linear/Embedding LoRA is supported)")
+    rank = a.shape[0]
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    for module, p in sorted(parts.items()):
-        if "A" in p or "B" in p:
-            kind, a, b = "linear", p.get("A"), p.get("B")
-        else:
-            kind, a, b = "embedding", p.get("EA"), p.get("EB")
-        if a is None or b is None:
-            raise ModelError(f"{weights_path}: module {module!r} has only half of its LoRA pair"
-                             f" ({', '.join(sorted(p))}): the file is incomplete, re-save the adapter")
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise ModelError(f"{weights_path}: module {module!r} has LoRA shapes A {list(a.shape)} and B"
-                             f" {list(b.shape)}, which do not multiply (only 2-D Linear/Embedding LoRA is supported)")
-        rank = a.shape[0]
-        expected_rank = rank_pattern.get(_pattern_key(rank_pattern, module), config.get("r"))
-        if expected_rank is not None and int(expected_rank) != rank:
-            raise ModelError(f"{weights_path}: module {module!r} has rank {rank} but adapter_config.json says"
-                             f" r={expected_rank}: the config and weights come from different adapters")
-        alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, module), config.get("lora_alpha", 8)))
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        delta = LoraDelta(module, kind, a, b, scale, magnitude=p.get("M"), bias=p.get("B_bias"))
-        if delta.magnitude is not None:
-            if kind != "linear":
-                raise ModelError(f"{weights_path}: DoRA on the embedding {module!r} is not supported: retrain with"
-                                 " use_dora=False for embeddings, or merge with peft's merge_and_unload")
-            if tuple(delta.magnitude.shape) != (b.shape[0],):
-                raise ModelError(f"{weights_path}: DoRA magnitude of {module!r} has shape"
-                                 f" {list(delta.magnitude.shape)}, expected [{b.shape[0]}]")
-        if delta.bias is not None:
-            adapter.bias_deltas[module + ".bias"] = delta
-        adapter.deltas[module + ".weight"] = delta
-    if not adapter.deltas and not adapter.replacements:
-        raise ModelError(f"{weights_path} holds no LoRA weights: nothing to merge")
-    return adapter
+    expected_rank = rank_pattern.get(_pattern_key(rank_pattern, module), config.get("r"))
+    if expected_rank is not None and int(expected_rank) != rank:
+        raise ModelError(f"{weights_path}: module {module!r} has rank {rank} but adapter_config.json says"
+                         f" r={expected_rank}: the config and weights come from different adapters")
+    alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, module), config.get("lora_alpha", 8)))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    delta = LoraDelta(module, kind, a, b, scale, magnitude=p.get("M"), bias=p.get("B_bias"))
+    if delta.magnitude is not None:
+        if kind != "linear":
+            raise ModelError(f"{weights_path}: DoRA on the embedding {module!r} is not supported: retrain with"
+                             " use_dora=False for embeddings, or merge with peft's merge_and_unload")
+        if tuple(delta.magnitude.shape) != (b.shape[0],):
+            raise ModelError(f"{weights_path}: DoRA magnitude of {module!r} has shape"
+                             f" {list(delta.magnitude.shape)}, expected [{b.shape[0]}]")
+    return delta
 
 
 def _pattern_key(patterns: dict, module: str) -> str:
