@@ -421,14 +421,22 @@ class Publisher:
     """Uploads finished files in a background thread while the job keeps working (e.g. merging the next shard).
 
     With a claim, nothing more is uploaded once the claim is lost, and the manifest is written only while the
-    claim is still this run's.
+    claim is still this run's. `finish()` publishes the manifest last; `close()` only waits for the uploads (the
+    merge CLI's output has no manifest: its index is the last file submitted).
+
+    `delete_uploaded`: delete each local file once it is uploaded, so local disk holds only what is still queued
+    (a shard or two of a merge). A failed upload is then raised by the next `submit()`, instead of by `close()` or
+    `finish()` only: the files submitted after it would never be uploaded nor deleted.
     """
 
-    def __init__(self, stage: Path, target: OutputTarget, endpoint_url: str, claim: OutputClaim | None = None):
+    def __init__(self, stage: Path, target: OutputTarget, endpoint_url: str, claim: OutputClaim | None = None, *,
+                 delete_uploaded: bool = False):
         self.stage, self.target, self.endpoint, self.claim = stage, target, endpoint_url, claim
+        self.delete_uploaded = delete_uploaded
         self.queue: queue.Queue[Path | None] = queue.Queue()
         self.errors: list[BaseException] = []
         self.submitted: set[str] = set()
+        self.uploaded: list[str] = []  # relative paths, in the order their uploads completed
         if target.replaces_existing:
             # The old result stops being "complete" before any of its files is replaced.
             storage.delete(storage.join(target.uri, MANIFEST), endpoint_url=endpoint_url)
@@ -449,12 +457,24 @@ class Publisher:
             rel = path.relative_to(self.stage).as_posix()
             try:
                 storage.upload_file(path, storage.join(self.target.uri, rel), endpoint_url=self.endpoint)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in finish()
+                self.uploaded.append(rel)
+                if self.delete_uploaded:
+                    path.unlink()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in submit(), close() or finish()
                 self.errors.append(exc)
 
     def submit(self, path: Path) -> None:
+        if self.delete_uploaded and self.errors:
+            raise self.errors[0]
         self.submitted.add(path.relative_to(self.stage).as_posix())
         self.queue.put(path)
+
+    def close(self) -> None:
+        """Wait for every upload submitted so far; raise the first that failed."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.errors:
+            raise self.errors[0]
 
     def finish(self, manifest: dict[str, Any]) -> str:
         """Upload what is left, wait, then write the manifest (and the `latest` pointer in version mode)."""
@@ -462,10 +482,7 @@ class Publisher:
             rel = path.relative_to(self.stage).as_posix()
             if rel != MANIFEST and rel not in self.submitted:
                 self.submit(path)
-        self.queue.put(None)
-        self.thread.join()
-        if self.errors:
-            raise self.errors[0]
+        self.close()
         manifest = {**manifest, "run": {"id": self.target.run_id, "started_at": _iso(self.target.started_at),
                                         "started_unix": self.target.started_at}}
         text = json.dumps(manifest, indent=2, sort_keys=False)

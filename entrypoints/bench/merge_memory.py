@@ -83,7 +83,7 @@ def build_checkpoint(shape: ModelShape, base_dir: Path, adapter_dir: Path, rank:
     import torch
     from peft import LoraConfig
 
-    from entrypoints.merge import write_safetensors
+    from entrypoints.merge.safetensors_io import write_safetensors
 
     torch.manual_seed(0)
     shapes = tensor_shapes(shape)
@@ -176,7 +176,7 @@ def child(which: str, base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
 
 def compare_outputs(ours: Path, peft: Path, keys: list[str]) -> float:
     """Largest absolute difference over a sample of tensors of the two merged checkpoints."""
-    from entrypoints.merge import read_header, read_tensor
+    from entrypoints.merge.safetensors_io import read_header, read_tensor
 
     def headers(d: Path) -> dict:
         found = {}
@@ -199,7 +199,7 @@ def plan_peak(shape: ModelShape, rank: int = 16, runtime_bytes: float = 0.0) -> 
     is read one tensor at a time (not one shard), so a shard (plus the adapter and runtime) bounds it from
     above. `runtime_bytes`: the interpreter, torch and transformers, measured on the 7b run.
     """
-    from entrypoints.merge import BLOCK_ELEMENTS
+    from entrypoints.merge.core import BLOCK_ELEMENTS
 
     shapes = tensor_shapes(shape)
     params = sum(math.prod(s) for s in shapes.values())

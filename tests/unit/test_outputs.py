@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from entrypoints import outputs, storage
 from entrypoints.config import JobConfig
 from entrypoints.errors import OutputExistsError, StorageError
-from entrypoints.outputs import MANIFEST, OutputClaim, Publisher, build_manifest, write_model_card
+from entrypoints.outputs import MANIFEST, OutputClaim, OutputTarget, Publisher, build_manifest, write_model_card
 
 
 def _stage(tmp_path: Path, name: str = "stage") -> Path:
@@ -88,6 +89,41 @@ def test_a_failed_upload_publishes_no_manifest(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match="the test refuses it"):
         _publish(tmp_path, stage, output)
     assert not (output / MANIFEST).exists()  # a reader never takes the partial output for a result
+
+
+def test_delete_uploaded_frees_each_file_once_uploaded_and_stops_at_a_failed_upload(tmp_path, monkeypatch):
+    """The merge CLI's publisher: local disk holds only what is not uploaded yet, files arrive in the order they were
+    submitted (the index last), close() writes no manifest, and a failed upload stops the next submit, since the files
+    after it would never be uploaded nor deleted."""
+    stage, output = tmp_path / "merged", tmp_path / "out"
+    stage.mkdir()
+    target = OutputTarget(str(output), str(output), versioned=False, replaces_existing=False)
+    names = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "model.safetensors.index.json"]
+    publisher = Publisher(stage, target, "", delete_uploaded=True)
+    for name in names:
+        (stage / name).write_text(name)
+        publisher.submit(stage / name)
+    publisher.close()
+    assert publisher.uploaded == names and not list(stage.iterdir())
+    assert sorted(p.name for p in output.iterdir()) == sorted(names) and (output / names[1]).read_text() == names[1]
+
+    def refuse(local, uri, **kw):
+        raise StorageError(f"could not upload {uri}: the test refuses it")
+
+    monkeypatch.setattr(storage, "upload_file", refuse)
+    failing = Publisher(stage, target, "", delete_uploaded=True)
+    (stage / "first").write_text("1")
+    failing.submit(stage / "first")
+    deadline = time.monotonic() + 10
+    while not failing.errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (stage / "second").write_text("2")
+    with pytest.raises(StorageError, match="the test refuses it"):
+        failing.submit(stage / "second")
+    with pytest.raises(StorageError, match="the test refuses it"):
+        failing.close()
+    assert (stage / "first").is_file() and failing.uploaded == [] and not (output / MANIFEST).exists()
 
 
 def test_a_result_is_refused_then_replaced_leaving_exactly_the_new_files(tmp_path):
