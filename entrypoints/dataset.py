@@ -4,6 +4,7 @@ split, the held-out samples, and the counts of what is trained on (after truncat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -104,17 +105,22 @@ def _read(cfg: JobConfig, path: Path, stats: LoadStats, cache_dir: Path, check: 
     from datasets import Dataset
     from datasets.exceptions import DatasetGenerationError
 
-    started = time.monotonic()
-
     def gen():
+        started = time.monotonic()
         for n, conv in enumerate(load_conversations(path, cfg.data_format, cfg.max_bad_records, stats,
                                                     held_out=held_out, check=check), start=1):
             if n % PROGRESS_RECORDS == 0:
                 log.info("read %d records from %s (%.0f/s)", n, path, n / max(time.monotonic() - started, 1e-9))
             yield {"record": json.dumps(conv)}
 
+    # An explicit fingerprint: `datasets` would otherwise hash the generator's closure (the tokenizer with it),
+    # which is slow and differs between processes, so a host's other ranks would read the data again instead of
+    # reusing the caches its local rank 0 built. The cache folder is this job's own and is emptied at the start of
+    # each run, so what names the read within it is enough.
+    key = json.dumps([str(path), held_out, cfg.data_format, cfg.max_bad_records, cfg.chat_template or ""])
     try:
-        return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False)
+        return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False,
+                                      fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
     except DatasetGenerationError as exc:
         # datasets wraps whatever the generator raised; a bad record is a data error, not a crash.
         if isinstance(exc.__cause__, JobError):
