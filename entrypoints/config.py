@@ -108,7 +108,7 @@ class JobConfig:
     # --- LoRA
     lora_r: int = _f(16, "LoRA rank.", group="lora")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).", group="lora")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input. 0 (the default) saves every adapted module a dropped-out copy of its input: 45% vs 44% MFU and 29 vs 41 GiB on 7B with the same loss (docs/PERF.md); 0.05-0.1 regularises small data sets over many epochs.", group="lora")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input. 0 (the default) spares every adapted module a dropped-out copy of its input (less memory, a little faster, the same loss on the benchmark: docs/PERF.md); 0.05-0.1 regularises small data sets trained for many epochs.", group="lora")
     lora_target_modules: str = _f("all-linear", "Comma-separated module names to adapt, or `all-linear` for every linear layer except the output head.", group="lora")
 
     # --- training
@@ -124,10 +124,10 @@ class JobConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.", group="training")
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (0.3 as in the QLoRA paper).", group="training")
     optim: str = _f("auto", "Optimizer; `auto`: adamw_torch_fused on CUDA, adamw_torch on CPU.", choices=("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit"), group="training")
-    gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass to save memory. `auto`: on a GPU with packing, as many decoder layers as the GPU's memory allows keep their activations (all of them for 7B on an 80 GB GPU) and the rest are recomputed; on CPU or without packing every layer is recomputed. `true`/`false` (or any boolean) force it.", choices=("auto", "true", "false"), group="training")
+    gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass to save memory. `auto`: on a GPU with packing, as many decoder layers as the GPU's memory allows keep their activations and the rest are recomputed; on CPU or without packing every layer is recomputed. `true`/`false` (or any boolean) force it.", choices=("auto", "true", "false"), group="training")
     max_gpu_memory_gib: float = _f(0.0, "Cap on the GPU memory the job may use, in GiB: the allocator is limited to it and the batch plan (micro-batch tokens, checkpointed layers) is fitted into it; for a shared GPU or a smaller card's budget. 0: the whole GPU.", group="training")
     packing: bool = _f(True, "Pack whole samples into rows of max_seq_length (best-fit, padding-free, per-sample attention); off: each micro-batch is padded to its longest sample.", group="training")
-    torch_compile: bool = _f(False, "Compile every decoder layer with torch.compile (regional compilation) on CUDA, in place of Liger's kernels: 14,781 vs 10,606 tokens/s on the 7B benchmark (docs/PERF.md). Needs a C compiler for Triton (the image has none: then it is skipped with a warning); off by default until it has run in more settings.", group="training")
+    torch_compile: bool = _f(False, "Compile every decoder layer with torch.compile (regional compilation) on CUDA, in place of Liger's kernels (faster on the benchmark: docs/PERF.md). Needs a C compiler for Triton; without one it is skipped with a warning.", group="training")
     use_liger: bool = _f(True, "Use Liger's fused RMSNorm, SwiGLU and RoPE kernels on CUDA (when liger-kernel is installed).", group="training")
     assistant_only_loss: bool = _f(True, "Train on assistant tokens only (prompts, system and user turns are masked out of the loss).", group="training")
     seed: int = _f(42, "Random seed for data order, LoRA init and dropout.", group="training")
