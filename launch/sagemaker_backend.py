@@ -13,6 +13,7 @@ torchrun over every GPU and host (SM_HOSTS / SM_CURRENT_HOST), so multi-node nee
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,11 @@ SCHEDULER_TARGET_ARN = "arn:aws:scheduler:::aws-sdk:sagemaker:createTrainingJob"
 # (16 lower-case alphanumerics), which makes every scheduled job name and checkpoint prefix unique.
 EXECUTION_ID = "<aws.scheduler.execution-id>"
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+# What SageMaker puts before a custom image's failure file text in FailureReason (see exit_code_for).
+FAILURE_REASON_PREFIXES = ("AlgorithmError:", "ClientError:")
+_EXIT_CODE_AT_END = re.compile(r"exit code:\s*(\d+)\s*$", re.IGNORECASE)
+_DOCUMENTED_CODES = {errors.EXIT_CONFIG, errors.EXIT_DATA, errors.EXIT_MODEL, errors.EXIT_STORAGE,
+                     errors.EXIT_OUTPUT_EXISTS, errors.EXIT_PREEMPTED}
 
 
 @dataclass(frozen=True)
@@ -258,11 +264,20 @@ def exit_code_for(description: dict) -> int:
     status = description.get("TrainingJobStatus")
     if status == "Completed":
         return errors.EXIT_OK
-    reason = description.get("FailureReason", "")
+    reason = description.get("FailureReason", "").strip()
+    # SageMaker prefixes what a custom image wrote: "AlgorithmError: <failure file>" (the container exited
+    # non-zero), "ClientError: ..." (the request or the input), and may end the reason with ", exit code: N".
+    for prefix in FAILURE_REASON_PREFIXES:
+        if reason.startswith(prefix):
+            reason = reason[len(prefix):].lstrip()
+            break
     for cls in (errors.ConfigError, errors.DataError, errors.ModelError, errors.StorageError,
                 errors.OutputExistsError, errors.Preempted):
         if reason.startswith(cls.kind + ":"):
             return cls.exit_code
+    trailing = _EXIT_CODE_AT_END.search(reason)
+    if trailing and int(trailing.group(1)) in _DOCUMENTED_CODES:
+        return int(trailing.group(1))
     return errors.EXIT_INTERNAL
 
 

@@ -201,6 +201,19 @@ def test_follow_streams_logs_and_exits_with_the_result(aws_env, capsys, files):
 @pytest.mark.parametrize(("status", "reason", "code"), [
     ("Completed", "", 0), ("Failed", "configuration error: 1 configuration problem(s)", 2),
     ("Failed", "data error: bad record", 3), ("Failed", "preempted: rerun to resume", 75),
+    # What SageMaker really reports for a custom image: its own prefix before the failure file's text
+    # (aws/amazon-sagemaker-examples#1224 "AlgorithmError: framework error: ..."), and ", exit code: N" after it
+    # or alone when there is no failure file (aws-samples/amazon-sagemaker-ml-pipeline-deploy-with-terraform#12).
+    ("Failed", "AlgorithmError: data error: train.jsonl:2: no assistant turn, exit code: 3", 3),
+    ("Failed", "AlgorithmError: configuration error: 1 configuration problem(s):\n  - QLORA_LORA_R=0", 2),
+    ("Failed", "AlgorithmError: storage error: access denied while trying to read s3://b/data/x", 5),
+    ("Failed", "AlgorithmError: preempted: SIGTERM received: checkpoint saved at step 40, exit code: 75", 75),
+    ("Failed", "AlgorithmError: output exists: s3://b/output/run1 already holds a complete result", 6),
+    ("Failed", "AlgorithmError: , exit code: 4", 4),
+    ("Failed", "AlgorithmError: , exit code: 1", 1),
+    ("Failed", "AlgorithmError: Exit Code: 137", 1),
+    ("Failed", "AlgorithmError: framework error: Traceback (most recent call last): ...", 1),
+    ("Failed", "ClientError: Please ensure the specified S3 prefix exists", 1),
     ("Failed", "AlgorithmError: something else", 1), ("Stopped", "", 1)])
 def test_exit_code_follows_the_failure_reason(status, reason, code):
     assert sagemaker_backend.exit_code_for({"TrainingJobStatus": status, "FailureReason": reason}) == code
