@@ -113,10 +113,18 @@ def test_build_script_syntax_lint_and_dry_run():
                           capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     image = "111122223333.dkr.ecr.eu-west-1.amazonaws.com/qlora-job:abc123"
+    # linux/amd64 whatever the host: SageMaker and x86 GPU nodes cannot run an arm64 image, and the lock is x86_64-only.
     assert proc.stdout.splitlines()[:3] == [
         "+ aws ecr get-login-password --region eu-west-1 | docker login --username AWS --password-stdin"
         " 111122223333.dkr.ecr.eu-west-1.amazonaws.com",
-        f"+ docker build --file Dockerfile --tag {image} .",
-        f"+ docker push {image}"]
+        f"+ docker buildx build --platform linux/amd64 --provenance=false --file Dockerfile --tag {image} --push .",
+        f"image: {image} (linux/amd64)"]
+    buildah = subprocess.run(["bash", str(script), "--dry-run", "--tag", "abc123", "--region", "eu-west-1", "--builder",
+                              "buildah"], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert buildah.returncode == 0, buildah.stderr
+    assert buildah.stdout.splitlines()[1:3] == [
+        f"+ buildah build --platform linux/amd64 --file Dockerfile --tag {image} .", f"+ buildah push {image}"]
+    helped = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert "linux/amd64" in helped.stdout
     bad = subprocess.run(["bash", str(script), "--dry-run", "--nonsense"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
