@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     k8.add_argument("--service-account", default="qlora-job", help="bound to an IAM role for S3 (IRSA/Pod Identity)")
     k8.add_argument("--k8s-secret", default="", help="Secret with keys HF_TOKEN / WANDB_API_KEY (referenced, never read)")
     k8.add_argument("--scratch-storage-class", default="", help="per-pod volume of this class for /opt/ml (default: node disk)")
-    k8.add_argument("--backoff-limit", type=int, default=3, help="pod failures (not preemptions) before the Job fails")
+    k8.add_argument("--backoff-limit", type=int, default=None,
+                    help="pod failures (not preemptions) before the Job fails (default 3 per pod: 3 x --count)")
     k8.add_argument("--ttl-hours", type=float, default=72.0, help="delete the finished Job after this long")
     k8.add_argument("--kubeconfig", default="")
     k8.add_argument("--context", default="")
@@ -244,7 +245,10 @@ def kubernetes_options(args: argparse.Namespace, plan: LaunchPlan, problems: lis
     return KubernetesOptions(
         namespace=args.namespace, service_account=args.service_account, secret_name=args.k8s_secret,
         scratch_gb=args.volume_size_gb, scratch_storage_class=args.scratch_storage_class,
-        ttl_seconds_after_finished=int(args.ttl_hours * 3600), backoff_limit=args.backoff_limit,
+        ttl_seconds_after_finished=int(args.ttl_hours * 3600),
+        # One host's hard failure makes every other host of a multi-node Job fail too (they block in NCCL until its
+        # timeout): retries must scale with the pod count, or one fault on --count 4 exhausts them.
+        backoff_limit=args.backoff_limit if args.backoff_limit is not None else 3 * max(args.count, 1),
         region=args.region, labels=plan.tags, kubeconfig=args.kubeconfig, context=args.context,
     )
 

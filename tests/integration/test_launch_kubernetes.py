@@ -88,7 +88,9 @@ def test_job_manifest_contents(capsys):
     assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In",
                                                              "values": [2, 3, 4, 6]}}
     assert {"action": "Ignore", "onExitCodes": {"containerName": "train", "operator": "In", "values": [75]}} in rules
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    # A kubelet eviction (DisruptionTarget) is counted: ignoring it retried a pod on a too-small disk for 24 h.
+    assert not any("onPodConditions" in r for r in rules)
+    assert spec["backoffLimit"] == 3
     env = env_of(pod)
     assert env["QLORA_CHECKPOINT_URI"]["value"] == f"{BUCKET}/checkpoints/$(JOB_NAME)"
     names = [e["name"] for e in container["env"]]
@@ -98,6 +100,31 @@ def test_job_manifest_contents(capsys):
     assert "value" not in env["HF_TOKEN"] and "value" not in env["WANDB_API_KEY"]
     assert {k: env[k]["value"] for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE")} == {
         "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "GPUS_PER_NODE": "1"}
+
+
+def test_the_pod_requests_the_disk_it_fills(capsys):
+    """An emptyDir's sizeLimit reserves nothing: the pod requests its scratch + /tmp as ephemeral-storage, so a node
+    with a small disk is never picked (a visible 'Insufficient ephemeral-storage' event instead of evictions)."""
+    [job] = dry_run(args("--instance", "g5.2xlarge", "--volume-size-gb", "300"), capsys)
+    requests = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert requests["ephemeral-storage"] == "310Gi"
+    [job] = dry_run(args("--instance", "g5.2xlarge", "--scratch-storage-class", "gp3"), capsys)
+    requests = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert requests["ephemeral-storage"] == "10Gi"  # the scratch is a volume of its own: only /tmp is node disk
+
+
+def test_retries_scale_with_the_pod_count(capsys):
+    """One host's hard failure fails every host of the Job (they block in NCCL): 3 retries per pod."""
+    job, _ = dry_run(args("--instance", "p5.48xlarge", "--count", "4"), capsys)
+    assert job["spec"]["backoffLimit"] == 12
+    job, _ = dry_run(args("--instance", "p5.48xlarge", "--count", "4", "--backoff-limit", "5"), capsys)
+    assert job["spec"]["backoffLimit"] == 5
+
+
+def test_a_name_the_service_would_refuse_is_refused_up_front(capsys):
+    assert submit.main([*args("--instance", "g5.12xlarge", "--count", "2", "--name", "1run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--name '1run'" in err and "start with a letter" in err and "nothing was submitted" in err
 
 
 def test_multi_node_is_an_indexed_job_with_a_headless_service(capsys):
@@ -218,3 +245,18 @@ def test_follow_streams_logs_and_returns_the_jobs_exit_code(kube, capsys, exit_c
     lines: list[str] = []
     assert kb.wait("qlora-follow", k8s, follow=True, poll_seconds=0.05, write=lines.append, api=api) == exit_code
     assert lines == ["[launcher] logs of pod qlora-follow-abcde", "step 1 loss 2.0", "step 2 loss 1.5"]
+
+
+def test_a_failed_service_create_rolls_the_job_back(kube, capsys):
+    """Without the Service the pods would wait for an unresolvable rendezvous address: the Job is deleted again."""
+    from kubernetes import client
+
+    emulator, api = kube
+    emulator["post /api/v1/namespaces/ml/services"] << 403
+    docs = dry_run(args("--instance", "g6e.12xlarge", "--count", "2", "--name", "qlora-rollback"), capsys)
+    with pytest.raises(kb.RolledBack, match="qlora-rollback was deleted again") as info:
+        kb.submit(docs, kb.KubernetesOptions(namespace="ml"), api=api)
+    assert "starts with a letter" in str(info.value)
+    assert [r.method for r in emulator["post"]] == ["POST", "POST"]  # the Job, then the Service
+    jobs = client.BatchV1Api(api).list_namespaced_job("ml").items
+    assert [j.metadata.name for j in jobs] == []
