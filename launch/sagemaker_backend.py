@@ -4,8 +4,8 @@
 
 `training_job_request()` builds the plain CreateTrainingJob request (the API's own field names), which
 `--dry-run` prints and the EventBridge schedule embeds. Submission goes through the SageMaker Python SDK
-v3 (`ModelTrainer`) when it is installed (`pip install qlora-job[sagemaker]`), built from the same
-request so both say the same thing (a test compares them); without the SDK, boto3 sends the request.
+v3 (sagemaker-core's `TrainingJob.create`) when it is installed (`pip install qlora-job[sagemaker]`), with
+that same request (a test compares them); without the SDK, or with --no-sdk, boto3 sends it.
 The image keeps its own entrypoint: SageMaker starts `<image> train`, and the container's wrapper runs
 torchrun over every GPU and host (SM_HOSTS / SM_CURRENT_HOST), so multi-node needs nothing more here.
 """
@@ -173,59 +173,17 @@ def boto_session(sm: SageMakerOptions):
     return boto3.Session(region_name=sm.region or None)
 
 
-def model_trainer(request: dict, session):
-    """A ModelTrainer that sends `request` (built from the same fields, the SDK's names)."""
-    from sagemaker.core.helper.session_helper import Session
-    from sagemaker.core.training.configs import (
-        CheckpointConfig,
-        Compute,
-        InputData,
-        Networking,
-        OutputDataConfig,
-        StoppingCondition,
-        Tag,
-    )
-    from sagemaker.train import ModelTrainer
+def sdk_create(request: dict, session) -> str:
+    """Create the job through the SageMaker Python SDK v3: sagemaker-core's TrainingJob.create, the call ModelTrainer
+    itself ends in, with this very request (its fields in the SDK's names). Not ModelTrainer: it names the job
+    `<base>-<local time>` itself (the checkpoint prefix and the printed name would disagree with the job's), and it
+    validates the role with iam:SimulatePrincipalPolicy first, which rejects the template's role (no ec2:* on `*`, a
+    namespace-conditioned cloudwatch:PutMetricData) for callers allowed to simulate, and fails without an IAM endpoint."""
+    from sagemaker.core.resources import TrainingJob
+    from sagemaker.core.utils.utils import transform
 
-    res = request["ResourceConfig"]
-    stop = request["StoppingCondition"]
-    out = request["OutputDataConfig"]
-    vpc = request.get("VpcConfig")
-    name = request["TrainingJobName"]
-    # The SDK appends its own "-<YYYYmmddHHMMSS>" to base_job_name, as plan.unique_name does.
-    base = name[: -len("-20250101000000")] if name[-15:-14] == "-" and name[-14:].isdigit() else name
-    return ModelTrainer(
-        sagemaker_session=Session(boto_session=session),
-        role=request["RoleArn"],
-        base_job_name=base,
-        training_image=request["AlgorithmSpecification"]["TrainingImage"],
-        training_input_mode=request["AlgorithmSpecification"]["TrainingInputMode"],
-        compute=Compute(
-            instance_type=res["InstanceType"],
-            instance_count=res["InstanceCount"],
-            volume_size_in_gb=res["VolumeSizeInGB"],
-            volume_kms_key_id=res.get("VolumeKmsKeyId"),
-            enable_managed_spot_training=request["EnableManagedSpotTraining"],
-        ),
-        stopping_condition=StoppingCondition(
-            max_runtime_in_seconds=stop["MaxRuntimeInSeconds"],
-            max_wait_time_in_seconds=stop.get("MaxWaitTimeInSeconds"),
-        ),
-        output_data_config=OutputDataConfig(
-            s3_output_path=out["S3OutputPath"], compression_type=out["CompressionType"], kms_key_id=out.get("KmsKeyId")
-        ),
-        checkpoint_config=CheckpointConfig(
-            s3_uri=request["CheckpointConfig"]["S3Uri"], local_path=request["CheckpointConfig"]["LocalPath"]
-        ),
-        input_data_config=[
-            InputData(channel_name=c["ChannelName"], data_source=c["DataSource"]["S3DataSource"]["S3Uri"])
-            for c in request.get("InputDataConfig", [])
-        ],
-        networking=Networking(subnets=vpc["Subnets"], security_group_ids=vpc["SecurityGroupIds"]) if vpc else None,
-        environment=request["Environment"],
-        hyperparameters={},
-        tags=[Tag(key=t["Key"], value=t["Value"]) for t in request.get("Tags", [])] or None,
-    )
+    job = TrainingJob.create(session=session, **transform(request, "CreateTrainingJobRequest"))
+    return job.training_job_name
 
 
 def sdk_available() -> bool:
@@ -242,9 +200,7 @@ def submit(request: dict, sm: SageMakerOptions, use_sdk: bool | None = None) -> 
     if use_sdk is None:
         use_sdk = sdk_available()
     if use_sdk:
-        trainer = model_trainer(request, session)
-        trainer.train(wait=False, logs=False)
-        return trainer._latest_training_job.training_job_name
+        return sdk_create(request, session)
     session.client("sagemaker").create_training_job(**request)
     return request["TrainingJobName"]
 

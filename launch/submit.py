@@ -25,6 +25,7 @@ if __package__ in (None, ""):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from entrypoints.config import env_name  # noqa: E402
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                     " SageMaker, yaml for Kubernetes)")
     sm = ap.add_argument_group("SageMaker")
     sm.add_argument("--role", default="", help="SageMaker execution role ARN")
-    sm.add_argument("--region", default="", help="AWS region (default: the AWS configuration's)")
+    sm.add_argument("--region", default="", help="AWS region (default: AWS_REGION, then AWS_DEFAULT_REGION or the AWS"
+                    " configuration's)")
     sm.add_argument("--subnet", action="append", default=[], help="VPC subnet id (repeatable)")
     sm.add_argument("--security-group", action="append", default=[], help="VPC security group id (repeatable)")
     sm.add_argument("--volume-kms-key", default="", help="KMS key for the training volume")
@@ -231,7 +233,10 @@ def sagemaker_options(args: argparse.Namespace, problems: list[str], notes: list
         else:
             problems.append(f"{flag} is not set (infra/cloudformation.yaml outputs it)")
     return SageMakerOptions(
-        role_arn=role or PLACEHOLDERS["role"], region=args.region, subnets=tuple(args.subnet),
+        # boto3 reads AWS_DEFAULT_REGION and the AWS config, not AWS_REGION, which the project's own scripts and the
+        # container recipes set.
+        role_arn=role or PLACEHOLDERS["role"], region=args.region or os.environ.get("AWS_REGION", ""),
+        subnets=tuple(args.subnet),
         security_group_ids=tuple(args.security_group), volume_kms_key=args.volume_kms_key,
         output_kms_key=args.output_kms_key,
         scheduler_role_arn=scheduler_role or (PLACEHOLDERS["scheduler_role"] if args.schedule else ""),

@@ -42,11 +42,13 @@ def aws_env(moto_url, monkeypatch, tmp_path):
     config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
     for key, value in {
         "AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "SAGEMAKER_VALIDATE_ROLE": "false",
+        "AWS_DEFAULT_REGION": "us-east-1",
         "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config), "SAGEMAKER_ADMIN_CONFIG_OVERRIDE": str(config),
     }.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    # The SDK's role validation is not switched off here: the launcher must not need that.
+    for key in ("AWS_PROFILE", "SAGEMAKER_VALIDATE_ROLE", "AWS_REGION"):
+        monkeypatch.delenv(key, raising=False)
     return moto_url
 
 
@@ -130,20 +132,52 @@ def test_dry_run_request_is_complete_and_valid(capsys, files):
 def test_sdk_sends_the_same_request_through_moto(aws_env, captured, capsys, files):
     pytest.importorskip("sagemaker.train")
     expected = dry_run_request(common_args(files), capsys)["CreateTrainingJob"]
-    assert submit.main(common_args(files)) == 0
+    assert submit.main([*common_args(files), "--name", "qlora-sdk-run"]) == 0
     out = capsys.readouterr().out
     [(operation, sent)] = captured
     assert operation == "CreateTrainingJob"
     check_training_request(sent)
-    # The SDK adds its own empty defaults and names the job itself ("<base>-<time>"), otherwise the same.
-    assert sent["TrainingJobName"].startswith("qlora-llama-2-7b-hf-")
-    for key in ("TrainingJobName", "HyperParameters"):
-        sent.pop(key, None)
-        expected.pop(key, None)
+    # Exactly the dry run's request: the job name, its checkpoint prefix and the printed name agree.
+    expected = dry_run_request([*common_args(files), "--name", "qlora-sdk-run"], capsys)["CreateTrainingJob"]
     assert sent == expected
-    job_name = out.split("training job ")[1].split()[0]
-    described = boto3.client("sagemaker").describe_training_job(TrainingJobName=job_name)
+    assert sent["TrainingJobName"] == "qlora-sdk-run" and out.strip() == "submitted SageMaker training job qlora-sdk-run"
+    assert sent["CheckpointConfig"]["S3Uri"] == f"{BUCKET}/checkpoints/qlora-sdk-run"
+    described = boto3.client("sagemaker").describe_training_job(TrainingJobName="qlora-sdk-run")
     assert described["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
+
+
+@pytest.mark.parametrize("path", ["sdk", "boto3"])
+def test_default_names_agree_on_both_paths(aws_env, captured, capsys, files, path):
+    pytest.importorskip("sagemaker.core") if path == "sdk" else None
+    assert submit.main([*common_args(files), *(["--no-sdk"] if path == "boto3" else [])]) == 0
+    printed = capsys.readouterr().out.split("training job ")[1].split()[0]
+    [(_, sent)] = captured
+    assert sent["TrainingJobName"] == printed and printed.startswith("qlora-llama-2-7b-hf-2")
+    assert sent["CheckpointConfig"]["S3Uri"] == f"{BUCKET}/checkpoints/{printed}"
+
+
+def test_sdk_submits_without_role_validation_or_an_iam_endpoint(aws_env, capsys, files, monkeypatch, tmp_path):
+    """The SDK's ModelTrainer ran iam:SimulatePrincipalPolicy on the role first: it rejected the template's role for
+    callers allowed to simulate, and failed outright with no IAM endpoint reachable (a private CI subnet)."""
+    pytest.importorskip("sagemaker.core")
+    from .. import aws_calls
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_IAM", "http://127.0.0.1:9")  # nothing listens there
+    record = tmp_path / "calls.jsonl"
+    monkeypatch.setattr(botocore.session.Session, "__init__", botocore.session.Session.__init__)  # undone after
+    aws_calls.install(str(record))
+    assert submit.main([*common_args(files), "--name", "qlora-no-iam"]) == 0, capsys.readouterr().err
+    services = {c["service"] for c in aws_calls.read(record)}
+    assert "iam" not in services and "sagemaker" in services
+
+
+def test_aws_region_alone_selects_the_region(aws_env, captured, capsys, files, monkeypatch):
+    """The project's own scripts set AWS_REGION, which boto3 does not read (NoRegionError before)."""
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert submit.main([*common_args(files), "--no-sdk", "--name", "qlora-region"]) == 0, capsys.readouterr().err
+    assert boto3.client("sagemaker", region_name="eu-west-1").describe_training_job(
+        TrainingJobName="qlora-region")["TrainingJobName"] == "qlora-region"
 
 
 def test_boto3_path_without_sdk(aws_env, captured, capsys, files):
