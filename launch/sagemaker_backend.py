@@ -47,6 +47,7 @@ class SageMakerOptions:
     volume_kms_key: str = ""
     output_kms_key: str = ""
     scheduler_role_arn: str = ""  # the role EventBridge Scheduler assumes to create the jobs
+    dead_letter_arn: str = ""  # SQS queue for the events of scheduled runs that could not be started
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -159,8 +160,37 @@ def schedule_request(plan: LaunchPlan, sm: SageMakerOptions, schedule_expression
             "RetryPolicy": {"MaximumEventAgeInSeconds": 3600, "MaximumRetryAttempts": 3},
         },
     }
+    if sm.dead_letter_arn:
+        # A run that could not be started (quota, AccessDenied, an invalid request) lands here, where the template's
+        # alarm sees it, instead of only in the scheduler's metrics.
+        request["Target"]["DeadLetterConfig"] = {"Arn": sm.dead_letter_arn}
     return request
 
+
+# What a smoke test's one run trains: one step, no merge, in a version series of its own.
+SMOKE_SETTINGS = {"QLORA_MAX_STEPS": "1", "QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0"}
+SMOKE_RUNTIME_SECONDS = 3600
+
+
+def smoke_schedule_request(schedule: dict, output: str, at_utc: float) -> dict:
+    """A one-time schedule that fires once, a few minutes from now, with the recurring schedule's target (the same
+    job name pattern `<base>-<aws.scheduler.execution-id>`): a training job of that name appearing proves the
+    scheduler fills the execution id in, inside the name. It trains one step into <output>/smoke-test (its own
+    latest.json), stops within the hour, and the schedule deletes itself afterwards."""
+    job = json.loads(schedule["Target"]["Input"])
+    job["Environment"] = {**job["Environment"], **SMOKE_SETTINGS, "QLORA_OUTPUT": join_s3(output, "smoke-test")}
+    job["StoppingCondition"]["MaxRuntimeInSeconds"] = SMOKE_RUNTIME_SECONDS
+    if "MaxWaitTimeInSeconds" in job["StoppingCondition"]:
+        job["StoppingCondition"]["MaxWaitTimeInSeconds"] = 2 * SMOKE_RUNTIME_SECONDS
+    return {
+        **schedule,
+        "Name": f"{schedule['Name'][:58]}-smoke",
+        "Description": f"One-time smoke test of the schedule {schedule['Name']}",
+        "ScheduleExpression": f"at({time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(at_utc))})",
+        "ScheduleExpressionTimezone": "UTC",
+        "ActionAfterCompletion": "DELETE",
+        "Target": {**schedule["Target"], "Input": json.dumps(job, sort_keys=True)},
+    }
 
 def example_job_name(schedule_job_name: str, execution_id: str = "d32c5kddcf5bb8c3") -> str:
     return schedule_job_name.replace(EXECUTION_ID, execution_id)

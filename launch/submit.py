@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from entrypoints.config import env_name  # noqa: E402
@@ -45,6 +46,7 @@ PLACEHOLDERS = {
     "image": f"{EXAMPLE_ACCOUNT}.dkr.ecr.{EXAMPLE_REGION}.amazonaws.com/qlora-job:0.1.0",
     "role": f"arn:aws:iam::{EXAMPLE_ACCOUNT}:role/qlora-job-sagemaker-execution",
     "scheduler_role": f"arn:aws:iam::{EXAMPLE_ACCOUNT}:role/qlora-job-scheduler",
+    "dead_letter": f"arn:aws:sqs:{EXAMPLE_REGION}:{EXAMPLE_ACCOUNT}:qlora-job-schedule-dead-letters",
     "data": f"{EXAMPLE_BUCKET}/data/train.jsonl",
     "output": f"{EXAMPLE_BUCKET}/output/qlora-llama-2-7b-hf",
 }
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--volume-kms-key", default="", help="KMS key for the training volume")
     sm.add_argument("--output-kms-key", default="", help="KMS key for what SageMaker uploads")
     sm.add_argument("--scheduler-role", default="", help="role EventBridge Scheduler assumes (--schedule)")
+    sm.add_argument("--dead-letter-queue", default="", metavar="SQS_ARN",
+                    help="--schedule: where the scheduler reports a run it could not start (the template's queue)")
+    sm.add_argument("--smoke-test", action="store_true",
+                    help="--schedule: also create a one-time schedule 3 minutes from now that starts one short run"
+                         " (1 step, no merge, <output>/smoke-test), proving the scheduler names the jobs")
     sm.add_argument("--no-sdk", action="store_true", help="send with boto3 even when the SageMaker SDK is installed")
     k8 = ap.add_argument_group("Kubernetes")
     k8.add_argument("--namespace", default="qlora")
@@ -224,9 +231,10 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
 
 
 def sagemaker_options(args: argparse.Namespace, problems: list[str], notes: list[str]) -> SageMakerOptions:
-    role, scheduler_role = args.role, args.scheduler_role
-    for flag, key, value in (("--role", "role", role), ("--scheduler-role", "scheduler_role", scheduler_role)):
-        if value or (key == "scheduler_role" and not args.schedule):
+    role, scheduler_role, dead_letter = args.role, args.scheduler_role, args.dead_letter_queue
+    for flag, key, value in (("--role", "role", role), ("--scheduler-role", "scheduler_role", scheduler_role),
+                             ("--dead-letter-queue", "dead_letter", dead_letter)):
+        if value or (key != "role" and not args.schedule):
             continue
         if args.dry_run:
             notes.append(f"placeholder {flag} {PLACEHOLDERS[key]} (set {flag} to submit)")
@@ -240,6 +248,7 @@ def sagemaker_options(args: argparse.Namespace, problems: list[str], notes: list
         security_group_ids=tuple(args.security_group), volume_kms_key=args.volume_kms_key,
         output_kms_key=args.output_kms_key,
         scheduler_role_arn=scheduler_role or (PLACEHOLDERS["scheduler_role"] if args.schedule else ""),
+        dead_letter_arn=dead_letter or (PLACEHOLDERS["dead_letter"] if args.schedule else ""),
     )
 
 
@@ -276,6 +285,20 @@ def preflight(plan: LaunchPlan, args: argparse.Namespace, problems: list[str]) -
               " the last checkpoint", file=sys.stderr)
 
 
+def overlap_problems(schedule: str, plan: LaunchPlan) -> list[str]:
+    """EventBridge Scheduler starts a run at every tick, even while the last one still runs (it has nothing like
+    CronJob's `concurrencyPolicy: Forbid`). SageMaker stops a run after MaxRuntime (spot: MaxWait, which includes the
+    wait for capacity), so a limit shorter than the schedule's interval means two runs never overlap."""
+    interval = cron.min_interval_seconds(schedule)
+    longest = plan.max_wait_seconds if plan.spot and plan.max_wait_seconds else plan.max_run_seconds
+    if interval is None or longest < interval:
+        return []
+    flag = "--max-wait-hours" if plan.spot else "--max-run-hours"
+    return [f"--schedule {schedule!r} starts a run every {interval / 3600:g} h at the shortest, but a run may last"
+            f" {longest / 3600:g} h ({flag}): EventBridge Scheduler would start the next run while the last one still"
+            f" trains (both paying for GPUs). Set {flag} below {interval / 3600:g}, or schedule less often"]
+
+
 def render(documents: list[dict], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(documents[0] if len(documents) == 1 else documents, indent=2)
@@ -298,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cron.to_kubernetes(args.schedule)
         except cron.CronError as exc:
             problems.append(f"--schedule: {exc}")
+        if schedule_expr and plan is not None and args.backend == "sagemaker":
+            problems.extend(overlap_problems(args.schedule, plan))
+    if args.smoke_test and not (args.schedule and args.backend == "sagemaker"):
+        problems.append("--smoke-test tests an EventBridge schedule: use it with --schedule on the SageMaker backend")
     sm = sagemaker_options(args, problems, notes) if args.backend == "sagemaker" else None
     k8s = kubernetes_options(args, plan, problems) if args.backend == "kubernetes" and plan else None
     if problems or plan is None:
@@ -316,9 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _sagemaker(plan: LaunchPlan, sm: SageMakerOptions, args: argparse.Namespace, schedule_expr: str) -> int:
     from launch import sagemaker_backend as backend
 
+    smoke = None
     if schedule_expr:
         request = backend.schedule_request(plan, sm, schedule_expr)
         document = {"CreateSchedule": request}
+        if args.smoke_test:
+            smoke = backend.smoke_schedule_request(request, plan.output, time.time() + 180)
+            document["CreateSchedule (smoke test)"] = smoke
     else:
         request = backend.run_request(plan, sm, plan.name)
         document = {"CreateTrainingJob": request}
@@ -330,6 +361,13 @@ def _sagemaker(plan: LaunchPlan, sm: SageMakerOptions, args: argparse.Namespace,
             arn = backend.create_schedule(request, sm)
             print(f"created schedule {arn} ({schedule_expr}, {plan.timezone or 'UTC'}); each run writes"
                   f" {join_s3(plan.output, 'runs', '<time>')}/ and then {join_s3(plan.output, 'latest.json')}")
+            if smoke is not None:
+                arn = backend.create_schedule(smoke, sm)
+                prefix = json.loads(smoke["Target"]["Input"])["TrainingJobName"].split(backend.EXECUTION_ID)[0]
+                print(f"created the one-time smoke test {arn} ({smoke['ScheduleExpression']} UTC): a training job"
+                      f" named {prefix}<16 characters> should appear within minutes (aws sagemaker list-training-jobs"
+                      f" --name-contains {prefix}); none means the schedule cannot start runs: look in"
+                      f" {sm.dead_letter_arn or 'the dead-letter queue'}")
             return 0
         job_name = backend.submit(request, sm, use_sdk=False if args.no_sdk else None)
     except Exception as exc:  # noqa: BLE001 - any AWS/SDK failure: one clear line and a non-zero exit

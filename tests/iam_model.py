@@ -62,7 +62,7 @@ class Names:
             "ExecutionRole.Arn": self.role_arn(f"{self.name}-sagemaker-execution"),
             "SchedulerRole.Arn": self.role_arn(f"{self.name}-scheduler"),
             "PodRole.Arn": self.role_arn(f"{self.name}-eks-pod"),
-            "DeadLetterQueue.Arn": f"arn:aws:sqs:{REGION}:{ACCOUNT}:{self.name}-schedule-dead-letters",
+            "ScheduleDeadLetterQueue.Arn": f"arn:aws:sqs:{REGION}:{ACCOUNT}:{self.name}-schedule-dead-letters",
         }
 
 

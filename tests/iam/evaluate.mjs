@@ -27,10 +27,16 @@ for (const r of requests) {
     out.push({ result: 'Error', allowedBy: [], errors: response.errors })
     continue
   }
-  const analysis = response.result.analysis
-  const allowedBy = (analysis.identityAnalysis?.allowStatements || []).map(
+  // `single`: one answer; `wildcard` (an action with no resource type, e.g. cloudwatch:PutMetricData): one per
+  // matching resource pattern, and overallResult over them.
+  const analyses = response.resultType === 'single' ? [response.result?.analysis] : (response.results || []).map((x) => x.analysis)
+  if (analyses.length === 0 || analyses.some((a) => !a)) {
+    out.push({ result: 'Error', allowedBy: [], errors: [response.resultType, response.overallResult] })
+    continue
+  }
+  const allowedBy = analyses.flatMap((a) => (a.identityAnalysis?.allowStatements || []).map(
     (s) => `${s.policyId}:${s.explain?.identifier ?? "?"}`
-  )
+  ))
   out.push({ result: response.overallResult, allowedBy, errors: null })
 }
 process.stdout.write(JSON.stringify(out))

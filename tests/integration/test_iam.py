@@ -95,3 +95,68 @@ def test_every_aws_call_of_the_job_is_allowed_by_its_roles(s3_env, moto_url, tmp
     used = {sid for d in decisions if d.principal == names.attributes["PodRole.Arn"] for sid in d.allowed_by}
     granted = {f"job:{s['Sid']}" for p in iam.role_policies("PodRole", names) for s in p["policy"]["Statement"]}
     assert granted <= used, f"statements no call of the job uses: {granted - used}"
+
+
+def test_every_aws_call_of_the_launcher_is_allowed_by_the_launcher_policy(moto_url, monkeypatch, tmp_path):
+    """submit.py's own calls (boto3 and SDK submission, --follow, a schedule with its smoke test) under LauncherPolicy;
+    what SageMaker then does with the execution role for each job (image, channels, checkpoints, output, logs,
+    metrics), and what EventBridge Scheduler does with the scheduler role on each tick (the CreateTrainingJob of its
+    target, a failed start sent to the dead-letter queue)."""
+    import botocore.session
+
+    from launch import submit
+
+    config = tmp_path / "sagemaker-config.yaml"
+    config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n")
+    for key, value in {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": iam.REGION, "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config),
+                       "SAGEMAKER_ADMIN_CONFIG_OVERRIDE": str(config)}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_REGION", "SAGEMAKER_VALIDATE_ROLE"):
+        monkeypatch.delenv(key, raising=False)
+    names = iam.Names(bucket=f"qlora-job-{iam.ACCOUNT}-{iam.REGION}")
+    bucket = f"s3://{names.bucket}"
+    common = ["--instance", "g5.12xlarge", "--count", "2",
+              "--image", f"{iam.ACCOUNT}.dkr.ecr.{iam.REGION}.amazonaws.com/qlora-job:abc123",
+              "--role", names.attributes["ExecutionRole.Arn"], "--set", f"data={bucket}/data/chat/",
+              "--set", f"model={bucket}/models/llama-2-7b-hf/", "--set", f"output={bucket}/output/support-bot",
+              "--set", f"secrets_arn={names.secret_arn}", "--set", "max_steps=10", "--tag", "team=ml",
+              "--max-run-hours", "4"]
+    record = tmp_path / "calls.jsonl"
+    monkeypatch.setattr(botocore.session.Session, "__init__", botocore.session.Session.__init__)  # undone after
+    aws_calls.install(str(record))
+    assert submit.main([*common, "--no-sdk", "--name", "qlora-iam-boto3", "--follow"]) == 0
+    try:
+        import sagemaker.core  # noqa: F401
+
+        assert submit.main([*common, "--name", "qlora-iam-sdk"]) == 0
+    except ImportError:
+        pass
+    assert submit.main([*common, "--schedule", "0 3 * * 1", "--name", "qlora-iam-weekly", "--smoke-test",
+                        "--scheduler-role", names.attributes["SchedulerRole.Arn"],
+                        "--dead-letter-queue", names.attributes["ScheduleDeadLetterQueue.Arn"]]) == 0
+    calls = aws_calls.read(record)
+    operations = {(c["service"], c["operation"]) for c in calls}
+    assert {("sagemaker", "CreateTrainingJob"), ("sagemaker", "DescribeTrainingJob"), ("logs", "DescribeLogStreams"),
+            ("scheduler", "CreateSchedule")} <= operations, operations
+
+    launcher = f"arn:aws:iam::{iam.ACCOUNT}:role/ci-runner"
+    launcher_policies = iam.role_policies("LauncherPolicy", names)
+    execution, scheduler = names.attributes["ExecutionRole.Arn"], names.attributes["SchedulerRole.Arn"]
+    execution_policies, scheduler_policies = iam.role_policies("ExecutionRole", names), iam.role_policies(
+        "SchedulerRole", names)
+    cases = [(r, launcher, launcher_policies) for c in calls for r in iam.requests_of(c)]
+    for c in calls:
+        if c["operation"] == "CreateTrainingJob":
+            cases += [(r, execution, execution_policies) for r in iam.sagemaker_platform_requests(c["params"])]
+        if c["operation"] == "CreateSchedule":
+            tick, job = iam.scheduler_requests(c["params"])
+            cases += [(r, scheduler, scheduler_policies) for r in tick]
+            cases += [(r, execution, execution_policies) for r in iam.sagemaker_platform_requests(job)]
+    decisions = iam.evaluate(cases, names)
+    assert denied(decisions) == []
+    used = {sid for d in decisions for sid in d.allowed_by}
+    for role, policies in (("ExecutionRole", execution_policies), ("SchedulerRole", scheduler_policies)):
+        granted = {f"{p['name']}:{s['Sid']}" for p in policies for s in p["policy"]["Statement"]
+                   if p["name"] != "job"}  # the job policy's statements: the job's own calls (test above)
+        assert granted <= used, f"{role}: statements nothing uses: {granted - used}"

@@ -24,6 +24,7 @@ from launch import sagemaker_backend, submit
 REPO = Path(__file__).resolve().parents[2]
 ROLE = "arn:aws:iam::123456789012:role/qlora-job-sagemaker-execution"
 SCHED_ROLE = "arn:aws:iam::123456789012:role/qlora-job-scheduler"
+DEAD_LETTERS = "arn:aws:sqs:us-east-1:123456789012:qlora-job-schedule-dead-letters"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/qlora-job:abc123"
 SECRET = "arn:aws:secretsmanager:us-east-1:123456789012:secret:qlora-job-AbCdEf"
 BUCKET = "s3://qlora-job-123456789012-us-east-1"
@@ -190,7 +191,7 @@ def test_boto3_path_without_sdk(aws_env, captured, capsys, files):
 
 def test_schedule_creates_the_same_job_each_run(aws_env, captured, capsys, files):
     args = [*common_args(files), "--schedule", "30 2 * * 1-5", "--timezone", "Europe/Berlin",
-            "--scheduler-role", SCHED_ROLE]
+            "--scheduler-role", SCHED_ROLE, "--dead-letter-queue", DEAD_LETTERS]
     dry = dry_run_request(args, capsys)["CreateSchedule"]
     assert submit.main(args) == 0
     [(operation, sent)] = captured
@@ -202,6 +203,8 @@ def test_schedule_creates_the_same_job_each_run(aws_env, captured, capsys, files
     assert sent["ScheduleExpressionTimezone"] == "Europe/Berlin"
     assert sent["Target"]["Arn"] == "arn:aws:scheduler:::aws-sdk:sagemaker:createTrainingJob"
     assert sent["Target"]["RoleArn"] == SCHED_ROLE
+    # A run the scheduler could not start is reported there (the template's alarm watches the queue).
+    assert sent["Target"]["DeadLetterConfig"] == {"Arn": DEAD_LETTERS}
     # What the scheduler sends on each tick, with its per-run execution id filled in, is a valid job.
     job = json.loads(sent["Target"]["Input"].replace(sagemaker_backend.EXECUTION_ID, "d32c5kddcf5bb8c3"))
     check_training_request(job)
@@ -261,3 +264,35 @@ def test_script_dry_run_from_a_fresh_checkout():
     req = json.loads(proc.stdout)["CreateTrainingJob"]
     validate("sagemaker", "CreateTrainingJob", req)
     assert "placeholder" in proc.stderr and "GPU memory: fits" in proc.stderr
+
+
+def test_a_schedule_needs_a_dead_letter_queue_and_no_overlap(capsys, files):
+    base = ["--instance", "g5.2xlarge", "--image", IMAGE, "--role", ROLE, "--scheduler-role", SCHED_ROLE,
+            "--set", f"data={BUCKET}/data/chat/", "--set", f"output={BUCKET}/output/run1"]
+    assert submit.main([*base, "--schedule", "0 3 * * 1"]) == 2
+    assert "--dead-letter-queue is not set" in capsys.readouterr().err
+    # EventBridge starts every tick even while the last run trains: a run must end before the next one starts.
+    assert submit.main([*base, "--schedule", "0 3 * * *", "--dead-letter-queue", DEAD_LETTERS, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "starts a run every 24 h at the shortest, but a run may last 24 h (--max-run-hours)" in err
+    assert "Set --max-run-hours below 24" in err
+    assert submit.main([*base, "--schedule", "0 3 * * *", "--max-run-hours", "20", "--dry-run"]) == 0
+    capsys.readouterr()
+
+
+def test_smoke_test_schedule_starts_one_short_run_with_the_same_job_name_pattern(aws_env, captured, capsys, files):
+    args = [*common_args(files), "--schedule", "0 3 * * 1", "--scheduler-role", SCHED_ROLE,
+            "--dead-letter-queue", DEAD_LETTERS, "--smoke-test", "--name", "qlora-weekly"]
+    assert submit.main(args) == 0
+    out = capsys.readouterr().out
+    [(_, recurring), (_, smoke)] = captured
+    validate("scheduler", "CreateSchedule", smoke)
+    assert smoke["Name"] == recurring["Name"] + "-smoke" and smoke["ActionAfterCompletion"] == "DELETE"
+    assert smoke["ScheduleExpression"].startswith("at(20") and smoke["ScheduleExpressionTimezone"] == "UTC"
+    job = json.loads(smoke["Target"]["Input"])
+    assert job["TrainingJobName"] == json.loads(recurring["Target"]["Input"])["TrainingJobName"]
+    assert sagemaker_backend.EXECUTION_ID in job["TrainingJobName"]
+    assert job["Environment"]["QLORA_MAX_STEPS"] == "1" and job["Environment"]["QLORA_OUTPUT"].endswith("/smoke-test")
+    check = json.loads(smoke["Target"]["Input"].replace(sagemaker_backend.EXECUTION_ID, "d32c5kddcf5bb8c3"))
+    validate("sagemaker", "CreateTrainingJob", check)
+    assert "aws sagemaker list-training-jobs --name-contains qlora-llama-2-7b-hf-" in out
