@@ -103,7 +103,7 @@ def min_interval_seconds(expression: str, first_day: date = date(2026, 1, 1), ye
     offsets = sorted(h * 60 + m for h in expand(hour, 1) for m in expand(minute, 0))  # minutes into a day
     days_of_month, months, days_of_week = expand(dom, 2), expand(month, 3), expand(dow, 4)
     either = not dom.startswith("*") and not dow.startswith("*")  # cron's rule when both day fields are restricted
-    gaps = [b - a for a, b in zip(offsets, offsets[1:])]
+    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
     previous = None
     for i in range(366 * years + 1):
         day = first_day + timedelta(days=i)
