@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from entrypoints import errors
-from launch.plan import LaunchPlan, join_s3
+from launch.plan import LaunchPlan
 
 CONTAINER = "train"
 RUN_AS_UID = 1000  # the image's non-root user `app`
@@ -86,10 +86,10 @@ def container_env(plan: LaunchPlan, k8s: KubernetesOptions) -> list[dict]:
     if k8s.region:
         env.append({"name": "AWS_REGION", "value": k8s.region})
     env += [{"name": k, "value": v} for k, v in sorted(plan.extra_env.items())]
-    env += [{"name": k, "value": v} for k, v in sorted(plan.settings.items())]
+    env += [{"name": k, "value": v} for k, v in sorted({**plan.settings, "QLORA_RUN_NAME": "$(JOB_NAME)"}.items())]
     # No SageMaker checkpoint sync here: the job mirrors checkpoints to S3, one prefix per Job, so a
-    # retried pod of the same Job resumes and the next scheduled run starts fresh.
-    env.append({"name": "QLORA_CHECKPOINT_URI", "value": join_s3(plan.checkpoint_prefix, "$(JOB_NAME)")})
+    # retried pod of the same Job resumes and the next scheduled run starts fresh (--resume-from: an earlier Job's).
+    env.append({"name": "QLORA_CHECKPOINT_URI", "value": plan.checkpoint_uri("$(JOB_NAME)")})
     if k8s.secret_name:
         # References only: the kubelet resolves the values when the pod starts.
         for key in ("HF_TOKEN", "WANDB_API_KEY"):

@@ -59,6 +59,12 @@ class LaunchPlan:
     tags: dict[str, str] = field(default_factory=dict)
     schedule: str = ""  # five-field cron, empty for a one-off run
     timezone: str = ""  # IANA zone of the schedule, empty: UTC
+    resume_from: str = ""  # s3:// prefix of an earlier run's checkpoints to continue from, empty: a fresh prefix
+    resume_job: str = ""  # the earlier run's job name, when --resume-from gave one
+
+    def checkpoint_uri(self, job_name: str) -> str:
+        """Where this run's checkpoints go: the earlier run's prefix when resuming, else its own, by job name."""
+        return self.resume_from or join_s3(self.checkpoint_prefix, job_name)
 
     @property
     def gpus_per_node(self) -> int:

@@ -68,21 +68,25 @@ def _s3_channel(name: str, uri: str) -> dict:
     }
 
 
-def job_environment(plan: LaunchPlan) -> tuple[dict[str, str], list[dict]]:
-    """The container environment and the input channels that replace the s3:// data/model settings."""
-    env = {**plan.extra_env, **plan.settings}
+def job_environment(plan: LaunchPlan, job_name: str) -> tuple[dict[str, str], list[dict]]:
+    """The container environment and the input channels that replace the s3:// data/model prefixes."""
+    # The run is named like its job: W&B, the model card, and the job's "to resume: --resume-from <name>" hint.
+    env = {**plan.extra_env, **plan.settings, "QLORA_RUN_NAME": job_name}
     channels = []
     for variable, channel in CHANNELS.items():
         uri = env.get(variable, "")
-        if uri.startswith("s3://"):
+        # Only a prefix (the launcher made every non-file URI one, ending in /) becomes a channel: an S3Prefix of one
+        # file's key would also take every other key that starts with it (train.jsonl.bak); the job downloads a single
+        # file itself, as it does on Kubernetes.
+        if uri.startswith("s3://") and uri.endswith("/"):
             channels.append(_s3_channel(channel, uri))
             del env[variable]
-    return env, channels
+    return dict(sorted(env.items())), channels
 
 
 def training_job_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str, checkpoint_uri: str) -> dict:
     """The CreateTrainingJob request for one run, with the API's own field names."""
-    env, channels = job_environment(plan)
+    env, channels = job_environment(plan, job_name)
     request: dict = {
         "TrainingJobName": job_name,
         "AlgorithmSpecification": {
@@ -132,8 +136,30 @@ def training_job_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str, 
     return request
 
 
-def run_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str) -> dict:
-    return training_job_request(plan, sm, job_name, join_s3(plan.checkpoint_prefix, job_name))
+def run_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str, resume_from: str = "") -> dict:
+    return training_job_request(plan, sm, job_name, resume_from or plan.checkpoint_uri(job_name))
+
+
+def checkpoint_uri_of(job_name: str, sm: SageMakerOptions) -> str:
+    """The S3 prefix an earlier training job checkpointed to (DescribeTrainingJob), for --resume-from <job name>."""
+    from botocore.exceptions import ClientError
+
+    client = boto_session(sm).client("sagemaker")
+    try:
+        described = client.describe_training_job(TrainingJobName=job_name)
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        # SageMaker answers a job that does not exist with ValidationException "Requested resource not found".
+        message = error.get("Message", "").lower()
+        if error.get("Code") not in ("ResourceNotFound", "ValidationException") or not (
+                "not found" in message or "could not find" in message):
+            raise
+        raise LookupError(f"--resume-from {job_name}: there is no SageMaker training job of that name in"
+                          f" {client.meta.region_name}; give its exact name, or the s3:// prefix of its checkpoints") from None
+    uri = described.get("CheckpointConfig", {}).get("S3Uri", "")
+    if not uri:
+        raise LookupError(f"--resume-from {job_name}: that training job kept no checkpoints in S3 (no CheckpointConfig)")
+    return uri
 
 
 def schedule_request(plan: LaunchPlan, sm: SageMakerOptions, schedule_expression: str) -> dict:

@@ -30,12 +30,19 @@ import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from entrypoints.config import env_name  # noqa: E402
-from entrypoints.errors import EXIT_CONFIG, EXIT_INTERNAL  # noqa: E402
+from entrypoints.data import file_type  # noqa: E402
+from entrypoints.errors import EXIT_CONFIG  # noqa: E402
 from entrypoints.sizing import shape_of_model  # noqa: E402
 from launch import cron, estimate, instances, settings  # noqa: E402
 from launch.kubernetes_backend import KubernetesOptions  # noqa: E402
 from launch.plan import LaunchPlan, base_name, check_name, join_s3, unique_name  # noqa: E402
 from launch.sagemaker_backend import SageMakerOptions  # noqa: E402
+
+# The launcher's own exit codes (launch/README.md). With --wait/--follow the job's result is the exit code instead
+# (0, or its documented code: entrypoints/errors.py), so a submission that failed has a code the job never uses.
+EXIT_SUBMITTED = 0
+EXIT_INVALID = EXIT_CONFIG  # 2: a problem found before sending anything; nothing was sent
+EXIT_SUBMISSION_FAILED = 8  # the cloud or cluster refused or could not be reached; nothing is running
 
 # Shown only by --dry-run when a value needed for submission is missing; AWS's documentation account id,
 # and the names infra/cloudformation.yaml creates, so the printout reads like the real thing.
@@ -76,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="spot: run time plus time waiting for capacity (default twice --max-run-hours)")
     ap.add_argument("--volume-size-gb", type=int, default=200,
                     help="disk for data, model, checkpoints and merge (SageMaker volume / Kubernetes scratch)")
+    ap.add_argument("--resume-from", default="", metavar="JOB_NAME|S3_PREFIX",
+                    help="continue an earlier run from its checkpoints: its job name, or the s3:// prefix its"
+                         " checkpoints are in (the job prints it when it stops early); use the same settings")
     ap.add_argument("--checkpoint-prefix", default="",
                     help="s3:// prefix for checkpoints, one folder per run below it (default s3://<output bucket>/checkpoints)")
     ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
@@ -167,7 +177,13 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
                             " <output>/runs/<time>/ and, when it succeeds, <output>/latest.json)")
         job_settings[env_name("output_exists")] = "version"
     if env_name("checkpoint_uri") in job_settings:
-        problems.append("QLORA_CHECKPOINT_URI is set by the launcher (one prefix per run); use --checkpoint-prefix")
+        problems.append("QLORA_CHECKPOINT_URI is set by the launcher (one prefix per run); use --checkpoint-prefix,"
+                        " or --resume-from to continue an earlier run")
+    if env_name("run_name") in job_settings:
+        problems.append("QLORA_RUN_NAME is set by the launcher: the run is named like its job (W&B, the model card, the"
+                        " job's resume hint); use --name")
+    if args.resume_from and args.schedule:
+        problems.append("--resume-from continues one earlier run; a schedule starts fresh runs: leave it out")
 
     image = args.image
     if not image:
@@ -196,6 +212,7 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
         problems.append("QLORA_SECRETS_DIR: nothing mounts secrets on SageMaker; use QLORA_SECRETS_ARN")
     if args.backend == "kubernetes" and cfg.secrets_arn and args.k8s_secret:
         notes.append("both QLORA_SECRETS_ARN and --k8s-secret are given; the environment (the Secret) wins")
+    normalise_s3_inputs(cfg, job_settings, notes)
     model_is_local = not cfg.model.startswith("s3://") and (cfg.model.startswith(("/", ".")) or Path(cfg.model).exists())
     if model_is_local:
         notes.append(f"QLORA_MODEL={cfg.model!r} is a path: it must exist inside the container")
@@ -216,6 +233,20 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
         f"s3://{_bucket_of(cfg.output)}/checkpoints" if cfg.output.startswith("s3://") else "")
     if checkpoint_prefix and not checkpoint_prefix.startswith("s3://"):
         problems.append(f"--checkpoint-prefix {checkpoint_prefix!r}: must be an s3:// prefix")
+    resume_from = ""
+    if args.resume_from.startswith("s3://"):
+        resume_from = args.resume_from.rstrip("/")
+        if len(resume_from) <= len("s3://") or "/" not in resume_from[len("s3://"):]:
+            problems.append(f"--resume-from {args.resume_from!r}: give the s3:// prefix of the earlier run's checkpoints,"
+                            " e.g. s3://bucket/checkpoints/qlora-llama-2-7b-hf-20261130093000")
+    elif args.resume_from:
+        problem = check_name(args.resume_from, "--resume-from")
+        if problem:
+            problems.append(problem + " (or an s3:// prefix)")
+        elif checkpoint_prefix:
+            # A job name: its checkpoints are where the launcher put them. (On SageMaker a real submission reads the
+            # job's own CheckpointConfig instead, which is right for a job that itself resumed another.)
+            resume_from = join_s3(checkpoint_prefix, args.resume_from)
     max_run_seconds = int(args.max_run_hours * 3600)
     max_wait_seconds = int((args.max_wait_hours or 2 * args.max_run_hours) * 3600) if args.spot else None
     if max_wait_seconds is not None and max_wait_seconds < max_run_seconds:
@@ -227,7 +258,25 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
         cfg=cfg, settings=dict(sorted(job_settings.items())), extra_env=extra_env, output=cfg.output,
         checkpoint_prefix=checkpoint_prefix, max_run_seconds=max_run_seconds, max_wait_seconds=max_wait_seconds,
         volume_size_gb=args.volume_size_gb, tags=tags, schedule=args.schedule, timezone=args.timezone,
+        resume_from=resume_from, resume_job=args.resume_from if not args.resume_from.startswith("s3://") else "",
     )
+
+
+def normalise_s3_inputs(cfg, job_settings: dict[str, str], notes: list[str]) -> None:
+    """One meaning for an s3:// data or model URI on both backends. The job reads `<uri>/` (every object below it) or,
+    when nothing is there, the one object `<uri>`; SageMaker's S3Prefix channel takes every key that merely starts
+    with `<uri>`: `data/chat` also brings `data/chat-old/*` and `data/chat.jsonl.bak`. So a URI that does not name a
+    data file becomes the prefix `<uri>/` on both; a model is always a prefix (a directory); a data file stays one
+    object (and the SageMaker backend lets the job download it itself, see sagemaker_backend.job_environment)."""
+    for name in ("data", "eval_data", "model"):
+        uri = getattr(cfg, name)
+        if not uri.startswith("s3://") or uri.endswith("/"):
+            continue
+        if name != "model" and file_type(uri.rsplit("/", 1)[-1]) is not None:
+            continue  # one data file
+        job_settings[env_name(name)] = uri + "/"
+        notes.append(f"{env_name(name)}={uri} is taken as the prefix {uri}/ (every object below it, on both backends;"
+                     f" not other keys that merely start with it){'' if name == 'model' else ': name a data file to read just that one'}")
 
 
 def sagemaker_options(args: argparse.Namespace, problems: list[str], notes: list[str]) -> SageMakerOptions:
@@ -351,7 +400,16 @@ def _sagemaker(plan: LaunchPlan, sm: SageMakerOptions, args: argparse.Namespace,
             smoke = backend.smoke_schedule_request(request, plan.output, time.time() + 180)
             document["CreateSchedule (smoke test)"] = smoke
     else:
-        request = backend.run_request(plan, sm, plan.name)
+        resume_from = ""
+        if plan.resume_job and not args.dry_run:
+            try:  # the earlier job's own checkpoint prefix (it may itself have resumed another)
+                resume_from = backend.checkpoint_uri_of(plan.resume_job, sm)
+            except LookupError as exc:
+                print(f"1 problem(s); nothing was submitted:\n  - {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            except Exception as exc:  # noqa: BLE001 - an AWS failure before anything was sent
+                return _submission_failed(exc)
+        request = backend.run_request(plan, sm, plan.name, resume_from)
         document = {"CreateTrainingJob": request}
     if args.dry_run:
         print(render([document], args.format or "json"))
@@ -370,13 +428,22 @@ def _sagemaker(plan: LaunchPlan, sm: SageMakerOptions, args: argparse.Namespace,
                       f" {sm.dead_letter_arn or 'the dead-letter queue'}")
             return 0
         job_name = backend.submit(request, sm, use_sdk=False if args.no_sdk else None)
-    except Exception as exc:  # noqa: BLE001 - any AWS/SDK failure: one clear line and a non-zero exit
-        print(f"submission failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+    except Exception as exc:  # noqa: BLE001 - any AWS/SDK failure: one clear paragraph and its own exit code
+        return _submission_failed(exc)
     print(f"submitted SageMaker training job {job_name}")
     if args.wait or args.follow:
         return backend.wait(job_name, sm, follow=args.follow)
     return 0
+
+
+def _submission_failed(exc: Exception) -> int:
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in ("kubernetes", "yaml"):
+        detail = (f"the Kubernetes backend needs the {exc.name.split('.')[0]} package, which the base install leaves"
+                  " out: pip install 'qlora-job[kubernetes]' (or pip install -e '.[kubernetes]' in a checkout)")
+    else:
+        detail = f"{type(exc).__name__}: {exc}"
+    print(f"submission failed; nothing was started: {detail}", file=sys.stderr)
+    return EXIT_SUBMISSION_FAILED
 
 
 def _kubernetes(plan: LaunchPlan, k8s: KubernetesOptions, args: argparse.Namespace, schedule_expr: str) -> int:
@@ -388,9 +455,8 @@ def _kubernetes(plan: LaunchPlan, k8s: KubernetesOptions, args: argparse.Namespa
         return 0
     try:
         name = backend.submit(objects, k8s)
-    except Exception as exc:  # noqa: BLE001 - any API/config failure: one clear line and a non-zero exit
-        print(f"submission failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+    except Exception as exc:  # noqa: BLE001 - any API/config failure: one clear paragraph and its own exit code
+        return _submission_failed(exc)
     kind = "CronJob" if schedule_expr else "Job"
     print(f"created {kind} {k8s.namespace}/{name}")
     if args.wait or args.follow:

@@ -260,3 +260,14 @@ def test_a_failed_service_create_rolls_the_job_back(kube, capsys):
     assert [r.method for r in emulator["post"]] == ["POST", "POST"]  # the Job, then the Service
     jobs = client.BatchV1Api(api).list_namespaced_job("ml").items
     assert [j.metadata.name for j in jobs] == []
+
+
+def test_resume_from_an_earlier_job_or_prefix(capsys):
+    [job] = dry_run(args("--instance", "g5.2xlarge", "--resume-from", "qlora-first"), capsys)
+    env = env_of(job["spec"]["template"]["spec"])
+    assert env["QLORA_CHECKPOINT_URI"]["value"] == f"{BUCKET}/checkpoints/qlora-first"
+    assert env["QLORA_RUN_NAME"]["value"] == "$(JOB_NAME)"  # the job's resume hint names the checkpoint prefix
+    [job] = dry_run(args("--instance", "g5.2xlarge", "--resume-from", f"{BUCKET}/checkpoints/other/"), capsys)
+    assert env_of(job["spec"]["template"]["spec"])["QLORA_CHECKPOINT_URI"]["value"] == f"{BUCKET}/checkpoints/other"
+    assert submit.main([*args("--instance", "g5.2xlarge", "--set", "run_name=x"), "--dry-run"]) == 2
+    assert "QLORA_RUN_NAME is set by the launcher" in capsys.readouterr().err

@@ -104,11 +104,13 @@ def dry_run_request(args: list[str], capsys) -> dict:
 def check_training_request(req: dict) -> None:
     validate("sagemaker", "CreateTrainingJob", req)
     env = req["Environment"]
-    # Channels replace the s3:// settings (the job falls back to SM_CHANNEL_*): never both.
+    # Prefixes become channels and leave the environment (the job falls back to SM_CHANNEL_*): never both. A single
+    # file stays a setting, which the job downloads itself: as an S3Prefix it would also take eval.jsonl.bak, ...
     assert {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in req["InputDataConfig"]} == {
-        "train": f"{BUCKET}/data/chat/", "eval": f"{BUCKET}/data/eval.jsonl",
-        "model": f"{BUCKET}/models/llama-2-7b-hf/"}
-    assert not {"QLORA_DATA", "QLORA_EVAL_DATA", "QLORA_MODEL"} & set(env)
+        "train": f"{BUCKET}/data/chat/", "model": f"{BUCKET}/models/llama-2-7b-hf/"}
+    assert not {"QLORA_DATA", "QLORA_MODEL"} & set(env)
+    assert env["QLORA_EVAL_DATA"] == f"{BUCKET}/data/eval.jsonl"
+    assert env["QLORA_RUN_NAME"] == req["TrainingJobName"]  # W&B, the model card and the resume hint name the job
     assert env["QLORA_OUTPUT"] == f"{BUCKET}/output/run1"
     assert env["QLORA_SECRETS_ARN"] == SECRET and env["QLORA_MAX_STEPS"] == "50"
     assert env["WANDB_MODE"] == "offline"  # non-secret extra environment from the env file
@@ -296,3 +298,42 @@ def test_smoke_test_schedule_starts_one_short_run_with_the_same_job_name_pattern
     check = json.loads(smoke["Target"]["Input"].replace(sagemaker_backend.EXECUTION_ID, "d32c5kddcf5bb8c3"))
     validate("sagemaker", "CreateTrainingJob", check)
     assert "aws sagemaker list-training-jobs --name-contains qlora-llama-2-7b-hf-" in out
+
+
+def test_resume_from_an_earlier_job_or_prefix(aws_env, captured, capsys, files):
+    """A new job reuses an earlier run's checkpoint prefix (SageMaker restores CheckpointConfig.S3Uri at start)."""
+    assert submit.main([*common_args(files), "--no-sdk", "--name", "qlora-first"]) == 0
+    assert submit.main([*common_args(files), "--no-sdk", "--name", "qlora-second", "--resume-from", "qlora-first"]) == 0
+    assert submit.main([*common_args(files), "--no-sdk", "--name", "qlora-third", "--resume-from", "qlora-second"]) == 0
+    first, second, third = (sent for _, sent in captured)
+    assert first["CheckpointConfig"]["S3Uri"] == f"{BUCKET}/checkpoints/qlora-first"
+    # A job name is looked up: the job's own prefix, also when that job itself resumed another.
+    assert second["CheckpointConfig"]["S3Uri"] == third["CheckpointConfig"]["S3Uri"] == first["CheckpointConfig"]["S3Uri"]
+    assert third["TrainingJobName"] == "qlora-third" and third["Environment"]["QLORA_RUN_NAME"] == "qlora-third"
+    capsys.readouterr()
+    dry = dry_run_request([*common_args(files), "--resume-from", f"{BUCKET}/checkpoints/qlora-first/"], capsys)
+    assert dry["CreateTrainingJob"]["CheckpointConfig"]["S3Uri"] == f"{BUCKET}/checkpoints/qlora-first"
+    capsys.readouterr()
+    assert submit.main([*common_args(files), "--no-sdk", "--resume-from", "qlora-never-ran"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume-from qlora-never-ran: there is no SageMaker training job of that name" in err
+    assert "Traceback" not in err
+
+
+def test_a_prefix_means_the_same_objects_on_both_backends(capsys, files):
+    """SageMaker's S3Prefix takes every key that starts with the URI; the job lists `<uri>/`. A URI that names no data
+    file is made the prefix `<uri>/`; a single data file is not a channel (the job downloads exactly that object)."""
+    args = ["--instance", "g5.2xlarge", "--set", f"data={BUCKET}/data/chat", "--set", f"model={BUCKET}/models/llama",
+            "--set", f"eval_data={BUCKET}/data/eval.jsonl", "--set", "max_steps=10"]
+    assert submit.main([*args, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    req = json.loads(out)["CreateTrainingJob"]
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in req["InputDataConfig"]}
+    assert channels == {"train": f"{BUCKET}/data/chat/", "model": f"{BUCKET}/models/llama/"}
+    assert req["Environment"]["QLORA_EVAL_DATA"] == f"{BUCKET}/data/eval.jsonl"
+    assert f"QLORA_DATA={BUCKET}/data/chat is taken as the prefix {BUCKET}/data/chat/" in err
+    assert submit.main([*args, "--backend", "kubernetes", "--format", "json", "--dry-run"]) == 0
+    env = {e["name"]: e.get("value") for e in json.loads(capsys.readouterr().out)["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    assert env["QLORA_DATA"] == f"{BUCKET}/data/chat/" and env["QLORA_MODEL"] == f"{BUCKET}/models/llama/"
+    assert env["QLORA_EVAL_DATA"] == f"{BUCKET}/data/eval.jsonl"
