@@ -125,6 +125,41 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+SAGEMAKER_MAX_RUNTIME_SECONDS = 28 * 24 * 3600  # StoppingCondition.MaxRuntimeInSeconds' maximum
+# SageMaker's limits on Environment (the API model's; botocore does not check the lengths client-side).
+ENVIRONMENT_MAX_ENTRIES = 100
+ENVIRONMENT_MAX_CHARS = 512
+# Hub organisations whose models are gated (a token of an account that accepted the license is needed).
+GATED_HUB_ORGS = ("meta-llama/",)
+
+
+def _timezone_problem(name: str) -> str | None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return (f"--timezone {name!r} is not an IANA time zone (both schedulers refuse it); use a name like"
+                " Europe/Berlin or America/New_York, or leave it out for UTC")
+    return None
+
+
+def environment_problems(env: dict[str, str]) -> list[str]:
+    """SageMaker refuses an Environment of more than 100 entries, or a key or value over 512 characters."""
+    problems = []
+    if len(env) > ENVIRONMENT_MAX_ENTRIES:
+        problems.append(f"the job's environment has {len(env)} variables; SageMaker takes at most"
+                        f" {ENVIRONMENT_MAX_ENTRIES}: drop plain variables from --env-file")
+    for key, value in env.items():
+        if len(key) > ENVIRONMENT_MAX_CHARS:
+            problems.append(f"environment variable {key[:40]}...: its name has {len(key)} characters; SageMaker takes at"
+                            f" most {ENVIRONMENT_MAX_CHARS}")
+        if len(value) > ENVIRONMENT_MAX_CHARS:
+            problems.append(f"{key}: its value has {len(value)} characters; SageMaker takes at most"
+                            f" {ENVIRONMENT_MAX_CHARS}: shorten it (a long setting value can live in S3)")
+    return problems
+
+
 def _pairs(texts: Sequence[str], flag: str, problems: list[str]) -> dict[str, str]:
     out = {}
     for text in texts:
@@ -152,8 +187,17 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
     if args.spot and args.backend == "kubernetes":
         problems.append("--spot is SageMaker's managed spot; on Kubernetes pick a spot node group through its"
                         " instance type and taints instead")
-    if args.max_run_hours <= 0:
-        problems.append(f"--max-run-hours {args.max_run_hours}: must be above 0")
+    if int(args.max_run_hours * 3600) < 1:
+        problems.append(f"--max-run-hours {args.max_run_hours:g}: must be at least one second (1/3600)")
+    elif args.backend == "sagemaker" and args.max_run_hours * 3600 > SAGEMAKER_MAX_RUNTIME_SECONDS:
+        problems.append(f"--max-run-hours {args.max_run_hours:g}: SageMaker stops training jobs after at most 28 days"
+                        " (672 h); split the run and continue it with --resume-from")
+    if args.volume_size_gb < 1:
+        problems.append(f"--volume-size-gb {args.volume_size_gb}: must be 1 or more")
+    if args.timezone:
+        problem = _timezone_problem(args.timezone)
+        if problem:
+            problems.append(problem)
     if args.schedule and (args.wait or args.follow):
         problems.append("--schedule creates a schedule, not a run: --wait/--follow do not apply")
 
@@ -213,6 +257,18 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
     if args.backend == "kubernetes" and cfg.secrets_arn and args.k8s_secret:
         notes.append("both QLORA_SECRETS_ARN and --k8s-secret are given; the environment (the Secret) wins")
     normalise_s3_inputs(cfg, job_settings, notes)
+    gated = cfg.model.startswith(GATED_HUB_ORGS) and not cfg.model.startswith("s3://")
+    has_token = bool(cfg.secrets_arn or (args.backend == "kubernetes" and args.k8s_secret))
+    if gated and not has_token:
+        where = "--set secrets_arn=<the stack's SecretArn>" + (" or --k8s-secret <Secret with HF_TOKEN>"
+                                                               if args.backend == "kubernetes" else "")
+        gated_problem = (f"QLORA_MODEL={cfg.model}: a gated Hub model, and the job gets no Hugging Face token (it would"
+                         f" start a GPU and then fail with exit 4): give one with {where}, holding HF_TOKEN of an"
+                         " account that accepted the model's license, or put the model in S3 (--set model=s3://...)")
+        if args.dry_run:
+            notes.append(gated_problem)
+        else:
+            problems.append(gated_problem)
     model_is_local = not cfg.model.startswith("s3://") and (cfg.model.startswith(("/", ".")) or Path(cfg.model).exists())
     if model_is_local:
         notes.append(f"QLORA_MODEL={cfg.model!r} is a path: it must exist inside the container")
@@ -280,6 +336,19 @@ def normalise_s3_inputs(cfg, job_settings: dict[str, str], notes: list[str]) -> 
 
 
 def sagemaker_options(args: argparse.Namespace, problems: list[str], notes: list[str]) -> SageMakerOptions:
+    if bool(args.subnet) != bool(args.security_group):
+        problems.append("--subnet and --security-group go together: a job in your VPC needs at least one of each"
+                        " (SageMaker refuses a VpcConfig without either)")
+    try:
+        instance = instances.lookup(args.instance)
+    except ValueError:
+        instance = None
+    if args.volume_kms_key and instance is not None and instance.has_instance_store:
+        problems.append(f"--volume-kms-key: {instance.sagemaker_type} trains on its NVMe instance storage, which AWS"
+                        " encrypts itself, and SageMaker refuses a VolumeKmsKeyId for such types: leave the flag out")
+    if instance is not None and instance.has_instance_store and "--volume-size-gb" in (args.argv or []):
+        notes.append(f"--volume-size-gb has no effect on SageMaker for {instance.sagemaker_type}: its training disk"
+                     f" is its {instance.instance_store_gb} GB of NVMe instance storage")
     role, scheduler_role, dead_letter = args.role, args.scheduler_role, args.dead_letter_queue
     for flag, key, value in (("--role", "role", role), ("--scheduler-role", "scheduler_role", scheduler_role),
                              ("--dead-letter-queue", "dead_letter", dead_letter)):
@@ -329,6 +398,18 @@ def preflight(plan: LaunchPlan, args: argparse.Namespace, problems: list[str]) -
         print(f"GPU memory: {'WARNING: ' if fit.warning else ''}{fit.message}", file=sys.stderr)
     cost = estimate.time_and_cost(shape, plan.cfg, plan.instance, plan.instance_count, args.dataset_tokens or None)
     print(cost.message, file=sys.stderr)
+    if cost.seconds is not None and cost.seconds > plan.max_run_seconds:
+        stopper = "Kubernetes (activeDeadlineSeconds)" if args.backend == "kubernetes" else "SageMaker"
+        print(f"WARNING: the estimate (~{cost.seconds / 3600:.1f} h) is longer than --max-run-hours"
+              f" {args.max_run_hours:g}: {stopper} would stop the job at that limit (it saves a checkpoint and exits"
+              " 75; --resume-from continues it). Raise --max-run-hours, or lower QLORA_MAX_STEPS", file=sys.stderr)
+    if args.backend == "sagemaker" and plan.instance.has_instance_store:
+        disk, where = plan.instance.instance_store_gb * estimate.GB, f"{plan.instance.sagemaker_type}'s NVMe storage"
+    else:
+        disk, where = plan.volume_size_gb * 2**30, f"the scratch volume (--volume-size-gb {plan.volume_size_gb})"
+    disk_warning = estimate.check_disk(shape, plan.cfg, disk, where)
+    if disk_warning:
+        print(f"disk: {disk_warning}", file=sys.stderr)
     if plan.spot:
         print("spot: billed at the spot price, typically 50-70% below on-demand; interruptions resume from"
               " the last checkpoint", file=sys.stderr)
@@ -350,14 +431,26 @@ def overlap_problems(schedule: str, plan: LaunchPlan) -> list[str]:
 
 def render(documents: list[dict], fmt: str) -> str:
     if fmt == "json":
+        if len(documents) > 1 and all("apiVersion" in d for d in documents):
+            # Several Kubernetes objects: one List, which kubectl apply -f takes as it is.
+            return json.dumps({"apiVersion": "v1", "kind": "List", "items": documents}, indent=2)
         return json.dumps(documents[0] if len(documents) == 1 else documents, indent=2)
     import yaml
 
     return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False)
 
 
+def yaml_available() -> bool:
+    try:
+        import yaml  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     problems: list[str] = []
     notes: list[str] = []
     plan = make_plan(args, problems, notes)
@@ -411,6 +504,13 @@ def _sagemaker(plan: LaunchPlan, sm: SageMakerOptions, args: argparse.Namespace,
                 return _submission_failed(exc)
         request = backend.run_request(plan, sm, plan.name, resume_from)
         document = {"CreateTrainingJob": request}
+    jobs = [json.loads(r["Target"]["Input"]) for r in (request, smoke) if r] if schedule_expr else [request]
+    env_problems = [p for job in jobs for p in environment_problems(job["Environment"])]
+    if env_problems:
+        print(f"{len(env_problems)} problem(s); nothing was submitted:", file=sys.stderr)
+        for p in dict.fromkeys(env_problems):
+            print(f"  - {p}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.dry_run:
         print(render([document], args.format or "json"))
         return 0
@@ -451,7 +551,17 @@ def _kubernetes(plan: LaunchPlan, k8s: KubernetesOptions, args: argparse.Namespa
 
     objects = backend.manifests(plan, k8s, schedule_expr)
     if args.dry_run:
-        print(render(objects, args.format or "yaml"))
+        fmt = args.format or "yaml"
+        if fmt == "yaml" and not yaml_available():
+            if args.format:
+                print("1 problem(s); nothing was submitted:\n  - --format yaml needs PyYAML, which the base install"
+                      " leaves out: pip install 'qlora-job[kubernetes]', or use --format json (kubectl reads it too)",
+                      file=sys.stderr)
+                return EXIT_CONFIG
+            print("note: JSON, not YAML: PyYAML is not installed (pip install 'qlora-job[kubernetes]' for YAML);"
+                  " kubectl apply -f reads either", file=sys.stderr)
+            fmt = "json"
+        print(render(objects, fmt))
         return 0
     try:
         name = backend.submit(objects, k8s)

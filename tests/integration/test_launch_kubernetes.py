@@ -9,6 +9,7 @@ It runs no controllers, so the tests play the Job controller's part (a pod, the 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -271,3 +272,41 @@ def test_resume_from_an_earlier_job_or_prefix(capsys):
     assert env_of(job["spec"]["template"]["spec"])["QLORA_CHECKPOINT_URI"]["value"] == f"{BUCKET}/checkpoints/other"
     assert submit.main([*args("--instance", "g5.2xlarge", "--set", "run_name=x"), "--dry-run"]) == 2
     assert "QLORA_RUN_NAME is set by the launcher" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def base_install(tmp_path_factory):
+    """A fresh venv with only `pip install -e .`: boto3, no PyYAML, no kubernetes client (what the README installs)."""
+    venv = tmp_path_factory.mktemp("base-install") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)], capture_output=True, text=True,
+                         timeout=600)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    missing = subprocess.run([str(python), "-c", "import yaml"], capture_output=True, timeout=60)
+    assert missing.returncode != 0, "the base install brought PyYAML along"
+    return python
+
+
+def test_base_install_dry_run_and_submit_name_what_is_missing(base_install, tmp_path):
+    """A Kubernetes dry run with the base install printed a traceback (ModuleNotFoundError: yaml); a submission
+    one for the kubernetes client. Now: JSON, which kubectl reads, and the extra to install."""
+    cmd = [str(base_install), "launch/submit.py", "--instance", "g5.12xlarge", "--count", "2", "--backend", "kubernetes",
+           "--set", f"data={BUCKET}/data/chat/", "--set", f"output={BUCKET}/output/k8s", "--image", IMAGE,
+           "--k8s-secret", "qlora-secrets"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    dry = subprocess.run([*cmd, "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert dry.returncode == 0, dry.stderr
+    listed = json.loads(dry.stdout)
+    assert listed["kind"] == "List" and [i["kind"] for i in listed["items"]] == ["Job", "Service"]
+    assert "JSON, not YAML: PyYAML is not installed" in dry.stderr
+    path = tmp_path / "list.json"
+    path.write_text(dry.stdout)
+    kubernetes_validate([path])
+    asked = subprocess.run([*cmd, "--dry-run", "--format", "yaml"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert asked.returncode == 2 and "pip install 'qlora-job[kubernetes]'" in asked.stderr
+    sent = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert sent.returncode == 8, sent.stderr
+    assert "the Kubernetes backend needs the kubernetes package" in sent.stderr
+    assert "pip install 'qlora-job[kubernetes]'" in sent.stderr and "Traceback" not in sent.stderr

@@ -92,7 +92,7 @@ def common_args(files) -> list[str]:
             "--set", f"QLORA_SECRETS_ARN={SECRET}", "--set", "max_steps=50",
             "--env-file", str(files / "launch.env"),
             "--spot", "--max-run-hours", "4", "--subnet", "subnet-0abc", "--security-group", "sg-0abc",
-            "--volume-kms-key", "alias/qlora", "--output-kms-key", "alias/qlora", "--tag", "team=ml",
+            "--output-kms-key", "alias/qlora", "--tag", "team=ml",
             "--model-config", str(files / "config.json")]
 
 
@@ -116,8 +116,7 @@ def check_training_request(req: dict) -> None:
     assert env["WANDB_MODE"] == "offline"  # non-secret extra environment from the env file
     assert req["OutputDataConfig"]["CompressionType"] == "NONE"
     assert req["OutputDataConfig"]["KmsKeyId"] == "alias/qlora"
-    assert req["ResourceConfig"] == {"InstanceType": "ml.g5.12xlarge", "InstanceCount": 2, "VolumeSizeInGB": 200,
-                                     "VolumeKmsKeyId": "alias/qlora"}
+    assert req["ResourceConfig"] == {"InstanceType": "ml.g5.12xlarge", "InstanceCount": 2, "VolumeSizeInGB": 200}
     assert req["EnableManagedSpotTraining"] is True
     assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 4 * 3600, "MaxWaitTimeInSeconds": 8 * 3600}
     assert req["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
@@ -337,3 +336,73 @@ def test_a_prefix_means_the_same_objects_on_both_backends(capsys, files):
         "containers"][0]["env"]}
     assert env["QLORA_DATA"] == f"{BUCKET}/data/chat/" and env["QLORA_MODEL"] == f"{BUCKET}/models/llama/"
     assert env["QLORA_EVAL_DATA"] == f"{BUCKET}/data/eval.jsonl"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--max-run-hours", "0.0001"], "--max-run-hours 0.0001: must be at least one second"),
+    (["--max-run-hours", "700"], "SageMaker stops training jobs after at most 28 days"),
+    (["--volume-size-gb", "0"], "--volume-size-gb 0: must be 1 or more"),
+    (["--subnet", "subnet-0abc"], "--subnet and --security-group go together"),
+    (["--security-group", "sg-0abc"], "--subnet and --security-group go together"),
+    (["--schedule", "0 3 * * 1", "--timezone", "Mars/Olympus"], "--timezone 'Mars/Olympus' is not an IANA time zone"),
+    (["--volume-kms-key", "alias/qlora"], "SageMaker refuses a VolumeKmsKeyId for such types: leave the flag out"),
+    (["--set", "QLORA_RUN_NAME=x"], "QLORA_RUN_NAME is set by the launcher"),
+])
+def test_what_aws_would_refuse_is_refused_locally(capsys, extra, message):
+    """Each of these passed the dry run and was then refused by AWS (or failed the job after it started)."""
+    args = ["--instance", "g5.2xlarge", "--set", f"data={BUCKET}/data/chat/", "--set", f"output={BUCKET}/output/x",
+            "--set", "max_steps=10", *extra, "--dry-run"]
+    assert submit.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nothing was submitted" in err and "Traceback" not in err
+
+
+def test_environment_limits_and_a_gated_model_without_a_token(capsys, tmp_path):
+    env_file = tmp_path / "many.env"
+    env_file.write_text("".join(f"VAR_{i}=x\n" for i in range(101)) + f"LONG={'y' * 513}\n")
+    base = ["--instance", "g5.2xlarge", "--set", f"data={BUCKET}/data/chat/", "--set", f"output={BUCKET}/output/x",
+            "--set", "max_steps=10"]
+    assert submit.main([*base, "--env-file", str(env_file), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "SageMaker takes at most 100" in err and "LONG: its value has 513 characters" in err
+    # The default model is gated: a real submission without a token source is refused, a dry run notes it.
+    real = [*base, "--image", IMAGE, "--role", ROLE]
+    assert submit.main(real) == 2
+    err = capsys.readouterr().err
+    assert "QLORA_MODEL=meta-llama/Llama-2-7b-hf: a gated Hub model" in err and "--set secrets_arn=" in err
+    assert submit.main([*base, "--dry-run"]) == 0
+    assert "a gated Hub model" in capsys.readouterr().err
+
+
+def test_the_catalog_knows_the_instance_storage_and_the_disk_check_warns(capsys):
+    from launch import instances
+
+    assert instances.lookup("g5.xlarge").instance_store_gb == 250 and instances.lookup("p4d.24xlarge").has_instance_store
+    args = ["--instance", "p4de.24xlarge", "--set", "model=meta-llama/Llama-2-70b-hf", "--set", "max_steps=10",
+            "--backend", "kubernetes", "--volume-size-gb", "100", "--dry-run"]
+    assert submit.main(args) == 0
+    err = capsys.readouterr().err
+    assert "disk: WARNING: Llama-2-70B needs about" in err and "--volume-size-gb 100" in err
+    assert submit.main(["--instance", "g5.2xlarge", "--volume-size-gb", "300", "--dry-run"]) == 0
+    assert "--volume-size-gb has no effect on SageMaker for ml.g5.2xlarge: its training disk is its 450 GB" in \
+        capsys.readouterr().err
+
+
+def test_a_submission_failure_has_its_own_exit_code(aws_env, capsys, files, monkeypatch):
+    """Not 1, which under --wait means the job failed with an internal error."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert submit.main([*common_args(files), "--no-sdk"]) == submit.EXIT_SUBMISSION_FAILED == 8
+    err = capsys.readouterr().err
+    assert "submission failed; nothing was started: EndpointConnectionError" in err and "Traceback" not in err
+
+
+def test_the_estimate_warns_past_max_run_hours_and_says_when_it_is_an_upper_bound(capsys):
+    args = ["--instance", "g5.2xlarge", "--set", "max_steps=5000", "--dry-run"]
+    assert submit.main(args) == 0
+    err = capsys.readouterr().err
+    assert "an UPPER BOUND" in err
+    assert "is longer than --max-run-hours 24: SageMaker would stop the job" in err
+    assert submit.main(["--instance", "g5.2xlarge", "--dataset-tokens", "2000000", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "the data's 2000000 tokens (--dataset-tokens) x 1 epoch(s)" in err and "UPPER BOUND" not in err
