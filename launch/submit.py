@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--env-file", action="append", default=[], metavar="FILE",
                     help="KEY=VALUE lines: QLORA_* settings and other non-secret environment (repeatable)")
     ap.add_argument("--image", default="", help="the job image URI (see infra/build_and_push.sh)")
-    ap.add_argument("--name", default="", help="job name (default qlora-<model>-<UTC time>), or schedule name")
+    ap.add_argument("--name", default="", help="job name (default <prefix>-<model>-<UTC time>), or schedule name")
+    ap.add_argument("--name-prefix", default="qlora", metavar="PREFIX",
+                    help="every job and schedule name starts with PREFIX- (infra/cloudformation.yaml's JobNamePrefix:"
+                         " its roles may act only on those names)")
     ap.add_argument("--max-run-hours", type=float, default=24.0, help="stop the job after this long")
     ap.add_argument("--max-wait-hours", type=float, default=0.0,
                     help="spot: run time plus time waiting for capacity (default twice --max-run-hours)")
@@ -273,7 +276,12 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
     if model_is_local:
         notes.append(f"QLORA_MODEL={cfg.model!r} is a path: it must exist inside the container")
 
-    base = base_name(cfg.model)
+    base = base_name(cfg.model, args.name_prefix)
+    if args.name and not args.name.startswith(args.name_prefix + "-"):
+        problems.append(f"--name {args.name!r}: must start with {args.name_prefix}- (the roles of"
+                        " infra/cloudformation.yaml may only create, tag and pass roles to jobs and schedules named"
+                        f" <JobNamePrefix>-...; its JobNamePrefix is {args.name_prefix!r} unless you deployed another:"
+                        " then pass it as --name-prefix)")
     if args.schedule:
         name = args.name or base
         limit = 52 if args.backend == "kubernetes" else 64  # CronJob names leave room for the run suffix
@@ -346,6 +354,9 @@ def sagemaker_options(args: argparse.Namespace, problems: list[str], notes: list
     if args.volume_kms_key and instance is not None and instance.has_instance_store:
         problems.append(f"--volume-kms-key: {instance.sagemaker_type} trains on its NVMe instance storage, which AWS"
                         " encrypts itself, and SageMaker refuses a VolumeKmsKeyId for such types: leave the flag out")
+    if args.output_kms_key:
+        notes.append(f"--output-kms-key {args.output_kms_key}: the execution role needs kms:GenerateDataKey and"
+                     " kms:Decrypt on that key (deploy infra/cloudformation.yaml with OutputKmsKeyArn=<its ARN>)")
     if instance is not None and instance.has_instance_store and "--volume-size-gb" in (args.argv or []):
         notes.append(f"--volume-size-gb has no effect on SageMaker for {instance.sagemaker_type}: its training disk"
                      f" is its {instance.instance_store_gb} GB of NVMe instance storage")

@@ -269,6 +269,12 @@ def evaluate(cases: list[tuple[IamRequest, str, list[dict]]], names: Names, reso
         if request.action.startswith("s3:") and bucket_doc is not None:
             item["resourcePolicy"] = bucket_doc
             item["context"]["aws:SecureTransport"] = "true"
+        if request.action.startswith("kms:"):
+            # A KMS key's own policy decides whether IAM policies count at all: a key made with the default key
+            # policy lets the account's IAM policies grant its use.
+            item["resourcePolicy"] = {"Version": "2012-10-17", "Statement": [{
+                "Sid": "Enable IAM User Permissions", "Effect": "Allow",
+                "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}, "Action": "kms:*", "Resource": "*"}]}
         payload.append(item)
     proc = subprocess.run(["node", str(EVALUATOR)], input=json.dumps(payload), capture_output=True, text=True,
                           timeout=300, cwd=EVALUATOR.parent)

@@ -160,3 +160,16 @@ def test_every_aws_call_of_the_launcher_is_allowed_by_the_launcher_policy(moto_u
         granted = {f"{p['name']}:{s['Sid']}" for p in policies for s in p["policy"]["Statement"]
                    if p["name"] != "job"}  # the job policy's statements: the job's own calls (test above)
         assert granted <= used, f"{role}: statements nothing uses: {granted - used}"
+
+
+def test_an_output_kms_key_is_usable_by_the_execution_role_when_the_stack_names_it():
+    """--output-kms-key: SageMaker encrypts what it uploads with the execution role's kms:GenerateDataKey."""
+    names = iam.Names(bucket=f"qlora-job-{iam.ACCOUNT}-{iam.REGION}")
+    key = f"arn:aws:kms:{iam.REGION}:{iam.ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    role = names.attributes["ExecutionRole.Arn"]
+    requests = [iam.IamRequest(a, key, {}, "SageMaker uploading with --output-kms-key")
+                for a in ("kms:GenerateDataKey", "kms:Decrypt")]
+    with_key = iam.role_policies("ExecutionRole", names, {"OutputKmsKeyArn": key})
+    without = iam.role_policies("ExecutionRole", names)
+    assert denied(iam.evaluate([(r, role, with_key) for r in requests], names)) == []
+    assert len(denied(iam.evaluate([(r, role, without) for r in requests], names))) == 2

@@ -406,3 +406,14 @@ def test_the_estimate_warns_past_max_run_hours_and_says_when_it_is_an_upper_boun
     assert submit.main(["--instance", "g5.2xlarge", "--dataset-tokens", "2000000", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "the data's 2000000 tokens (--dataset-tokens) x 1 epoch(s)" in err and "UPPER BOUND" not in err
+
+
+def test_names_start_with_the_stacks_job_name_prefix(capsys):
+    """The template's roles act only on <JobNamePrefix>-* jobs and schedules: another name is AccessDenied at submit."""
+    args = ["--instance", "g5.2xlarge", "--set", "max_steps=10", "--dry-run"]
+    assert submit.main([*args, "--name", "support-bot-1"]) == 2
+    assert "--name 'support-bot-1': must start with qlora-" in capsys.readouterr().err
+    assert submit.main([*args, "--name", "ml-support-bot-1", "--name-prefix", "ml"]) == 0
+    assert json.loads(capsys.readouterr().out)["CreateTrainingJob"]["TrainingJobName"] == "ml-support-bot-1"
+    assert submit.main([*args, "--name-prefix", "ml"]) == 0
+    assert json.loads(capsys.readouterr().out)["CreateTrainingJob"]["TrainingJobName"].startswith("ml-llama-2-7b-hf-")
