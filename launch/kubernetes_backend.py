@@ -265,6 +265,24 @@ def api_client(k8s: KubernetesOptions):
     return client.ApiClient()
 
 
+def checkpoint_uri_of(job_name: str, k8s: KubernetesOptions, api) -> str:
+    """The QLORA_CHECKPOINT_URI an earlier Job's pods used (for --resume-from <job name>), or "" when the Job is gone."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        found = client.BatchV1Api(api).read_namespaced_job(job_name, k8s.namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return ""
+        raise
+    for container in found.spec.template.spec.containers:
+        for var in container.env or []:
+            if var.name == "QLORA_CHECKPOINT_URI" and var.value:
+                return var.value.replace("$(JOB_NAME)", job_name)
+    return ""
+
+
 class RolledBack(Exception):
     """The Service of a multi-node launch could not be created, and the Job/CronJob created before it was deleted."""
 

@@ -24,6 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
@@ -575,7 +576,17 @@ def _kubernetes(plan: LaunchPlan, k8s: KubernetesOptions, args: argparse.Namespa
         print(render(objects, fmt))
         return 0
     try:
-        name = backend.submit(objects, k8s)
+        api = backend.api_client(k8s)
+        if plan.resume_job:
+            # The earlier Job's own checkpoint prefix (it may itself have resumed another), while the Job exists.
+            found = backend.checkpoint_uri_of(plan.resume_job, k8s, api)
+            if found and found != plan.resume_from:
+                plan = dataclasses.replace(plan, resume_from=found)
+                objects = backend.manifests(plan, k8s, schedule_expr)
+            elif not found:
+                print(f"note: --resume-from {plan.resume_job}: no such Job in {k8s.namespace} (any more): resuming from"
+                      f" {plan.resume_from}", file=sys.stderr)
+        name = backend.submit(objects, k8s, api)
     except Exception as exc:  # noqa: BLE001 - any API/config failure: one clear paragraph and its own exit code
         return _submission_failed(exc)
     kind = "CronJob" if schedule_expr else "Job"

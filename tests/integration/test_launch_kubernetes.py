@@ -310,3 +310,23 @@ def test_base_install_dry_run_and_submit_name_what_is_missing(base_install, tmp_
     assert sent.returncode == 8, sent.stderr
     assert "the Kubernetes backend needs the kubernetes package" in sent.stderr
     assert "pip install 'qlora-job[kubernetes]'" in sent.stderr and "Traceback" not in sent.stderr
+
+
+def test_resume_from_a_job_that_itself_resumed_leads_to_its_prefix(kube, capsys, tmp_path):
+    """--resume-from <job name> reads that Job's own QLORA_CHECKPOINT_URI from the cluster."""
+    emulator, api = kube
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": api.configuration.host}}],
+        "users": [{"name": "kmock", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+    older = f"{BUCKET}/checkpoints/qlora-older"
+    common = [*args("--instance", "g5.2xlarge"), "--kubeconfig", str(kubeconfig)]
+    assert submit.main([*common, "--name", "qlora-a", "--resume-from", older]) == 0
+    assert submit.main([*common, "--name", "qlora-b", "--resume-from", "qlora-a"]) == 0
+    assert submit.main([*common, "--name", "qlora-c", "--resume-from", "qlora-gone"]) == 0
+    assert "no such Job in ml (any more): resuming from" in capsys.readouterr().err
+    posted = {r.data["metadata"]["name"]: env_of(r.data["spec"]["template"]["spec"]) for r in emulator["post"]}
+    assert posted["qlora-b"]["QLORA_CHECKPOINT_URI"]["value"] == older
+    assert posted["qlora-c"]["QLORA_CHECKPOINT_URI"]["value"] == f"{BUCKET}/checkpoints/qlora-gone"
