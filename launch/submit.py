@@ -312,6 +312,9 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
             # A job name: its checkpoints are where the launcher put them. (On SageMaker a real submission reads the
             # job's own CheckpointConfig instead, which is right for a job that itself resumed another.)
             resume_from = join_s3(checkpoint_prefix, args.resume_from)
+            if args.dry_run:
+                notes.append(f"--resume-from {args.resume_from}: a real submission takes that job's own checkpoint"
+                             f" prefix (read from SageMaker or the cluster); this dry run shows {resume_from}")
     max_run_seconds = int(args.max_run_hours * 3600)
     max_wait_seconds = int((args.max_wait_hours or 2 * args.max_run_hours) * 3600) if args.spot else None
     if max_wait_seconds is not None and max_wait_seconds < max_run_seconds:
