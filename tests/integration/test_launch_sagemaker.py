@@ -9,6 +9,7 @@ requests are captured with a botocore event hook and checked with botocore's own
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -28,6 +29,14 @@ DEAD_LETTERS = "arn:aws:sqs:us-east-1:123456789012:qlora-job-schedule-dead-lette
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/qlora-job:abc123"
 SECRET = "arn:aws:secretsmanager:us-east-1:123456789012:secret:qlora-job-AbCdEf"
 BUCKET = "s3://qlora-job-123456789012-us-east-1"
+
+
+@pytest.fixture(autouse=True)
+def plain_logging(monkeypatch):
+    """As in a fresh `python launch/submit.py`: no handler on the root logger. (A test elsewhere may have left one
+    writing to a captured stream that is closed by now: every library log line would then print a logging error.)"""
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
 
 
 def validate(service: str, operation: str, params: dict) -> None:
