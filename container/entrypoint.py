@@ -49,6 +49,10 @@ APP_UID = 1000
 APP_GID = 1000
 APP_HOME = "/home/app"
 DEFAULT_MASTER_PORT = 29500
+# How long the hosts of a multi-node launch wait for one another at the static rendezvous. torch's default is 600 s,
+# but pods of one Kubernetes Job may start many minutes apart (a new GPU node, a multi-GB image pull) and there is
+# no gang scheduling. RENDEZVOUS_TIMEOUT_SECONDS overrides it.
+DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS = 1800
 # CUDA 12.x minor-version compatibility: any CUDA 12 build runs on a Linux driver >= 525.60.13.
 MIN_DRIVER = (525, 60, 13)
 # Defaults the job needs on every platform; a value set by the platform or the user wins.
@@ -221,8 +225,9 @@ def job_command(mode: str, job_args: Sequence[str], env: Mapping[str, str], reso
     else:
         # Static rendezvous: every host knows the master and its own rank up front (SageMaker's host
         # list, the Indexed Job's index), so no etcd or c10d store outlives the master.
+        timeout = _int(env, "RENDEZVOUS_TIMEOUT_SECONDS", DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS, minimum=1)
         run += [f"--node-rank={topo.node_rank}", f"--master-addr={topo.master_addr}",
-                f"--master-port={topo.master_port}"]
+                f"--master-port={topo.master_port}", f"--rdzv-conf=timeout={timeout}"]
     return [*run, "-m", module, *job_args], extra_env
 
 

@@ -252,7 +252,10 @@ def train(trainer: Any, cfg: JobConfig, stop: StopFlag, resume: Path | None) -> 
         stop.training = False
     if stop.is_set():
         raise Preempted(f"{stop.signal_name} received: checkpoint saved at step {trainer.state.global_step} in"
-                        f" {ckpt_dir}; run the job again with the same settings to resume")
+                        f" {ckpt_dir}; to resume: " + (f"python launch/submit.py <the same flags> --resume-from"
+                                                       f" {cfg.checkpoint_uri or cfg.run_name}"
+                                                       if cfg.checkpoint_uri or cfg.run_name else
+                                                       "run the job again with the same settings"))
     if int(result.global_step) != total:
         raise JobError(f"training ended at step {result.global_step}, not at the planned step {total}: the adapter"
                        " is not published. This is a bug; the checkpoints are kept")

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Build the job image and push it to the ECR repository of infra/cloudformation.yaml.
 #   bash infra/build_and_push.sh [--dry-run] [--tag TAG] [--repository NAME] [--region REGION] [--builder docker|buildah]
+# Builds linux/amd64 from any machine (an Apple-silicon laptop too): SageMaker's and the EKS GPU nodes' CPUs are
+# x86_64 and the image's package lock is x86_64-only. docker: `docker buildx` (Docker Desktop emulates amd64);
+# buildah: `--platform linux/amd64` (on a non-x86 Linux host it needs qemu-user-static's binfmt handlers).
 # The tag defaults to the git commit (the repository's tags are immutable, so a tag is never reused).
 # --dry-run prints the commands instead of running them (needs no Docker, AWS or network).
 set -euo pipefail
@@ -17,7 +20,7 @@ while [ $# -gt 0 ]; do
     --repository) repository="$2"; shift ;;
     --region) region="$2"; shift ;;
     --builder) builder="$2"; shift ;;
-    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -47,6 +50,8 @@ else
   account="$(aws sts get-caller-identity --query Account --output text)"
 fi
 registry="${account}.dkr.ecr.${region}.amazonaws.com"
+# The cloud's architecture, whatever this machine's is.
+platform="linux/amd64"
 image="${registry}/${repository}:${tag}"
 
 run() {
@@ -69,7 +74,13 @@ login() {
 }
 
 login
-run "$builder" build --file Dockerfile --tag "$image" .
-run "$builder" push "$image"
-echo "image: ${image}"
+if [ "$builder" = docker ]; then
+  # buildx builds for --platform on any host and pushes in the same step. --provenance=false: one image
+  # manifest, not an index with an attestation (what every puller understands).
+  run docker buildx build --platform "$platform" --provenance=false --file Dockerfile --tag "$image" --push .
+else
+  run buildah build --platform "$platform" --file Dockerfile --tag "$image" .
+  run buildah push "$image"
+fi
+echo "image: ${image} (${platform})"
 echo "next: python launch/submit.py --instance g5.2xlarge --image ${image} ..."

@@ -12,6 +12,7 @@ that, so it is refused with a clear message instead of silently meaning somethin
 from __future__ import annotations
 
 import re
+from datetime import date, timedelta
 
 MACROS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@weekly": "0 0 * * 0",
           "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *"}
@@ -93,3 +94,23 @@ def to_eventbridge(expression: str) -> str:
         dow_eb = "?" if len(days) == 7 else ",".join(DAY_NAMES[d] for d in sorted(days))
         dom = "?" if dow_eb != "?" else dom
     return f"cron({minute} {hour} {dom} {month} {dow_eb} *)"
+
+
+def min_interval_seconds(expression: str, first_day: date = date(2026, 1, 1), years: int = 4) -> int | None:
+    """The shortest time between two starts of the schedule (over `years` years of the calendar, in its own time
+    zone; a daylight-saving change can shorten one interval by an hour), or None when it starts at most once."""
+    minute, hour, dom, month, dow = parse(expression)
+    offsets = sorted(h * 60 + m for h in expand(hour, 1) for m in expand(minute, 0))  # minutes into a day
+    days_of_month, months, days_of_week = expand(dom, 2), expand(month, 3), expand(dow, 4)
+    either = not dom.startswith("*") and not dow.startswith("*")  # cron's rule when both day fields are restricted
+    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    previous = None
+    for i in range(366 * years + 1):
+        day = first_day + timedelta(days=i)
+        weekday = (day.weekday() + 1) % 7  # cron counts from Sunday = 0
+        in_dom, in_dow = day.day in days_of_month, weekday in days_of_week
+        if day.month in months and ((in_dom or in_dow) if either else (in_dom and in_dow)):
+            if previous is not None:
+                gaps.append((i - previous) * 1440 + offsets[0] - offsets[-1])
+            previous = i
+    return min(gaps) * 60 if gaps else None

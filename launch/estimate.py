@@ -37,6 +37,9 @@ TOKENS_PER_SECOND_7B = {
 }
 # Image pull, model download and load, the merge and the upload: a rough fixed cost per run.
 FIXED_OVERHEAD_SECONDS = 15 * 60
+GB = 10**9
+# Besides the model and the merge: checkpoints (LoRA and optimizer state), the data, caches, logs.
+DISK_MARGIN_BYTES = 20 * GB
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,26 @@ def check_fit(shape: ModelShape | None, cfg: JobConfig, instance: GpuInstance) -
     return Fit(True, False, f"fits: {detail}{planned}")
 
 
+def disk_need_bytes(shape: ModelShape, merge: bool) -> int:
+    """Scratch disk one run fills: the base model's 16-bit weights as downloaded, and as much again for the merged
+    model (written before it is uploaded), plus a margin (checkpoints, data, caches)."""
+    weights = 2 * shape.total_params
+    return int(weights * (2 if merge else 1) * 1.1) + DISK_MARGIN_BYTES
+
+
+def check_disk(shape: ModelShape | None, cfg: JobConfig, available_bytes: int, where: str) -> str | None:
+    """A warning when the model (and its merge) will not fit the disk; None when it does or the size is unknown."""
+    if shape is None:
+        return None
+    need = disk_need_bytes(shape, cfg.merge)
+    if need <= available_bytes:
+        return None
+    merge = " + the merged model" if cfg.merge else ""
+    return (f"WARNING: {shape.name} needs about {need / GB:.0f} GB of disk (its 16-bit weights{merge} + checkpoints,"
+            f" data and caches) but {where} has {available_bytes / GB:.0f} GB: the job would stop with a full disk"
+            " (exit 5)")
+
+
 @dataclass(frozen=True)
 class CostEstimate:
     seconds: float | None
@@ -91,10 +114,11 @@ def time_and_cost(shape: ModelShape | None, cfg: JobConfig, instance: GpuInstanc
     step_tokens = cfg.micro_batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_length * gpus
     if cfg.max_steps > 0:
         tokens = cfg.max_steps * step_tokens
-        basis = f"max_steps={cfg.max_steps} x {step_tokens} tokens/step"
+        basis = (f"max_steps={cfg.max_steps} x {step_tokens} tokens/step, an UPPER BOUND: it counts every sample as"
+                 f" {cfg.max_seq_length} tokens; with short samples the run is shorter")
     elif dataset_tokens:
         tokens = dataset_tokens * cfg.num_epochs
-        basis = f"{dataset_tokens} dataset tokens x {cfg.num_epochs:g} epoch(s)"
+        basis = f"the data's {dataset_tokens} tokens (--dataset-tokens) x {cfg.num_epochs:g} epoch(s)"
     else:
         return CostEstimate(None, None, "time/cost estimate needs QLORA_MAX_STEPS or --dataset-tokens N"
                                         f" (price: {instance.price_per_hour_usd * count:.2f} USD/hour for"

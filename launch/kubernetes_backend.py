@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from entrypoints import errors
-from launch.plan import LaunchPlan, join_s3
+from launch.plan import LaunchPlan
 
 CONTAINER = "train"
 RUN_AS_UID = 1000  # the image's non-root user `app`
@@ -38,7 +38,7 @@ class KubernetesOptions:
     scratch_storage_class: str = ""  # set: a per-pod ephemeral volume of this class instead of node disk
     shm_gb: int = 0  # 0: an eighth of the instance's RAM (at most 64)
     ttl_seconds_after_finished: int = 3 * 24 * 3600  # keep the finished Job and its logs for 3 days
-    backoff_limit: int = 3
+    backoff_limit: int = 3  # submit.py: 3 per pod of the Job (--backoff-limit)
     region: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     kubeconfig: str = ""
@@ -86,10 +86,10 @@ def container_env(plan: LaunchPlan, k8s: KubernetesOptions) -> list[dict]:
     if k8s.region:
         env.append({"name": "AWS_REGION", "value": k8s.region})
     env += [{"name": k, "value": v} for k, v in sorted(plan.extra_env.items())]
-    env += [{"name": k, "value": v} for k, v in sorted(plan.settings.items())]
+    env += [{"name": k, "value": v} for k, v in sorted({**plan.settings, "QLORA_RUN_NAME": "$(JOB_NAME)"}.items())]
     # No SageMaker checkpoint sync here: the job mirrors checkpoints to S3, one prefix per Job, so a
-    # retried pod of the same Job resumes and the next scheduled run starts fresh.
-    env.append({"name": "QLORA_CHECKPOINT_URI", "value": join_s3(plan.checkpoint_prefix, "$(JOB_NAME)")})
+    # retried pod of the same Job resumes and the next scheduled run starts fresh (--resume-from: an earlier Job's).
+    env.append({"name": "QLORA_CHECKPOINT_URI", "value": plan.checkpoint_uri("$(JOB_NAME)")})
     if k8s.secret_name:
         # References only: the kubelet resolves the values when the pod starts.
         for key in ("HF_TOKEN", "WANDB_API_KEY"):
@@ -111,18 +111,31 @@ def volumes(plan: LaunchPlan, k8s: KubernetesOptions) -> list[dict]:
     return [
         # NCCL and the data loader workers share memory through /dev/shm; the default 64 MiB is too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gb}Gi"}},
-        {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": f"{TMP_GB}Gi"}},
         {"name": "scratch", **scratch},
     ]
 
 
-def resources(plan: LaunchPlan) -> dict:
+TMP_GB = 10  # the /tmp emptyDir
+
+
+def ephemeral_storage_gb(k8s: KubernetesOptions) -> int:
+    """Node disk the pod's emptyDirs may fill: /tmp, plus the /opt/ml scratch unless it is a volume of its own."""
+    return TMP_GB + (0 if k8s.scratch_storage_class else k8s.scratch_gb)
+
+
+def resources(plan: LaunchPlan, k8s: KubernetesOptions) -> dict:
     inst = plan.instance
     gpus = str(inst.gpu_count)
     # Leave room for the kubelet, system daemons and DaemonSets: about 3/4 of the node's CPU and RAM.
     cpu = str(max(1, inst.vcpus * 3 // 4))
     memory = f"{max(4, inst.ram_gib * 3 // 4)}Gi"
-    return {"requests": {"cpu": cpu, "memory": memory, GPU_RESOURCE: gpus},
+    return {"requests": {
+                "cpu": cpu, "memory": memory, GPU_RESOURCE: gpus,
+                # An emptyDir's sizeLimit reserves nothing: without this request a pod lands on a node whose disk is
+                # too small (EKS node groups default to 20 GiB), fills it, and is evicted over and over. With it, such
+                # a node is never chosen and the pod shows "Insufficient ephemeral-storage" instead.
+                "ephemeral-storage": f"{ephemeral_storage_gb(k8s)}Gi"},
             "limits": {"memory": memory, GPU_RESOURCE: gpus}}
 
 
@@ -149,7 +162,7 @@ def pod_template(plan: LaunchPlan, k8s: KubernetesOptions) -> dict:
             # The image's own entrypoint runs `train` (the same command SageMaker uses).
             "args": ["train"],
             "env": container_env(plan, k8s),
-            "resources": resources(plan),
+            "resources": resources(plan, k8s),
             "volumeMounts": [
                 {"name": "dshm", "mountPath": "/dev/shm"},
                 {"name": "tmp", "mountPath": "/tmp"},
@@ -176,9 +189,10 @@ def pod_failure_policy() -> dict:
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [
             errors.EXIT_CONFIG, errors.EXIT_DATA, errors.EXIT_MODEL, errors.EXIT_OUTPUT_EXISTS]}},
         # SIGTERM (node drain, spot reclaim): the job saved a checkpoint; not counted against backoffLimit.
+        # No rule ignores the DisruptionTarget condition: a pod the kubelet evicts for disk or memory pressure would
+        # otherwise be retried uncounted until activeDeadlineSeconds; such evictions count against backoffLimit.
         {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                              "values": [errors.EXIT_PREEMPTED]}},
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
 
 
@@ -251,8 +265,34 @@ def api_client(k8s: KubernetesOptions):
     return client.ApiClient()
 
 
+def checkpoint_uri_of(job_name: str, k8s: KubernetesOptions, api) -> str:
+    """The QLORA_CHECKPOINT_URI an earlier Job's pods used (for --resume-from <job name>), or "" when the Job is gone."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        found = client.BatchV1Api(api).read_namespaced_job(job_name, k8s.namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return ""
+        raise
+    for container in found.spec.template.spec.containers:
+        for var in container.env or []:
+            if var.name == "QLORA_CHECKPOINT_URI" and var.value:
+                return var.value.replace("$(JOB_NAME)", job_name)
+    return ""
+
+
+class RolledBack(Exception):
+    """The Service of a multi-node launch could not be created, and the Job/CronJob created before it was deleted."""
+
+
 def submit(objects: list[dict], k8s: KubernetesOptions, api=None) -> str:
-    """Create the objects; a Service is owned by the Job/CronJob so it is deleted with it."""
+    """Create the objects; a Service is owned by the Job/CronJob so it is deleted with it.
+
+    When the Service cannot be created (a name the API refuses, no `services/create` permission), the Job/CronJob
+    is deleted again: its pods would wait for a rendezvous address that never resolves.
+    """
     from kubernetes import client
 
     api = api or api_client(k8s)
@@ -268,10 +308,29 @@ def submit(objects: list[dict], k8s: KubernetesOptions, api=None) -> str:
                 obj = {**obj, "metadata": {**obj["metadata"], "ownerReferences": [{
                     "apiVersion": "batch/v1", "kind": owner.kind or objects[0]["kind"],
                     "name": owner.metadata.name, "uid": owner.metadata.uid}]}}
-            core.create_namespaced_service(k8s.namespace, obj)
+            try:
+                core.create_namespaced_service(k8s.namespace, obj)
+            except Exception as exc:  # noqa: BLE001 - any failure: undo the Job, then report
+                _roll_back(batch, objects[0], k8s.namespace, exc)
         else:
             raise ValueError(f"unexpected kind {obj['kind']}")
     return objects[0]["metadata"]["name"]
+
+
+def _roll_back(batch, owner: dict, namespace: str, cause: Exception) -> None:
+    name, kind = owner["metadata"]["name"], owner["kind"]
+    why = getattr(cause, "reason", "") or type(cause).__name__
+    detail = (getattr(cause, "body", "") or str(cause))[:300]
+    try:
+        delete = batch.delete_namespaced_job if kind == "Job" else batch.delete_namespaced_cron_job
+        delete(name, namespace, propagation_policy="Background")  # its pods too
+        undone = f"the {kind} {namespace}/{name} was deleted again, so nothing is left running"
+    except Exception as exc:  # noqa: BLE001 - report both
+        undone = (f"deleting the {kind} {namespace}/{name} failed too ({exc}): delete it with"
+                  f" kubectl -n {namespace} delete {kind.lower()} {name}")
+    raise RolledBack(f"the rendezvous Service {namespace}/{name} could not be created ({why}: {detail}); {undone}."
+                     " Check the name (a Service name starts with a letter) and that you may create Services in"
+                     f" {namespace} (infra/kubernetes/rbac.yaml)") from None
 
 
 # ------------------------------------------------------------------------------------------------ wait/follow

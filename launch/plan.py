@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from entrypoints.config import JobConfig
 from launch.instances import GpuInstance
 
-# SageMaker job names: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}; Kubernetes names: DNS-1123 labels (lower case).
-# One rule that satisfies both: lower-case alphanumerics and single dashes, at most 63 characters.
-_NAME_OK = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# SageMaker job names: ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}; Kubernetes Job names: DNS-1123 labels (lower case); the
+# multi-node rendezvous Service of the same name: an RFC 1035 label, which starts with a letter. One rule that
+# satisfies all three: a lower-case letter, then lower-case alphanumerics and dashes, at most 63 characters.
+_NAME_OK = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"  # the same suffix the SageMaker SDK appends to a base job name
 
 
@@ -34,8 +35,8 @@ def unique_name(base: str, now: float | None = None, max_length: int = 63) -> st
 
 def check_name(name: str, what: str) -> str | None:
     if len(name) > 63 or not _NAME_OK.match(name):
-        return (f"{what} {name!r}: use lower-case letters, digits and dashes, start and end with a letter or"
-                " digit, at most 63 characters")
+        return (f"{what} {name!r}: use lower-case letters, digits and dashes, start with a letter, end with a"
+                " letter or digit, at most 63 characters")
     return None
 
 
@@ -58,6 +59,12 @@ class LaunchPlan:
     tags: dict[str, str] = field(default_factory=dict)
     schedule: str = ""  # five-field cron, empty for a one-off run
     timezone: str = ""  # IANA zone of the schedule, empty: UTC
+    resume_from: str = ""  # s3:// prefix of an earlier run's checkpoints to continue from, empty: a fresh prefix
+    resume_job: str = ""  # the earlier run's job name, when --resume-from gave one
+
+    def checkpoint_uri(self, job_name: str) -> str:
+        """Where this run's checkpoints go: the earlier run's prefix when resuming, else its own, by job name."""
+        return self.resume_from or join_s3(self.checkpoint_prefix, job_name)
 
     @property
     def gpus_per_node(self) -> int:

@@ -4,8 +4,8 @@
 
 `training_job_request()` builds the plain CreateTrainingJob request (the API's own field names), which
 `--dry-run` prints and the EventBridge schedule embeds. Submission goes through the SageMaker Python SDK
-v3 (`ModelTrainer`) when it is installed (`pip install qlora-job[sagemaker]`), built from the same
-request so both say the same thing (a test compares them); without the SDK, boto3 sends the request.
+v3 (sagemaker-core's `TrainingJob.create`) when it is installed (`pip install qlora-job[sagemaker]`), with
+that same request (a test compares them); without the SDK, or with --no-sdk, boto3 sends it.
 The image keeps its own entrypoint: SageMaker starts `<image> train`, and the container's wrapper runs
 torchrun over every GPU and host (SM_HOSTS / SM_CURRENT_HOST), so multi-node needs nothing more here.
 """
@@ -13,6 +13,7 @@ torchrun over every GPU and host (SM_HOSTS / SM_CURRENT_HOST), so multi-node nee
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,11 @@ SCHEDULER_TARGET_ARN = "arn:aws:scheduler:::aws-sdk:sagemaker:createTrainingJob"
 # (16 lower-case alphanumerics), which makes every scheduled job name and checkpoint prefix unique.
 EXECUTION_ID = "<aws.scheduler.execution-id>"
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+# What SageMaker puts before a custom image's failure file text in FailureReason (see exit_code_for).
+FAILURE_REASON_PREFIXES = ("AlgorithmError:", "ClientError:")
+_EXIT_CODE_AT_END = re.compile(r"exit code:\s*(\d+)\s*$", re.IGNORECASE)
+_DOCUMENTED_CODES = {errors.EXIT_CONFIG, errors.EXIT_DATA, errors.EXIT_MODEL, errors.EXIT_STORAGE,
+                     errors.EXIT_OUTPUT_EXISTS, errors.EXIT_PREEMPTED}
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class SageMakerOptions:
     volume_kms_key: str = ""
     output_kms_key: str = ""
     scheduler_role_arn: str = ""  # the role EventBridge Scheduler assumes to create the jobs
+    dead_letter_arn: str = ""  # SQS queue for the events of scheduled runs that could not be started
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -61,21 +68,25 @@ def _s3_channel(name: str, uri: str) -> dict:
     }
 
 
-def job_environment(plan: LaunchPlan) -> tuple[dict[str, str], list[dict]]:
-    """The container environment and the input channels that replace the s3:// data/model settings."""
-    env = {**plan.extra_env, **plan.settings}
+def job_environment(plan: LaunchPlan, job_name: str) -> tuple[dict[str, str], list[dict]]:
+    """The container environment and the input channels that replace the s3:// data/model prefixes."""
+    # The run is named like its job: W&B, the model card, and the job's "to resume: --resume-from <name>" hint.
+    env = {**plan.extra_env, **plan.settings, "QLORA_RUN_NAME": job_name}
     channels = []
     for variable, channel in CHANNELS.items():
         uri = env.get(variable, "")
-        if uri.startswith("s3://"):
+        # Only a prefix (the launcher made every non-file URI one, ending in /) becomes a channel: an S3Prefix of one
+        # file's key would also take every other key that starts with it (train.jsonl.bak); the job downloads a single
+        # file itself, as it does on Kubernetes.
+        if uri.startswith("s3://") and uri.endswith("/"):
             channels.append(_s3_channel(channel, uri))
             del env[variable]
-    return env, channels
+    return dict(sorted(env.items())), channels
 
 
 def training_job_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str, checkpoint_uri: str) -> dict:
     """The CreateTrainingJob request for one run, with the API's own field names."""
-    env, channels = job_environment(plan)
+    env, channels = job_environment(plan, job_name)
     request: dict = {
         "TrainingJobName": job_name,
         "AlgorithmSpecification": {
@@ -125,8 +136,30 @@ def training_job_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str, 
     return request
 
 
-def run_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str) -> dict:
-    return training_job_request(plan, sm, job_name, join_s3(plan.checkpoint_prefix, job_name))
+def run_request(plan: LaunchPlan, sm: SageMakerOptions, job_name: str, resume_from: str = "") -> dict:
+    return training_job_request(plan, sm, job_name, resume_from or plan.checkpoint_uri(job_name))
+
+
+def checkpoint_uri_of(job_name: str, sm: SageMakerOptions) -> str:
+    """The S3 prefix an earlier training job checkpointed to (DescribeTrainingJob), for --resume-from <job name>."""
+    from botocore.exceptions import ClientError
+
+    client = boto_session(sm).client("sagemaker")
+    try:
+        described = client.describe_training_job(TrainingJobName=job_name)
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        # SageMaker answers a job that does not exist with ValidationException "Requested resource not found".
+        message = error.get("Message", "").lower()
+        if error.get("Code") not in ("ResourceNotFound", "ValidationException") or not (
+                "not found" in message or "could not find" in message):
+            raise
+        raise LookupError(f"--resume-from {job_name}: there is no SageMaker training job of that name in"
+                          f" {client.meta.region_name}; give its exact name, or the s3:// prefix of its checkpoints") from None
+    uri = described.get("CheckpointConfig", {}).get("S3Uri", "")
+    if not uri:
+        raise LookupError(f"--resume-from {job_name}: that training job kept no checkpoints in S3 (no CheckpointConfig)")
+    return uri
 
 
 def schedule_request(plan: LaunchPlan, sm: SageMakerOptions, schedule_expression: str) -> dict:
@@ -153,8 +186,37 @@ def schedule_request(plan: LaunchPlan, sm: SageMakerOptions, schedule_expression
             "RetryPolicy": {"MaximumEventAgeInSeconds": 3600, "MaximumRetryAttempts": 3},
         },
     }
+    if sm.dead_letter_arn:
+        # A run that could not be started (quota, AccessDenied, an invalid request) lands here, where the template's
+        # alarm sees it, instead of only in the scheduler's metrics.
+        request["Target"]["DeadLetterConfig"] = {"Arn": sm.dead_letter_arn}
     return request
 
+
+# What a smoke test's one run trains: one step, no merge, in a version series of its own.
+SMOKE_SETTINGS = {"QLORA_MAX_STEPS": "1", "QLORA_MERGE": "false", "QLORA_NUM_SAMPLE_GENERATIONS": "0"}
+SMOKE_RUNTIME_SECONDS = 3600
+
+
+def smoke_schedule_request(schedule: dict, output: str, at_utc: float) -> dict:
+    """A one-time schedule that fires once, a few minutes from now, with the recurring schedule's target (the same
+    job name pattern `<base>-<aws.scheduler.execution-id>`): a training job of that name appearing proves the
+    scheduler fills the execution id in, inside the name. It trains one step into <output>/smoke-test (its own
+    latest.json), stops within the hour, and the schedule deletes itself afterwards."""
+    job = json.loads(schedule["Target"]["Input"])
+    job["Environment"] = {**job["Environment"], **SMOKE_SETTINGS, "QLORA_OUTPUT": join_s3(output, "smoke-test")}
+    job["StoppingCondition"]["MaxRuntimeInSeconds"] = SMOKE_RUNTIME_SECONDS
+    if "MaxWaitTimeInSeconds" in job["StoppingCondition"]:
+        job["StoppingCondition"]["MaxWaitTimeInSeconds"] = 2 * SMOKE_RUNTIME_SECONDS
+    return {
+        **schedule,
+        "Name": f"{schedule['Name'][:58]}-smoke",
+        "Description": f"One-time smoke test of the schedule {schedule['Name']}",
+        "ScheduleExpression": f"at({time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(at_utc))})",
+        "ScheduleExpressionTimezone": "UTC",
+        "ActionAfterCompletion": "DELETE",
+        "Target": {**schedule["Target"], "Input": json.dumps(job, sort_keys=True)},
+    }
 
 def example_job_name(schedule_job_name: str, execution_id: str = "d32c5kddcf5bb8c3") -> str:
     return schedule_job_name.replace(EXECUTION_ID, execution_id)
@@ -167,59 +229,17 @@ def boto_session(sm: SageMakerOptions):
     return boto3.Session(region_name=sm.region or None)
 
 
-def model_trainer(request: dict, session):
-    """A ModelTrainer that sends `request` (built from the same fields, the SDK's names)."""
-    from sagemaker.core.helper.session_helper import Session
-    from sagemaker.core.training.configs import (
-        CheckpointConfig,
-        Compute,
-        InputData,
-        Networking,
-        OutputDataConfig,
-        StoppingCondition,
-        Tag,
-    )
-    from sagemaker.train import ModelTrainer
+def sdk_create(request: dict, session) -> str:
+    """Create the job through the SageMaker Python SDK v3: sagemaker-core's TrainingJob.create, the call ModelTrainer
+    itself ends in, with this very request (its fields in the SDK's names). Not ModelTrainer: it names the job
+    `<base>-<local time>` itself (the checkpoint prefix and the printed name would disagree with the job's), and it
+    validates the role with iam:SimulatePrincipalPolicy first, which rejects the template's role (no ec2:* on `*`, a
+    namespace-conditioned cloudwatch:PutMetricData) for callers allowed to simulate, and fails without an IAM endpoint."""
+    from sagemaker.core.resources import TrainingJob
+    from sagemaker.core.utils.utils import transform
 
-    res = request["ResourceConfig"]
-    stop = request["StoppingCondition"]
-    out = request["OutputDataConfig"]
-    vpc = request.get("VpcConfig")
-    name = request["TrainingJobName"]
-    # The SDK appends its own "-<YYYYmmddHHMMSS>" to base_job_name, as plan.unique_name does.
-    base = name[: -len("-20250101000000")] if name[-15:-14] == "-" and name[-14:].isdigit() else name
-    return ModelTrainer(
-        sagemaker_session=Session(boto_session=session),
-        role=request["RoleArn"],
-        base_job_name=base,
-        training_image=request["AlgorithmSpecification"]["TrainingImage"],
-        training_input_mode=request["AlgorithmSpecification"]["TrainingInputMode"],
-        compute=Compute(
-            instance_type=res["InstanceType"],
-            instance_count=res["InstanceCount"],
-            volume_size_in_gb=res["VolumeSizeInGB"],
-            volume_kms_key_id=res.get("VolumeKmsKeyId"),
-            enable_managed_spot_training=request["EnableManagedSpotTraining"],
-        ),
-        stopping_condition=StoppingCondition(
-            max_runtime_in_seconds=stop["MaxRuntimeInSeconds"],
-            max_wait_time_in_seconds=stop.get("MaxWaitTimeInSeconds"),
-        ),
-        output_data_config=OutputDataConfig(
-            s3_output_path=out["S3OutputPath"], compression_type=out["CompressionType"], kms_key_id=out.get("KmsKeyId")
-        ),
-        checkpoint_config=CheckpointConfig(
-            s3_uri=request["CheckpointConfig"]["S3Uri"], local_path=request["CheckpointConfig"]["LocalPath"]
-        ),
-        input_data_config=[
-            InputData(channel_name=c["ChannelName"], data_source=c["DataSource"]["S3DataSource"]["S3Uri"])
-            for c in request.get("InputDataConfig", [])
-        ],
-        networking=Networking(subnets=vpc["Subnets"], security_group_ids=vpc["SecurityGroupIds"]) if vpc else None,
-        environment=request["Environment"],
-        hyperparameters={},
-        tags=[Tag(key=t["Key"], value=t["Value"]) for t in request.get("Tags", [])] or None,
-    )
+    job = TrainingJob.create(session=session, **transform(request, "CreateTrainingJobRequest"))
+    return job.training_job_name
 
 
 def sdk_available() -> bool:
@@ -236,9 +256,7 @@ def submit(request: dict, sm: SageMakerOptions, use_sdk: bool | None = None) -> 
     if use_sdk is None:
         use_sdk = sdk_available()
     if use_sdk:
-        trainer = model_trainer(request, session)
-        trainer.train(wait=False, logs=False)
-        return trainer._latest_training_job.training_job_name
+        return sdk_create(request, session)
     session.client("sagemaker").create_training_job(**request)
     return request["TrainingJobName"]
 
@@ -258,11 +276,20 @@ def exit_code_for(description: dict) -> int:
     status = description.get("TrainingJobStatus")
     if status == "Completed":
         return errors.EXIT_OK
-    reason = description.get("FailureReason", "")
+    reason = description.get("FailureReason", "").strip()
+    # SageMaker prefixes what a custom image wrote: "AlgorithmError: <failure file>" (the container exited
+    # non-zero), "ClientError: ..." (the request or the input), and may end the reason with ", exit code: N".
+    for prefix in FAILURE_REASON_PREFIXES:
+        if reason.startswith(prefix):
+            reason = reason[len(prefix):].lstrip()
+            break
     for cls in (errors.ConfigError, errors.DataError, errors.ModelError, errors.StorageError,
                 errors.OutputExistsError, errors.Preempted):
         if reason.startswith(cls.kind + ":"):
             return cls.exit_code
+    trailing = _EXIT_CODE_AT_END.search(reason)
+    if trailing and int(trailing.group(1)) in _DOCUMENTED_CODES:
+        return int(trailing.group(1))
     return errors.EXIT_INTERNAL
 
 

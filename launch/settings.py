@@ -67,13 +67,16 @@ def read_env_file(path: Path, problems: list[str]) -> list[tuple[str, str, str]]
 def collect(sets: Iterable[str], env_files: Iterable[str]) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """The job's QLORA_* settings and its other (non-secret) environment, plus every problem found.
 
-    `--set` accepts the setting's name (`max_steps=10`) or its variable (`QLORA_MAX_STEPS=10`); env files
-    are read first, so `--set` wins.
+    `--set` and env files accept the setting's name (`max_steps=10`) or its variable (`QLORA_MAX_STEPS=10`); other
+    keys in env files are plain environment. Env files are read first, so `--set` wins.
     """
     problems: list[str] = []
     items: list[tuple[str, str, str]] = []
     for f in env_files:
-        items.extend(read_env_file(Path(f), problems))
+        for key, value, where in read_env_file(Path(f), problems):
+            if not key.upper().startswith(ENV_PREFIX) and key.lower() in FIELDS and not _is_secret_name(key.upper()):
+                key = env_name(key.lower())  # `lora_r=8` means the setting, as in --set (not a variable `lora_r`)
+            items.append((key, value, where))
     for text in sets:
         pair = _assignment(text, f"--set {text!r}", problems)
         if pair is None:

@@ -9,6 +9,7 @@ It runs no controllers, so the tests play the Job controller's part (a pod, the 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -88,7 +89,9 @@ def test_job_manifest_contents(capsys):
     assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In",
                                                              "values": [2, 3, 4, 6]}}
     assert {"action": "Ignore", "onExitCodes": {"containerName": "train", "operator": "In", "values": [75]}} in rules
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    # A kubelet eviction (DisruptionTarget) is counted: ignoring it retried a pod on a too-small disk for 24 h.
+    assert not any("onPodConditions" in r for r in rules)
+    assert spec["backoffLimit"] == 3
     env = env_of(pod)
     assert env["QLORA_CHECKPOINT_URI"]["value"] == f"{BUCKET}/checkpoints/$(JOB_NAME)"
     names = [e["name"] for e in container["env"]]
@@ -98,6 +101,31 @@ def test_job_manifest_contents(capsys):
     assert "value" not in env["HF_TOKEN"] and "value" not in env["WANDB_API_KEY"]
     assert {k: env[k]["value"] for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE")} == {
         "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "GPUS_PER_NODE": "1"}
+
+
+def test_the_pod_requests_the_disk_it_fills(capsys):
+    """An emptyDir's sizeLimit reserves nothing: the pod requests its scratch + /tmp as ephemeral-storage, so a node
+    with a small disk is never picked (a visible 'Insufficient ephemeral-storage' event instead of evictions)."""
+    [job] = dry_run(args("--instance", "g5.2xlarge", "--volume-size-gb", "300"), capsys)
+    requests = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert requests["ephemeral-storage"] == "310Gi"
+    [job] = dry_run(args("--instance", "g5.2xlarge", "--scratch-storage-class", "gp3"), capsys)
+    requests = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert requests["ephemeral-storage"] == "10Gi"  # the scratch is a volume of its own: only /tmp is node disk
+
+
+def test_retries_scale_with_the_pod_count(capsys):
+    """One host's hard failure fails every host of the Job (they block in NCCL): 3 retries per pod."""
+    job, _ = dry_run(args("--instance", "p5.48xlarge", "--count", "4"), capsys)
+    assert job["spec"]["backoffLimit"] == 12
+    job, _ = dry_run(args("--instance", "p5.48xlarge", "--count", "4", "--backoff-limit", "5"), capsys)
+    assert job["spec"]["backoffLimit"] == 5
+
+
+def test_a_name_the_service_would_refuse_is_refused_up_front(capsys):
+    assert submit.main([*args("--instance", "g5.12xlarge", "--count", "2", "--name", "1run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--name '1run'" in err and "start with a letter" in err and "nothing was submitted" in err
 
 
 def test_multi_node_is_an_indexed_job_with_a_headless_service(capsys):
@@ -218,3 +246,87 @@ def test_follow_streams_logs_and_returns_the_jobs_exit_code(kube, capsys, exit_c
     lines: list[str] = []
     assert kb.wait("qlora-follow", k8s, follow=True, poll_seconds=0.05, write=lines.append, api=api) == exit_code
     assert lines == ["[launcher] logs of pod qlora-follow-abcde", "step 1 loss 2.0", "step 2 loss 1.5"]
+
+
+def test_a_failed_service_create_rolls_the_job_back(kube, capsys):
+    """Without the Service the pods would wait for an unresolvable rendezvous address: the Job is deleted again."""
+    from kubernetes import client
+
+    emulator, api = kube
+    emulator["post /api/v1/namespaces/ml/services"] << 403
+    docs = dry_run(args("--instance", "g6e.12xlarge", "--count", "2", "--name", "qlora-rollback"), capsys)
+    with pytest.raises(kb.RolledBack, match="qlora-rollback was deleted again") as info:
+        kb.submit(docs, kb.KubernetesOptions(namespace="ml"), api=api)
+    assert "starts with a letter" in str(info.value)
+    assert [r.method for r in emulator["post"]] == ["POST", "POST"]  # the Job, then the Service
+    jobs = client.BatchV1Api(api).list_namespaced_job("ml").items
+    assert [j.metadata.name for j in jobs] == []
+
+
+def test_resume_from_an_earlier_job_or_prefix(capsys):
+    [job] = dry_run(args("--instance", "g5.2xlarge", "--resume-from", "qlora-first"), capsys)
+    env = env_of(job["spec"]["template"]["spec"])
+    assert env["QLORA_CHECKPOINT_URI"]["value"] == f"{BUCKET}/checkpoints/qlora-first"
+    assert env["QLORA_RUN_NAME"]["value"] == "$(JOB_NAME)"  # the job's resume hint names the checkpoint prefix
+    [job] = dry_run(args("--instance", "g5.2xlarge", "--resume-from", f"{BUCKET}/checkpoints/other/"), capsys)
+    assert env_of(job["spec"]["template"]["spec"])["QLORA_CHECKPOINT_URI"]["value"] == f"{BUCKET}/checkpoints/other"
+    assert submit.main([*args("--instance", "g5.2xlarge", "--set", "run_name=x"), "--dry-run"]) == 2
+    assert "QLORA_RUN_NAME is set by the launcher" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def base_install(tmp_path_factory):
+    """A fresh venv with only `pip install -e .`: boto3, no PyYAML, no kubernetes client (what the README installs)."""
+    venv = tmp_path_factory.mktemp("base-install") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)], capture_output=True, text=True,
+                         timeout=600)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    missing = subprocess.run([str(python), "-c", "import yaml"], capture_output=True, timeout=60)
+    assert missing.returncode != 0, "the base install brought PyYAML along"
+    return python
+
+
+def test_base_install_dry_run_and_submit_name_what_is_missing(base_install, tmp_path):
+    """A Kubernetes dry run with the base install printed a traceback (ModuleNotFoundError: yaml); a submission
+    one for the kubernetes client. Now: JSON, which kubectl reads, and the extra to install."""
+    cmd = [str(base_install), "launch/submit.py", "--instance", "g5.12xlarge", "--count", "2", "--backend", "kubernetes",
+           "--set", f"data={BUCKET}/data/chat/", "--set", f"output={BUCKET}/output/k8s", "--image", IMAGE,
+           "--k8s-secret", "qlora-secrets"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    dry = subprocess.run([*cmd, "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert dry.returncode == 0, dry.stderr
+    listed = json.loads(dry.stdout)
+    assert listed["kind"] == "List" and [i["kind"] for i in listed["items"]] == ["Job", "Service"]
+    assert "JSON, not YAML: PyYAML is not installed" in dry.stderr
+    path = tmp_path / "list.json"
+    path.write_text(dry.stdout)
+    kubernetes_validate([path])
+    asked = subprocess.run([*cmd, "--dry-run", "--format", "yaml"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert asked.returncode == 2 and "pip install 'qlora-job[kubernetes]'" in asked.stderr
+    sent = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert sent.returncode == 8, sent.stderr
+    assert "the Kubernetes backend needs the kubernetes package" in sent.stderr
+    assert "pip install 'qlora-job[kubernetes]'" in sent.stderr and "Traceback" not in sent.stderr
+
+
+def test_resume_from_a_job_that_itself_resumed_leads_to_its_prefix(kube, capsys, tmp_path):
+    """--resume-from <job name> reads that Job's own QLORA_CHECKPOINT_URI from the cluster."""
+    emulator, api = kube
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": api.configuration.host}}],
+        "users": [{"name": "kmock", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+    older = f"{BUCKET}/checkpoints/qlora-older"
+    common = [*args("--instance", "g5.2xlarge"), "--kubeconfig", str(kubeconfig)]
+    assert submit.main([*common, "--name", "qlora-a", "--resume-from", older]) == 0
+    assert submit.main([*common, "--name", "qlora-b", "--resume-from", "qlora-a"]) == 0
+    assert submit.main([*common, "--name", "qlora-c", "--resume-from", "qlora-gone"]) == 0
+    assert "no such Job in ml (any more): resuming from" in capsys.readouterr().err
+    posted = {r.data["metadata"]["name"]: env_of(r.data["spec"]["template"]["spec"]) for r in emulator["post"]}
+    assert posted["qlora-b"]["QLORA_CHECKPOINT_URI"]["value"] == older
+    assert posted["qlora-c"]["QLORA_CHECKPOINT_URI"]["value"] == f"{BUCKET}/checkpoints/qlora-gone"

@@ -160,6 +160,8 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_a_new_pod_resumes_to_the_same_a
     assert complete_checkpoints(ckpt_dir)[-1] == stopped_at, sorted(p.name for p in ckpt_dir.iterdir())
     failure = (tmp_path / "opt-ml" / "output" / "failure").read_text()
     assert failure.startswith(f"preempted: SIGTERM received: checkpoint saved at step {stopped_at}"), failure
+    # The exact command that continues this run (launch/submit.py --resume-from takes the checkpoint prefix).
+    assert failure.rstrip().endswith(f"; to resume: python launch/submit.py <the same flags> --resume-from {uri}"), failure
     assert "Traceback" not in first.output
     assert not (tmp_path / "out" / "manifest.json").exists()
     # A newer checkpoint whose upload never finished (no COMPLETE object) must not be restored.

@@ -78,7 +78,7 @@ def test_sagemaker_two_hosts_from_sm_hosts(tmp_path):
     plan = _plan(tmp_path, "train", SM_HOSTS='["algo-1", "algo-2"]', SM_CURRENT_HOST="algo-2", GPUS_PER_NODE="8")
     assert plan["command"] == [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8",
                                "--node-rank=1", "--master-addr=algo-1", "--master-port=29500",
-                               "-m", "entrypoints.train"]
+                               "--rdzv-conf=timeout=1800", "-m", "entrypoints.train"]
 
 
 def test_sagemaker_two_hosts_from_resourceconfig(tmp_path):
@@ -98,7 +98,16 @@ def test_kubernetes_indexed_job_rank_1(tmp_path):
                  MASTER_PORT="23456", GPUS_PER_NODE="4")
     assert plan["command"] == [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
                                "--node-rank=1", "--master-addr=qlora-0.qlora-workers", "--master-port=23456",
-                               "-m", "entrypoints.train"]
+                               "--rdzv-conf=timeout=1800", "-m", "entrypoints.train"]
+
+
+def test_multi_node_rendezvous_waits_for_pods_that_start_minutes_apart(tmp_path):
+    """torch's static rendezvous gives up after 600 s; pods of one Job can start further apart than that."""
+    plan = _plan(tmp_path, "train", NNODES="2", JOB_COMPLETION_INDEX="0", MASTER_ADDR="q-0.q", GPUS_PER_NODE="1")
+    assert "--rdzv-conf=timeout=1800" in plan["command"]
+    plan = _plan(tmp_path, "train", NNODES="2", JOB_COMPLETION_INDEX="0", MASTER_ADDR="q-0.q", GPUS_PER_NODE="1",
+                 RENDEZVOUS_TIMEOUT_SECONDS="3600")
+    assert "--rdzv-conf=timeout=3600" in plan["command"]
 
 
 def test_user_settings_win_over_the_entrypoint_defaults(tmp_path):

@@ -123,6 +123,21 @@ def test_settings_from_set_and_env_file(tmp_path):
     assert "is not NAME=value" in problems[0] and "did you mean lora_r" in problems[1]
 
 
+def test_a_setting_name_in_an_env_file_is_the_setting(tmp_path):
+    """`lora_r=8` in an env file was passed on as a variable named lora_r, and the job kept r=16."""
+    env_file = tmp_path / "job.env"
+    env_file.write_text("lora_r=8\nMAX_STEPS=5\nnccl_debug=INFO\n")
+    found, extra, problems = settings.collect([], [str(env_file)])
+    assert problems == [] and found == {"QLORA_LORA_R": "8", "QLORA_MAX_STEPS": "5"}
+    assert extra == {"nccl_debug": "INFO"}
+
+
+def test_help_names_the_documented_command():
+    proc = subprocess.run([sys.executable, "-m", "launch.submit", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python launch/submit.py")
+
+
 def test_all_problems_are_reported_at_once(capsys):
     code = submit.main(["--instance", "g5.2xlarge", "--set", "lora_r=0", "--set", "learning_rate=5",
                         "--set", "data=/local/file.jsonl", "--count", "0", "--schedule", "0 3 1 * 1"])

@@ -57,7 +57,7 @@ def _pod_specs(doc: dict) -> list[dict]:
 
 def test_shipped_kubernetes_manifests_run_non_root_on_a_read_only_root():
     pods = []
-    for path in sorted((REPO / "infra" / "kubernetes").glob("*.yaml")):
+    for path in sorted((REPO / "infra" / "kubernetes").rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 pods += [(path.name, spec) for spec in _pod_specs(doc)]
