@@ -99,18 +99,32 @@ site="$mnt/opt/venv/lib/python3.11/site-packages"
   | sort -rn | uniq | awk '$1 >= 80' | sed "s#$mnt##; s#^\([0-9]*\)\t\$#\1\t/#"
 "${buildah[@]}" umount "$ctr" >/dev/null
 
-step "no compilers, no caches in the final stage"
+step "a C compiler for Triton and nothing else to build with; no caches in the final stage"
 # shellcheck disable=SC2016 # the script is expanded by the image's shell, not this one
 run "$ctr" -- sh -c 'found=0
-for tool in gcc cc c++ g++ clang ld as make; do
-  if command -v "$tool" >/dev/null; then echo "found compiler tool: $tool"; found=1; fi
+command -v gcc >/dev/null || { echo "missing: gcc (Triton builds its launcher with it)"; found=1; }
+for tool in c++ g++ clang make; do
+  if command -v "$tool" >/dev/null; then echo "found build tool: $tool"; found=1; fi
 done
 for dir in /root/.cache /home/app/.cache /var/lib/apt/lists/partial /src; do
   if [ -n "$(ls -A "$dir" 2>/dev/null)" ]; then echo "found leftover: $dir"; found=1; fi
 done
 if ls /var/cache/apt/archives/*.deb >/dev/null 2>&1; then echo "found .deb files"; found=1; fi
-[ "$found" = 0 ] && echo "ok: no compiler, no pip/apt cache, no build sources"
+[ "$found" = 0 ] && echo "ok: gcc for Triton, no other build tool, no pip/apt cache, no build sources"
 exit "$found"'
+
+step "Triton builds a C launcher as uid 1000 and caches it under /tmp (what torch.compile and Liger need)"
+# The same call Triton makes for each kernel's launcher: a Python extension compiled with the image's gcc and
+# Python headers into TRITON_CACHE_DIR (the image sets it below /tmp). No GPU is needed to build one.
+# shellcheck disable=SC2016 # Python source
+run --user 1000:1000 "$ctr" -- python -c '
+import os
+from triton.runtime.build import compile_module_from_src
+src = ("#include <Python.h>\nstatic struct PyModuleDef m = {PyModuleDef_HEAD_INIT, \"qlora_triton_probe\", NULL, -1, NULL};\n"
+       "PyMODINIT_FUNC PyInit_qlora_triton_probe(void) { return PyModule_Create(&m); }\n")
+mod = compile_module_from_src(src=src, name="qlora_triton_probe")
+assert mod.__file__.startswith(os.environ["TRITON_CACHE_DIR"]), mod.__file__
+print("ok: Triton built", mod.__file__)'
 
 step "the job's libraries import; bitsandbytes' CUDA library loads (as uid 1000, as Kubernetes starts it)"
 # shellcheck disable=SC2016 # Python source

@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from entrypoints.sizing import GIB, BatchPlan, ModelShape, PlanSettings, plan_batch
@@ -59,21 +60,68 @@ def compiler_available() -> bool:
     return any(shutil.which(cc) for cc in (os.environ.get("CC", ""), "cc", "gcc", "clang") if cc)
 
 
-def wants_compile(torch_compile: bool, cuda: bool) -> bool:
-    """torch_compile is set, on CUDA, and Triton can build its launcher (the caller warns when it cannot)."""
-    return torch_compile and cuda and compiler_available()
+def wants_compile(torch_compile: str, cuda: bool, partial_checkpointing: bool = False) -> bool:
+    """torch_compile is `true`, or `auto` and the plan recomputes every decoder layer or none (with some layers kept
+    and some recomputed, Liger's kernels were faster: docs/PERF.md), on CUDA, where Triton can build its launcher
+    (for `true` the caller warns when it cannot)."""
+    if torch_compile == "false" or (torch_compile == "auto" and partial_checkpointing):
+        return False
+    return cuda and compiler_available()
 
 
-def compile_layers(model: Any) -> int:
+def compile_layers(model: Any, recomputed: Callable[[int], bool] = lambda index: False) -> int:
     """Regional compilation: every decoder layer compiled in place with dynamic shapes (packed micro-batches
-    vary in length); identical layers share the compiled code, so it compiles once, in ~a minute for 7B."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__.endswith("DecoderLayer"):
+    vary in length); identical layers share the compiled code, so it compiles once, in ~a minute for 7B.
+
+    `recomputed(i)`: whether decoder layer i runs under gradient checkpointing. When any does, every layer is compiled
+    block by block (its attention, MLP and norms) so that checkpoints stay outside the compiled code: Dynamo tracing a
+    checkpoint around bitsandbytes' 4-bit autograd function crashed (torch 2.11, docs/PERF.md), and an eager
+    checkpoint that replays compiled blocks is the combination PyTorch supports everywhere. A frame Dynamo still
+    cannot compile runs uncompiled, with one warning line (`fall_back_to_eager`), never a crash."""
+    fall_back_to_eager()
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    # All layers one way: every compiled module shares the code object Dynamo caches under (Module._call_impl), and
+    # whole layers mixed with blocks ran 2.3x slower than Liger on the 7B shape at 22 GiB (docs/PERF.md).
+    by_blocks = any(recomputed(index) for index in range(len(layers)))
+    for layer in layers:
+        for module in (layer.children() if by_blocks else (layer,)):
             module.compile(dynamic=True)
-            count += 1
-    log.info("torch.compile: %d decoder layers compiled on first use", count)
-    return count
+    log.info("torch.compile: %d decoder layers compiled %s, on first use", len(layers),
+             "block by block (attention, MLP, norms: some are recomputed)" if by_blocks else "whole")
+    return len(layers)
+
+
+class _EagerFallbackNotice(logging.Filter):
+    """Dynamo's warning for a frame it could not compile (a traceback per frame) becomes one line, once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        self.count += 1
+        if self.count == 1:
+            cause = record.exc_info[1] if record.exc_info else None
+            while cause is not None and (inner := getattr(cause, "inner_exception", None) or cause.__cause__):
+                cause = inner  # the backend's own error, not Dynamo's wrapper of it
+            reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:300]}" if cause else \
+                record.getMessage().strip().splitlines()[0][:300]
+            log.warning("torch.compile could not compile part of the model (%s): that part runs uncompiled, "
+                        "slower; set QLORA_TORCH_COMPILE=false to silence this", reason)
+        return False
+
+
+def fall_back_to_eager() -> None:
+    """Dynamo's own fallback (`suppress_errors`): a frame that fails to compile runs eagerly instead of raising."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    target = logging.getLogger("torch._dynamo.convert_frame")
+    for old in [f for f in target.filters if isinstance(f, _EagerFallbackNotice)]:
+        target.removeFilter(old)
+    target.addFilter(_EagerFallbackNotice())  # a fresh count: one line for each model compiled
 
 
 def liger_available() -> bool:

@@ -31,12 +31,18 @@ from entrypoints.sizing import BatchPlan
 log = logging.getLogger("qlora")
 
 
+def compiles(cfg: JobConfig, plan: BatchPlan | None, cuda: bool) -> bool:
+    """Whether the decoder layers are compiled (perf.wants_compile, with the plan's checkpointing)."""
+    partial = plan is not None and plan.gradient_checkpointing and plan.layers_without_checkpointing > 0
+    return perf.wants_compile(cfg.torch_compile, cuda, partial)
+
+
 def sft_config(cfg: JobConfig, plan: BatchPlan | None, cuda: bool, precision: str, has_eval: bool,
                report_to: str | list[str]) -> dict[str, Any]:
     """Every SFTConfig argument of the job, decided here once. `plan`: packed micro-batches sized from the GPU's
     memory (sizing.plan_batch; None without packing: padded micro-batches of micro_batch_size samples);
     `precision`: the compute dtype's name."""
-    use_compile = perf.wants_compile(cfg.torch_compile, cuda)
+    use_compile = compiles(cfg, plan, cuda)
     return dict(
         output_dir=str(cfg.checkpoint_path),
         run_name=cfg.run_name or None,
@@ -130,9 +136,11 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    if perf.wants_compile(cfg.torch_compile, cuda):
-        perf.compile_layers(trainer.model)
-    elif cfg.torch_compile and cuda:
+    if compiles(cfg, plan, cuda):
+        checkpointing = bool(kwargs.get("activation_checkpointing", kwargs.get("gradient_checkpointing")))
+        kept = plan.layers_without_checkpointing if plan is not None else 0
+        perf.compile_layers(trainer.model, recomputed=lambda index: checkpointing and index >= kept)
+    elif cfg.torch_compile == "true" and cuda:
         log.warning("torch_compile skipped: Triton needs a C compiler to build its launcher and none is installed")
     from transformers.trainer_callback import PrinterCallback
 

@@ -51,10 +51,14 @@ WARMUP_STEPS = 2  # optimizer steps left out of the steady-state rate (allocator
 # Lever name -> job settings changed from the default (and `varlen`: whether packed rows use varlen attention).
 LEVERS: dict[str, dict[str, Any]] = {
     "default": {},
-    "unpacked": {"packing": "false", "use_liger": "false", "optim": "paged_adamw_32bit"},  # the job path with the fast path switched off
-    "packed-sdpa": {"use_liger": "false", "optim": "paged_adamw_32bit", "varlen": False},  # + BFD packing, block-diagonal SDPA mask
-    "packed-varlen": {"use_liger": "false", "optim": "paged_adamw_32bit"},  # + varlen flash attention
-    "no-liger": {"use_liger": "false"},  # default without Liger's RMSNorm/SwiGLU/RoPE kernels
+    # the job path with the fast path switched off, then its parts added back one by one
+    "unpacked": {"packing": "false", "use_liger": "false", "torch_compile": "false", "optim": "paged_adamw_32bit"},
+    "packed-sdpa": {"use_liger": "false", "torch_compile": "false", "optim": "paged_adamw_32bit", "varlen": False},
+    "packed-varlen": {"use_liger": "false", "torch_compile": "false", "optim": "paged_adamw_32bit"},  # + varlen attention
+    "no-liger": {"use_liger": "false", "torch_compile": "false"},  # neither Liger's kernels nor torch.compile
+    # Liger's RMSNorm/SwiGLU/RoPE kernels in place of torch.compile (the default where no C compiler exists). Liger
+    # patches transformers' Llama classes for the whole process: run it after every run that must not use it.
+    "liger": {"torch_compile": "false"},
     "paged-adamw": {"optim": "paged_adamw_32bit"},  # default with the recipe's paged AdamW
     "alpha16": {"lora_alpha": "16"},  # default with the baseline's LoRA scale (loss comparison)
     "ckpt-all": {"gradient_checkpointing": "true"},  # every layer recomputed (the default before `auto`)
@@ -63,9 +67,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "dropout0": {"lora_dropout": "0"},  # default without LoRA dropout (no dropped-out input copies)
     # the default with the GPU capped at the baseline's peak reserved memory of the same process
     "at-baseline-memory": {"max_gpu_memory_gib": "baseline"},
-    # torch.compile of every decoder layer (regional), in place of Liger. Liger patches transformers' Llama
-    # classes for the whole process, so compare it with `no-liger` in a process where no run used Liger.
-    "compile-layers": {"torch_compile": "true"},
+    "compile-layers": {"torch_compile": "true"},  # torch.compile asked for explicitly (the default where it can run)
     "tokens-16k": {"micro_batch_tokens": "16384"},  # default + 16k-token micro-batches
     "tokens-4k": {"micro_batch_tokens": "4096"},
 }

@@ -183,6 +183,13 @@ def test_two_gpus_through_the_container_entrypoint_match_one_gpu(small_model):
         assert code == 0, two_log[-6000:]
         assert "torch.distributed.run" in two_log and "--nproc-per-node=2" in two_log, two_log[-3000:]
         assert "rank 1 of 2 (local rank 1, backend nccl)" in two_log, two_log[-3000:]
+        # torch.compile is on by default where Triton can build its launcher: eval, sample answers, DDP and the
+        # merge all ran with compiled layers, and nothing had to fall back.
+        from entrypoints import perf
+
+        if perf.compiler_available():
+            assert "torch.compile: " in one_log and "torch.compile: " in two_log, two_log[-3000:]
+            assert "could not compile" not in one_log + two_log
 
         lines = two_log.splitlines()
         assert sum(line.startswith(SUMMARY_PREFIX) for line in lines) == 1

@@ -108,16 +108,25 @@ def test_benchmark_rejects_unknown_runs(capsys):
     assert "turbo" in capsys.readouterr().err
 
 
-def test_torch_compile_is_opt_in_cuda_only_needs_a_compiler_and_replaces_liger(monkeypatch):
-    assert not perf.wants_compile(False, cuda=True)
-    assert not perf.wants_compile(True, cuda=False)
-    monkeypatch.setattr(perf, "compiler_available", lambda: False)
-    assert not perf.wants_compile(True, cuda=True)  # build_trainer then warns once
+def test_torch_compile_is_on_by_default_on_cuda_where_triton_can_build_and_replaces_liger(monkeypatch):
     monkeypatch.setattr(perf, "compiler_available", lambda: True)
     monkeypatch.setattr(perf, "liger_available", lambda: True)
-    assert perf.wants_compile(True, cuda=True)
-    assert _sft(_cfg(torch_compile=True), None, cuda=True)["use_liger_kernel"] is False
-    assert _sft(_cfg(), None, cuda=True)["use_liger_kernel"] is True
+    assert _cfg().torch_compile == "auto" and perf.wants_compile("auto", cuda=True)
+    assert perf.wants_compile("true", cuda=True)
+    assert not perf.wants_compile("false", cuda=True)
+    assert not perf.wants_compile("auto", cuda=False) and not perf.wants_compile("true", cuda=False)
+    assert _sft(_cfg(), None, cuda=True)["use_liger_kernel"] is False  # compiled instead
+    assert _sft(_cfg(torch_compile="false"), None, cuda=True)["use_liger_kernel"] is True
+    # `auto` with some layers kept and some recomputed: Liger's kernels (faster there), unless asked for
+    assert not perf.wants_compile("auto", cuda=True, partial_checkpointing=True)
+    assert perf.wants_compile("true", cuda=True, partial_checkpointing=True)
+    partial = sizing.BatchPlan(2, 4096, 1, True, 20, "", 2048)
+    assert _sft(_cfg(), partial, cuda=True)["use_liger_kernel"] is True
+    every = sizing.BatchPlan(2, 4096, 1, True, 0, "", 2048)
+    assert _sft(_cfg(), every, cuda=True)["use_liger_kernel"] is False
+    monkeypatch.setattr(perf, "compiler_available", lambda: False)
+    assert not perf.wants_compile("auto", cuda=True)  # no C compiler: `true` warns once in build_trainer
+    assert not perf.wants_compile("true", cuda=True)
 
 
 def test_partial_checkpointing_recomputes_only_the_layers_it_does_not_exempt():
@@ -152,3 +161,47 @@ def test_partial_checkpointing_recomputes_only_the_layers_it_does_not_exempt():
     assert [layer.gradient_checkpointing for layer in partial.model.layers] == [False, False, True]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_compile_leaves_checkpoints_outside_the_compiled_code():
+    """With any layer recomputed, every layer is compiled block by block (the checkpoint replays compiled blocks);
+    with none, each layer is compiled whole. Compilation is lazy: nothing is compiled until the first forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    assert perf.compile_layers(model, recomputed=lambda index: index >= 1) == 3
+    for layer in model.model.layers:  # one layer recomputed: every layer by blocks (one way for all)
+        assert layer._compiled_call_impl is None
+        assert all(child._compiled_call_impl is not None for child in layer.children())
+    whole = LlamaForCausalLM(config)
+    perf.compile_layers(whole, recomputed=lambda index: False)
+    assert all(layer._compiled_call_impl is not None for layer in whole.model.layers)
+
+
+def test_a_part_that_fails_to_compile_runs_uncompiled_with_one_warning_line(caplog):
+    """torch.compile failing on a frame (here: a backend that raises) is one warning naming the cause, then the
+    same forward and backward uncompiled, never a crash and never a traceback per frame."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("the backend gave up\nsecond line")
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 64, (2, 16))
+    expected = model(input_ids=ids, labels=ids).loss
+    perf.fall_back_to_eager()
+    for layer in model.model.layers:
+        layer.compile(backend=failing_backend)
+    with caplog.at_level("WARNING"):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    torch.testing.assert_close(loss, expected)
+    notices = [r for r in caplog.records if "could not compile" in r.getMessage()]
+    assert len(notices) == 1 and "RuntimeError: the backend gave up" in notices[0].getMessage()
+    assert "second line" not in caplog.text and "Traceback" not in caplog.text
