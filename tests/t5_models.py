@@ -60,8 +60,12 @@ def tiny_t5(out: Path, version: str = "v1.1", *, dtype=None, d_model: int = 64, 
             data = json.loads(index.read_text())
             data["weight_map"]["lm_head.weight"] = shards[-1].name
             index.write_text(json.dumps(data))
-        settings = json.loads((out / "config.json").read_text())
+    # As the configs of real checkpoints are (written before transformers 5): the scaling of the decoder's output is
+    # implied by tie_word_embeddings, false for v1.1 and absent (true) for v1.0.
+    settings = json.loads((out / "config.json").read_text())
+    settings.pop("scale_decoder_outputs", None)
+    settings.pop("tie_word_embeddings", None)
+    if version == "v1.1":
         settings["tie_word_embeddings"] = False
-        settings.pop("scale_decoder_outputs", None)  # as real v1.1 configs are: implied by tie_word_embeddings
-        (out / "config.json").write_text(json.dumps(settings, indent=2))
+    (out / "config.json").write_text(json.dumps(settings, indent=2))
     return out
