@@ -499,9 +499,9 @@ SEQ2SEQ_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
 
 
 def seq2seq_config(cfg: JobConfig) -> tuple[JobConfig, list[str]]:
-    """The settings an encoder-decoder model trains with: (the configuration with every setting of SEQ2SEQ_SETTINGS
-    that was not given at a value seq2seq training works with, the names of those left at a default that does not
-    apply). Raises ConfigError naming each given setting whose value asks for what seq2seq training does not do."""
+    """The settings an encoder-decoder model trains with, and the names of the settings of SEQ2SEQ_SETTINGS that were
+    not given and whose defaults do not apply (those a value applies to are set to it). Raises ConfigError naming
+    each given setting whose value asks for what seq2seq training does not do."""
     problems, ignored, changes = [], [], {}
     for name, (works_with, why) in SEQ2SEQ_SETTINGS.items():
         value = getattr(cfg, name)

@@ -158,3 +158,21 @@ def test_records_without_a_prompt_and_answer_are_bad_records(tmp_path):
     text.write_text(json.dumps({"text": "plain"}) + "\n")
     with pytest.raises(DataError, match=r"text.jsonl:1: a plain `text` record has no prompt and answer"):
         prepare_data(dataclasses.replace(cfg, max_bad_records=0), text, None, byte_tokenizer(), None, seq2seq=True)
+
+
+def test_batched_answers_equal_answers_one_by_one(tmp_path):
+    """The encoder's inputs are padded on the right and masked: a short prompt beside a long one answers as alone."""
+    from tokenizers import decoders
+    from transformers import AutoModelForSeq2SeqLM
+
+    from entrypoints.evaluation import generate_answers
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5(tmp_path / "t5", "v1.1")).train()
+    tok = byte_tokenizer()
+    tok.backend_tokenizer.decoder = decoders.Fuse()  # one visible character per token: a random model's bytes are
+    samples = [{"messages": CONV[1:2]}, {"messages": CONV[:4]}]  # rarely valid UTF-8
+    together = generate_answers(model, tok, None, samples, max_new_tokens=6, seq2seq=True)
+    alone = [generate_answers(model, tok, None, [s], max_new_tokens=6, seq2seq=True)[0] for s in samples]
+    assert together == alone and together[0] != together[1], (together, alone)
+    assert model.training  # left as it was found
+    assert generate_answers(model, tok, None, samples, max_new_tokens=6) == []  # no chat template, not seq2seq
