@@ -174,6 +174,11 @@ class JobConfig:
         """What goes to W&B and the manifest: every setting (none of them is a secret, by construction)."""
         return dataclasses.asdict(self)
 
+    def source_of(self, name: str) -> str | None:
+        """Where the setting `name` was given (its variable, flag or hyperparameters.json key), or None when it was
+        not given and holds its default."""
+        return getattr(self, "_sources", {}).get(name)
+
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(JobConfig)}
 _TRUE = {"true", "1", "yes", "on"}
@@ -308,10 +313,12 @@ def help_text(command: str) -> str:
     import textwrap
 
     lines = [f"usage: {command} [--name value ...]", "",
-             "Fine-tunes a Llama-class model with QLoRA. Every setting can be given as an environment variable",
-             "(QLORA_NAME), a flag (--name value or --name=value) or a key of SageMaker's hyperparameters.json;",
-             "precedence: defaults < hyperparameters.json < environment < flags. Secrets (HF_TOKEN, WANDB_API_KEY)",
-             "are never settings: they come from the environment, QLORA_SECRETS_DIR or QLORA_SECRETS_ARN.",
+             "Fine-tunes a Llama-class (decoder-only) or T5-class (encoder-decoder) model with QLoRA. Every setting",
+             "can be given as an environment variable (QLORA_NAME), a flag (--name value or --name=value) or a key",
+             "of SageMaker's hyperparameters.json; precedence: defaults < hyperparameters.json < environment <",
+             "flags. Secrets (HF_TOKEN, WANDB_API_KEY) are never settings: they come from the environment,",
+             "QLORA_SECRETS_DIR or QLORA_SECRETS_ARN. Settings that do not apply to encoder-decoder models (packing,",
+             "chat_template, use_liger...) are ignored when not given and refused when given.",
              "Exit codes: 0 ok, 1 internal, 2 configuration, 3 data, 4 model, 5 storage, 6 output exists,",
              "75 preempted (rerun to resume).", "", "settings:"]
     for group in dict.fromkeys(f.metadata["group"] for f in FIELDS.values()):
@@ -390,9 +397,14 @@ def parse_config(
         cfg = JobConfig(**cfg_values)
     except TypeError as exc:  # pragma: no cover - every key was checked above
         raise ConfigError([str(exc)]) from None
-    problems.extend(validate(cfg, check_paths=check_paths, sources={name: where for name, (_, where) in raw.items()}))
+    sources = {name: where for name, (_, where) in raw.items()}
+    problems.extend(validate(cfg, check_paths=check_paths, sources=sources))
     if problems:
         raise ConfigError(problems)
+    # Where each value came from is not a setting (not in the table, the manifest or the fingerprint), but a setting
+    # that only the model's architecture makes inapplicable is refused when given and ignored when not
+    # (seq2seq_config), so the instance keeps it beside its fields.
+    object.__setattr__(cfg, "_sources", sources)
     return cfg
 
 
@@ -465,6 +477,54 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
         bad("base_dir", "must be a directory path")
     p.extend(_overlaps(cfg, check_paths))
     return p
+
+
+# Settings that do not apply to an encoder-decoder (seq2seq) model: the values its training works with (a given
+# value outside them is refused; an unset one is ignored, and set to the first of them where the field allows)
+# and why. The job trains a T5-class model on (input text, target text) pairs with transformers' Seq2SeqTrainer.
+SEQ2SEQ_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "packing": ((False,), "an encoder-decoder model is trained on padded (input, target) pairs, nothing is packed"),
+    "micro_batch_tokens": ((0,), "it sizes packed micro-batches, and nothing is packed"),
+    "assistant_only_loss": ((True,), "the loss is on the target (the last answer) only; the prompt is the encoder's"
+                            " input"),
+    "chat_template": ((), "the prompt turns are rendered as plain `role: text` lines, not with a chat template"),
+    "data_format": (("auto", "messages", "sharegpt", "alpaca", "dolly", "prompt_completion"),
+                    "plain `text` records have no prompt and answer to train an encoder-decoder model on"),
+    "use_liger": ((False,), "Liger's kernels are written for Llama-class decoders"),
+    "torch_compile": ((False,), "the job compiles the decoder layers of Llama-class models only"),
+    "compute_dtype": (("auto", "bfloat16", "float32"), "T5-class models overflow in float16 (use bfloat16 or"
+                      " float32)"),
+    "attn_implementation": (("sdpa", "eager"), "T5-class models have no flash-attention implementation"),
+}
+
+
+def seq2seq_config(cfg: JobConfig) -> tuple[JobConfig, list[str]]:
+    """The settings an encoder-decoder model trains with, and the names of the settings of SEQ2SEQ_SETTINGS that were
+    not given and whose defaults do not apply (those a value applies to are set to it). Raises ConfigError naming
+    each given setting whose value asks for what seq2seq training does not do."""
+    problems, ignored, changes = [], [], {}
+    for name, (works_with, why) in SEQ2SEQ_SETTINGS.items():
+        value = getattr(cfg, name)
+        if value in works_with:
+            continue
+        source = cfg.source_of(name)
+        if source is not None:
+            fix = (f"remove it, or set it to {' or '.join(_shown(v) for v in works_with)}" if works_with else
+                   "remove it")
+            problems.append(f"{source}={_shown(value)} is not for encoder-decoder (T5-class) models: {why}; {fix}")
+            continue
+        ignored.append(name)
+        if works_with:
+            changes[name] = works_with[0]
+    if problems:
+        raise ConfigError(problems)
+    effective = dataclasses.replace(cfg, **changes)
+    object.__setattr__(effective, "_sources", getattr(cfg, "_sources", {}))
+    return effective, ignored
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _location(value: str) -> str:

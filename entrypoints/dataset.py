@@ -1,5 +1,6 @@
 """Where data becomes tokens: records -> chat template -> token ids and loss masks in Arrow caches, the eval
-split, the held-out samples, and the counts of what is trained on (after truncation).
+split, the held-out samples, and the counts of what is trained on (after truncation). For an encoder-decoder
+(seq2seq) model: records -> (input, target) token ids (`input_ids`, `labels`; templating.tokenize_seq2seq).
 """
 
 from __future__ import annotations
@@ -39,16 +40,17 @@ def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
 
 
 def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: Any, template: str | None,
-                 fresh_cache: bool = True) -> TokenizedData:
+                 fresh_cache: bool = True, seq2seq: bool = False) -> TokenizedData:
     """Read, hold out, tokenize and count the data, into Arrow caches in the job's work dir (memory stays flat
     however large the data is). `fresh_cache=False` (a host's other ranks, after its local rank 0 has built them)
-    reuses the caches of this job instead of starting over."""
+    reuses the caches of this job instead of starting over. `seq2seq`: (input, target) pairs for an encoder-decoder
+    model instead of token ids with loss masks."""
     cache_dir = cfg.paths.work_dir / "datasets-cache"
     if fresh_cache:
         # `datasets` fingerprints a generator by its code, not by the file's content: a cache left by an earlier
         # run over changed data at the same path would otherwise be reused silently.
         shutil.rmtree(cache_dir, ignore_errors=True)
-    check = _template_check(tokenizer, template)
+    check = _seq2seq_check if seq2seq else _template_check(tokenizer, template)
     train_stats = LoadStats()
     train_raw = _read(cfg, data, train_stats, cache_dir, check, held_out=False)
     stats: dict[str, Any] = {"format": train_stats.fmt, "train_records_read": train_stats.records,
@@ -62,7 +64,7 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
     samples = [s for raw in (eval_raw.select(range(min(len(eval_raw), cfg.num_sample_generations)))["record"]
                              if eval_raw is not None and cfg.num_sample_generations else [])
                if (s := _split_sample(json.loads(raw)))]
-    train_ds, eval_ds = _tokenize(cfg, train_raw, eval_raw, tokenizer, template)
+    train_ds, eval_ds = _tokenize(cfg, train_raw, eval_raw, tokenizer, template, seq2seq)
     train_counts = _token_stats(train_ds, "train")
     eval_counts = _token_stats(eval_ds, "eval") if eval_ds is not None else {}
     stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
@@ -98,6 +100,18 @@ def _template_check(tokenizer: Any, template: str | None):
             raise RecordError(f"the chat template refuses this conversation ({type(exc).__name__}: {exc})") from None
 
     return renders
+
+
+def _seq2seq_check(conv: list[dict[str, str]] | str) -> None:
+    """What an encoder-decoder model cannot train on is a bad record, named by its file and line."""
+    if isinstance(conv, str):
+        raise RecordError("a plain `text` record has no prompt and answer: an encoder-decoder model is trained on"
+                          " (input, target) pairs; give chat or instruction records (messages, alpaca,"
+                          " prompt_completion...)")
+    last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+    if conv[last].get("weight", 1) == 0:
+        raise RecordError("the last answer has weight 0: an encoder-decoder model is trained on the last answer of"
+                          " a conversation only, so nothing of this one would be trained on")
 
 
 def _read(cfg: JobConfig, path: Path, stats: LoadStats, cache_dir: Path, check: Any, held_out: bool) -> Any:
@@ -145,13 +159,24 @@ def _hold_out(cfg: JobConfig, records: Any) -> tuple[Any, Any | None]:
     return split["train"], split["test"]
 
 
-def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: Any, template: str | None
-              ) -> tuple[Any, Any | None]:
-    """Token ids and loss masks, truncated here to max_seq_length (keeping the start) so that what is counted is
-    what is trained on; the full lengths and answer-token counts are kept to report what truncation removed."""
-    from entrypoints.templating import tokenize_conversation, tokenize_text
+def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: Any, template: str | None,
+              seq2seq: bool = False) -> tuple[Any, Any | None]:
+    """Token ids and loss masks (seq2seq: input and target ids), truncated here to max_seq_length (keeping the
+    start; seq2seq: the input and the target each) so that what is counted is what is trained on; the full lengths
+    and answer-token counts are kept to report what truncation removed."""
+    from entrypoints.templating import tokenize_conversation, tokenize_seq2seq, tokenize_text
 
     seq = cfg.max_seq_length
+
+    def tokenize_pairs(batch):
+        out: dict[str, list] = {"input_ids": [], "labels": [], "full_tokens": [], "full_loss_tokens": []}
+        for raw in batch["record"]:
+            enc = tokenize_seq2seq(tokenizer, json.loads(raw))
+            out["full_tokens"].append(len(enc["input_ids"]) + len(enc["labels"]))
+            out["full_loss_tokens"].append(len(enc["labels"]))
+            out["input_ids"].append(enc["input_ids"][:seq])
+            out["labels"].append(enc["labels"][:seq])
+        return out
 
     def tokenize(batch):
         out: dict[str, list] = {"input_ids": [], "assistant_masks": [], "full_tokens": [], "full_loss_tokens": []}
@@ -174,8 +199,10 @@ def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: A
     started = time.monotonic()
     log.info("tokenizing %d train and %d eval records%s", len(train_raw), len(eval_raw) if eval_raw is not None else 0,
              f" on {num_proc} processes" if num_proc else "")
-    train_ds = train_raw.map(tokenize, batched=True, remove_columns=["record"], num_proc=num_proc, desc="tokenizing train")
-    eval_ds = (eval_raw.map(tokenize, batched=True, remove_columns=["record"], desc="tokenizing eval")
+    function = tokenize_pairs if seq2seq else tokenize
+    train_ds = train_raw.map(function, batched=True, remove_columns=["record"], num_proc=num_proc,
+                             desc="tokenizing train")
+    eval_ds = (eval_raw.map(function, batched=True, remove_columns=["record"], desc="tokenizing eval")
                if eval_raw is not None else None)
     log.info("tokenized in %.1f s", time.monotonic() - started)
     return train_ds, eval_ds
@@ -183,22 +210,31 @@ def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: A
 
 def _token_stats(ds: Any, split: str) -> dict[str, int]:
     """Token counts by batched iteration over the Arrow table (reading whole columns would load them into RAM):
-    tokens and answer (loss) tokens as trained on, after truncation, and before it."""
+    tokens and answer (loss) tokens as trained on, after truncation, and before it. Seq2seq data (a `labels`
+    column): the tokens of input and target, the target's being the loss tokens."""
     import numpy as np
     import pyarrow.compute as pc
 
+    def lengths_of(column) -> Any:
+        return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+
     lengths = []  # one int32 per record: 4 MB per million records
     tokens = loss_tokens = full_loss_tokens = truncated = no_answer = longest = 0
-    columns = ["input_ids", "assistant_masks", "full_tokens", "full_loss_tokens"]
+    seq2seq = "labels" in ds.column_names
+    columns = ["input_ids", "labels" if seq2seq else "assistant_masks", "full_tokens", "full_loss_tokens"]
     # Batches of 1,000 records: the per-record sums below make numpy copies of a batch's masks (8 bytes a token).
     for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=1_000):
-        kept = pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+        kept = lengths_of(batch["input_ids"])
         full = batch["full_tokens"].to_numpy(zero_copy_only=False).astype(np.int64)
-        # Answer tokens per record: differences of the running sum of the flattened 0/1 masks at list boundaries.
-        masks = batch["assistant_masks"]
-        running = np.concatenate([[0], np.cumsum(pc.list_flatten(masks).to_numpy(zero_copy_only=False))])
-        ends = np.cumsum(pc.list_value_length(masks).to_numpy(zero_copy_only=False).astype(np.int64))
-        per_record_loss = running[ends] - running[np.concatenate([[0], ends[:-1]])]
+        if seq2seq:
+            per_record_loss = lengths_of(batch["labels"])
+            kept = kept + per_record_loss
+        else:
+            # Answer tokens per record: differences of the running sum of the flattened 0/1 masks at list boundaries.
+            masks = batch["assistant_masks"]
+            running = np.concatenate([[0], np.cumsum(pc.list_flatten(masks).to_numpy(zero_copy_only=False))])
+            ends = np.cumsum(lengths_of(masks))
+            per_record_loss = running[ends] - running[np.concatenate([[0], ends[:-1]])]
         lengths.append(full.astype(np.int32))
         tokens += int(kept.sum())
         loss_tokens += int(per_record_loss.sum())

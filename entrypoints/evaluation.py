@@ -9,27 +9,32 @@ from typing import Any
 
 
 def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: list[dict[str, Any]],
-                     max_new_tokens: int) -> list[str]:
+                     max_new_tokens: int, seq2seq: bool = False) -> list[str]:
+    """Greedy answers to the samples' prompts: rendered with the chat template, or (seq2seq) as the encoder's input."""
     import torch
 
-    from entrypoints.templating import prompt_ids
+    from entrypoints.templating import prompt_ids, seq2seq_prompt_ids
 
-    if not samples or template is None:
+    if not samples or (template is None and not seq2seq):
         return []
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
-    prompts = [prompt_ids(tokenizer, template, s["messages"]) for s in samples]
-    # All prompts in one left-padded batch: each decoding step dequantizes the 4-bit weights once for
-    # the whole batch instead of once per prompt (on CPU that is most of the cost).
+    prompts = [seq2seq_prompt_ids(tokenizer, s["messages"]) if seq2seq else prompt_ids(tokenizer, template, s["messages"])
+               for s in samples]
+    # All prompts in one padded batch: each decoding step dequantizes the 4-bit weights once for the whole batch
+    # instead of once per prompt (on CPU that is most of the cost). A decoder continues its prompts, so they are
+    # padded on the left and the answer is what follows them; an encoder-decoder's output is the answer alone.
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    padded = [(p + [pad] * (width - len(p)), [1] * len(p) + [0] * (width - len(p))) if seq2seq else
+              ([pad] * (width - len(p)) + p, [0] * (width - len(p)) + [1] * len(p)) for p in prompts]
+    ids = torch.tensor([row for row, _ in padded], device=device)
+    mask = torch.tensor([row for _, row in padded], device=device)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    answers = [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    answers = [tokenizer.decode(row if seq2seq else row[width:], skip_special_tokens=True).strip() for row in out]
     if was_training:
         model.train()
     return answers

@@ -1,4 +1,8 @@
-"""Finding and loading the base model: Hub id, local directory or s3:// prefix -> local files -> 4-bit model."""
+"""Finding and loading the base model: Hub id, local directory or s3:// prefix -> local files -> 4-bit model.
+
+Two kinds of model are trained: decoder-only causal LMs (Llama-class) and T5-class encoder-decoders (t5, mt5, umt5:
+`is_seq2seq`), loaded with AutoModelForCausalLM and AutoModelForSeq2SeqLM respectively.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from entrypoints import perf, storage
+from entrypoints import perf, sizing, storage
 from entrypoints.config import JobConfig
 from entrypoints.errors import ConfigError, ModelError
 
@@ -118,13 +122,30 @@ def device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def compute_dtype(cfg: JobConfig):
+def is_seq2seq(model_dir: Path, cfg: JobConfig) -> bool:
+    """True for a T5-class encoder-decoder, False for a decoder-only model; a ModelError for any other
+    encoder-decoder, whose module names, inputs and generation the job does not know."""
+    config = load_model_config(model_dir, cfg).to_dict()
+    if not sizing.is_encoder_decoder(config):
+        return False
+    model_type = config.get("model_type")
+    if model_type not in sizing.SEQ2SEQ_MODEL_TYPES:
+        raise ModelError(f"{model_dir}/config.json: an encoder-decoder model of type {model_type!r}: the job trains"
+                         " Llama-class decoders and T5-class encoder-decoders"
+                         f" ({', '.join(sizing.SEQ2SEQ_MODEL_TYPES)}); point QLORA_MODEL at one of those")
+    return True
+
+
+def compute_dtype(cfg: JobConfig, seq2seq: bool = False):
     import torch
 
     if cfg.compute_dtype != "auto":
         return getattr(torch, cfg.compute_dtype)
     if device_kind() == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        # T5-class models overflow in float16 (their feed-forward activations exceed its range): float32 there.
+        return torch.float32 if seq2seq else torch.float16
     # On CPU, bitsandbytes' bf16 dequantization path is several times faster than its float32 one
     # (measured on this project's 2-core CI machines: one SmolLM2 step 20-25 s vs 75-100 s, shared CPU).
     return torch.bfloat16
@@ -140,12 +161,12 @@ def load_tokenizer(model_dir: Path, cfg: JobConfig):
                          " tokenizer.json or tokenizer.model with tokenizer_config.json") from None
 
 
-def quantization_config(cfg: JobConfig) -> Any:
+def quantization_config(cfg: JobConfig, seq2seq: bool = False) -> Any:
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "none":
         return None
-    dtype = compute_dtype(cfg)
+    dtype = compute_dtype(cfg, seq2seq)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quantization,
@@ -156,24 +177,25 @@ def quantization_config(cfg: JobConfig) -> Any:
     )
 
 
-def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0):
+def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0, seq2seq: bool = False):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     device = device_kind()
-    dtype = compute_dtype(cfg)
+    dtype = compute_dtype(cfg, seq2seq)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": cfg.attn_implementation,
         "trust_remote_code": cfg.trust_remote_code,
-        "quantization_config": quantization_config(cfg),
+        "quantization_config": quantization_config(cfg, seq2seq),
         "device_map": {"": local_rank} if device == "cuda" else {"": "cpu"},
     }
     if not cfg.allow_pickle_weights:
         kwargs["use_safetensors"] = True
     log.info("loading %s (%s, compute %s) on %s", model_dir, cfg.quantization, str(dtype).removeprefix("torch."), device)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+        auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model, info = auto_class.from_pretrained(model_dir, output_loading_info=True, **kwargs)
     except ImportError as exc:  # an attention kernel (flash-attn) or a model's requirement that is not installed
         raise ConfigError([f"QLORA_ATTN_IMPLEMENTATION={cfg.attn_implementation!r} (or the model) needs a package this"
                            f" environment lacks ({first_line(exc)}): use QLORA_ATTN_IMPLEMENTATION=sdpa, or install"
@@ -186,7 +208,11 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0):
         raise ModelError(f"{model_dir}: the weights' shapes do not match config.json ({first_line(exc)}): the config"
                          " belongs to another model; use the model's own config.json") from None
     check_loading_info(model_dir, info, quantized_shape_mismatches(model))
-    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    # The KV cache is useless in training and conflicts with checkpointing (T5's encoder and decoder stacks read
+    # copies of the config of their own).
+    for module in model.modules():
+        if hasattr(getattr(module, "config", None), "use_cache"):
+            module.config.use_cache = False
     changed = perf.patch_model(model, cfg.packing, cfg.attn_implementation, device == "cuda")  # varlen attention
     if changed:
         log.info("fast path: %s", changed)

@@ -368,12 +368,15 @@ def package_versions() -> dict[str, str]:
 
 
 def write_model_card(stage: Path, cfg: JobConfig, metrics: dict[str, Any], samples: list[dict[str, Any]],
-                     has_merged: bool) -> Path:
+                     has_merged: bool, seq2seq: bool = False) -> Path:
+    """README.md of the output. `seq2seq`: an encoder-decoder model, whose prompts are plain text (the format is
+    written down, since no chat template saved with the tokenizer carries it)."""
+    auto_class = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
     lines = [
         "---",
         f"base_model: {cfg.model}",
         "library_name: peft",
-        "tags: [qlora, lora, sft, trl]",
+        f"tags: [qlora, lora, {'seq2seq' if seq2seq else 'sft, trl'}]",
         "---",
         f"# {cfg.run_name or 'QLoRA fine-tune'}",
         "",
@@ -385,9 +388,14 @@ def write_model_card(stage: Path, cfg: JobConfig, metrics: dict[str, Any], sampl
     ]
     if has_merged:
         lines.append("- `merged/`: the adapter merged into the 16-bit base, loadable with"
-                     " `AutoModelForCausalLM.from_pretrained('merged')` alone.")
-    lines += ["- `manifest.json`: every file with size and sha256, the settings, metrics and versions.", "",
-              "## Metrics", "| metric | value |", "| --- | --- |"]
+                     f" `{auto_class}.from_pretrained('merged')` alone.")
+    lines.append("- `manifest.json`: every file with size and sha256, the settings, metrics and versions.")
+    if seq2seq:
+        lines += ["", "## Prompt format",
+                  "Trained on (input, target) pairs: the target is a conversation's last answer, the input the turns"
+                  " before it, one `role: text` line each (`system: ...`, `user: ...`, `assistant: ...`, joined by"
+                  " newlines); a single user turn is its text alone. Give the model its input the same way."]
+    lines += ["", "## Metrics", "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     if samples:
         lines += ["", "## Held-out samples", "| prompt | reference | before | after |", "| --- | --- | --- | --- |"]

@@ -24,6 +24,14 @@ GIB = 1024**3
 # (peak reserved was 1.5-2 GiB above peak allocated on 7B/13B) and estimate error.
 MEMORY_SHARE = 0.80
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The encoder-decoder architectures the job trains (seq2seq): T5's layout, whose linear layers are q, k, v, o in
+# every attention block and wi (T5 v1.0) or wi_0 + wi_1 (v1.1, Flan-T5, mT5, umT5) and wo in every feed-forward.
+SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "umt5")
+
+
+def is_encoder_decoder(config: Mapping[str, Any]) -> bool:
+    """Whether a config.json (as a dict) describes an encoder-decoder model (T5, BART, ...) rather than a decoder."""
+    return bool(config.get("is_encoder_decoder")) or config.get("model_type") in SEQ2SEQ_MODEL_TYPES
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -47,6 +55,9 @@ class ModelShape:
             config = config.get_text_config() if hasattr(config, "get_text_config") else config
             config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
         config = config.get("text_config", config) if isinstance(config.get("text_config"), Mapping) else config
+        if is_encoder_decoder(config):
+            raise ValueError(f"an encoder-decoder model (model_type {config.get('model_type')}): the memory estimate"
+                             " and the batch plan are only available for Llama-class decoders")
         missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                "vocab_size") if config.get(k) is None]
         if missing:

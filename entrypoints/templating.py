@@ -11,6 +11,11 @@ Rules enforced here (each one is a known way to ruin a fine-tune):
 - the pad token is distinct from EOS where the vocabulary allows (pad == EOS teaches models to ramble
   in collators that mask padding by token id);
 - the loss covers assistant tokens only: the mask is computed from the rendered text's character spans.
+
+Encoder-decoder (T5-class) models have no chat template: a conversation becomes an input text and a target text
+(`seq2seq_pair`). The target is the last assistant answer. The input is the turns before it, one `role: text` line
+each ("system: Be brief.\nuser: Hi!\nassistant: Hello.\nuser: 2+2?"); a lone user turn is its text alone, the way
+Flan-T5 was instruction-tuned. Input and target each end with EOS, as T5's tokenizer writes them.
 """
 
 from __future__ import annotations
@@ -138,6 +143,42 @@ def prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, str]]) ->
     if _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def seq2seq_input(messages: list[dict[str, str]]) -> str:
+    """The encoder's input for a conversation's prompt turns (everything before the answer): a lone user turn is its
+    text, anything longer one `role: text` line per turn."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def seq2seq_pair(messages: list[dict[str, str]]) -> tuple[str, str]:
+    """A conversation as an encoder-decoder model is trained on it: (input text, target text), the target being the
+    last assistant answer and the input the turns before it (earlier answers included, as context)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return seq2seq_input(messages[:last]), messages[last]["content"]
+
+
+def _ids_with_eos(tokenizer: Any, text: str) -> list[int]:
+    """The tokenizer's own special tokens (T5's appends EOS), and EOS at the end where it adds none."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
+
+
+def tokenize_seq2seq(tokenizer: Any, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+    """-> {"input_ids": the encoder's input, "labels": the target}, each ending with EOS (the target's EOS is trained
+    on, so the model learns to stop)."""
+    source, target = seq2seq_pair(messages)
+    return {"input_ids": _ids_with_eos(tokenizer, source), "labels": _ids_with_eos(tokenizer, target)}
+
+
+def seq2seq_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the encoder's input for a conversation's prompt turns, for generation."""
+    return _ids_with_eos(tokenizer, seq2seq_input(messages))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
-"""The training job: QLoRA SFT of a Llama-class model, configured by QLORA_* variables.
+"""The training job: QLoRA SFT of a Llama-class model (or a T5-class encoder-decoder), configured by QLORA_* variables.
 
     python -m entrypoints.train [--name value ...]      # what the container's `train` command runs
 
-Steps (main -> run): resolve secrets and the output location -> fetch data and model -> tokenize ->
+Steps (main -> run): resolve secrets and the output location -> fetch data and model -> the model's kind (a T5-class
+encoder-decoder is trained as seq2seq: `settings_for_model`, and a few steps branch on it) -> tokenize ->
 load the 4-bit model -> eval + sample answers before -> train (resuming from the newest complete
 checkpoint) -> eval + sample answers after -> save the adapter -> merge -> model card + manifest ->
 publish (manifest last) -> print a summary. Exit codes: entrypoints/errors.py and the README.
@@ -29,7 +30,7 @@ from entrypoints.checkpoints import (
     model_files,
     run_fingerprint,
 )
-from entrypoints.config import JobConfig, env_name, help_text, parse_config
+from entrypoints.config import JobConfig, env_name, help_text, parse_config, seq2seq_config
 from entrypoints.data import list_data_files
 from entrypoints.dataset import TokenizedData, prepare_data
 from entrypoints.errors import (
@@ -44,6 +45,7 @@ from entrypoints.evaluation import answer_match, evaluate, generate_answers
 from entrypoints.modeling import (
     cap_gpu_memory,
     device_kind,
+    is_seq2seq,
     load_model,
     load_model_config,
     load_tokenizer,
@@ -191,12 +193,14 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
                  target: OutputTarget, claim: OutputClaim, started: float) -> dict[str, Any]:
     work = cfg.paths.work_dir
     inputs = ranks.on_host_leader(lambda: resolve_inputs(cfg, work, secrets.get("HF_TOKEN")), "the input downloads")
+    cfg, seq2seq = settings_for_model(cfg, inputs.model_dir)
     if ranks.is_main:
         check_disk_space(cfg, inputs.model_dir)
-    tokenizer, template = load_tokenizer_and_template(cfg, inputs.model_dir)
+    tokenizer, template = load_tokenizer_and_template(cfg, inputs.model_dir, seq2seq)
     with disk_space_for(work / "datasets-cache", "tokenizing the data"):
         data = ranks.host_leader_first(lambda: prepare_data(cfg, inputs.data, inputs.eval_data, tokenizer, template,
-                                                            fresh_cache=ranks.is_local_main), "data preparation")
+                                                            fresh_cache=ranks.is_local_main, seq2seq=seq2seq),
+                                       "data preparation")
     stop.check("while the data was prepared")
     plan, fingerprint = plan_run(cfg, inputs, data, ranks)
     resume = find_checkpoint(cfg, fingerprint, ranks)
@@ -205,10 +209,10 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
                if ranks.is_main and wandb_wanted(cfg.report_to, {**env, **secrets}) else NullTracker())
     exit_code = 1
     try:
-        model = load_model(inputs.model_dir, cfg, ranks.local_rank)
-        trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint)
+        model = load_model(inputs.model_dir, cfg, ranks.local_rank, seq2seq)
+        trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint, seq2seq)
         stop.check("while the model was loaded")
-        metrics, samples = train_and_evaluate(cfg, trainer, tokenizer, template, data, stop, resume)
+        metrics, samples = train_and_evaluate(cfg, trainer, tokenizer, template, data, stop, resume, seq2seq)
         stop.check("after training (during eval or the sample answers)")
         if not trainer.is_world_process_zero():
             exit_code = 0
@@ -225,7 +229,7 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
                 publisher.submit(path)
             del trainer, model  # the merge needs the memory the 4-bit model holds
             _free_memory()
-            manifest_uri = publish(cfg, inputs, data, stage, publisher, adapter_dir, metrics, samples)
+            manifest_uri = publish(cfg, inputs, data, stage, publisher, adapter_dir, metrics, samples, seq2seq)
         exit_code = 0
         return {"output": target.uri, "manifest": manifest_uri, **metrics, "samples": samples,
                 "wall_seconds": round(time.monotonic() - started, 1)}
@@ -269,11 +273,23 @@ def _device(path: Path) -> int:
     return -1
 
 
-def load_tokenizer_and_template(cfg: JobConfig, model_dir: Path) -> tuple[Any, str | None]:
+def settings_for_model(cfg: JobConfig, model_dir: Path) -> tuple[JobConfig, bool]:
+    """The settings this model trains with, and whether it is a T5-class encoder-decoder (trained as seq2seq: the
+    settings that do not apply to it are refused when given and left out, with one log line, when not)."""
+    if not is_seq2seq(model_dir, cfg):
+        return cfg, False
+    cfg, ignored = seq2seq_config(cfg)
+    log.info("encoder-decoder model: trained as seq2seq on (input, target) pairs%s",
+             f"; settings that do not apply to it, ignored at their defaults: {', '.join(ignored)}" if ignored else "")
+    return cfg, True
+
+
+def load_tokenizer_and_template(cfg: JobConfig, model_dir: Path, seq2seq: bool = False) -> tuple[Any, str | None]:
     """The base model's tokenizer with a pad token that is not EOS, and the chat template the data is rendered with
-    (saved with the adapter, so inference formats prompts the same way); no template for plain `text` records."""
+    (saved with the adapter, so inference formats prompts the same way); no template for plain `text` records, nor
+    for an encoder-decoder model (its prompts are plain text: templating.seq2seq_input)."""
     tokenizer = load_tokenizer(model_dir, cfg)
-    template = None if cfg.data_format == "text" else resolve_chat_template(tokenizer, cfg.chat_template)
+    template = None if cfg.data_format == "text" or seq2seq else resolve_chat_template(tokenizer, cfg.chat_template)
     tokenizer.pad_token = choose_pad_token(tokenizer)
     if template is not None:
         tokenizer.chat_template = template
@@ -301,13 +317,15 @@ def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks) 
 
 
 def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: str | None, data: TokenizedData,
-                       stop: StopFlag, resume: Path | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                       stop: StopFlag, resume: Path | None, seq2seq: bool = False
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Eval loss and sample answers before, training (or the finished checkpoint taken as it is), the check that it
     trained something, eval loss and sample answers after: the metrics and the samples (world rank 0 answers)."""
     answers = trainer.is_world_process_zero() and data.samples
 
     def answer() -> list[str]:
-        return generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens) if answers else []
+        return (generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens, seq2seq)
+                if answers else [])
 
     has_eval = data.eval is not None
     eval_before, before = evaluate(trainer, has_eval), answer()
@@ -330,7 +348,7 @@ def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: s
 
 
 def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, publisher: Publisher, adapter_dir: Path,
-            metrics: dict[str, Any], samples: list[dict[str, Any]]) -> str:
+            metrics: dict[str, Any], samples: list[dict[str, Any]], seq2seq: bool = False) -> str:
     """Merge, write the model card and the manifest, and publish what is left (the manifest last)."""
     if cfg.merge:
         from entrypoints.merge import merge_adapter
@@ -342,7 +360,8 @@ def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, pu
         merge_summary = merge_adapter(inputs.model_dir, adapter_dir, stage / "merged", merge_into=merge_into,
                                       double_quant=cfg.double_quant, on_file_written=publisher.submit)
         metrics["merge"] = {k: v for k, v in merge_summary.items() if isinstance(v, (str, int, float, bool))}
-    write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge)
+    write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge,
+                     seq2seq)
     manifest = build_manifest(stage, cfg, {
         "base_model": {"source": cfg.model, "revision": cfg.model_revision,
                        "fingerprint_sha256": inputs.content["model_sha256"]},
@@ -394,6 +413,11 @@ def quiet_known_noise() -> None:
     # peft reads `model.is_gradient_checkpointing`, which transformers >= 5.2x renamed: a warning about peft's
     # code, not the job's, and the value it reads is right.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # A T5 v1.1 / Flan-T5 checkpoint stores an LM head of its own beside the `shared` embedding (its config says
+    # tie_word_embeddings=false); transformers 5 ties T5's head regardless, finds the two differ and keeps them apart,
+    # which is right, and warns that the config should say what it already says.
+    logging.getLogger("transformers.modeling_utils").addFilter(
+        lambda record: "to tie shared.weight to lm_head.weight" not in record.getMessage())
     # bitsandbytes on CPU first tries the optimized kernels of the `kernels` package (downloaded from the Hub) and
     # falls back to its own CPU kernel, which is what runs here: its warning says nothing is wrong.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -1,5 +1,6 @@
 """The trainer: TRL's SFTTrainer configured for the job (one SFTConfig, built in one place), the resume decision,
-the training run itself and the checks that it trained something.
+the training run itself and the checks that it trained something. An encoder-decoder (seq2seq) model, which TRL's
+SFTTrainer does not train, gets transformers' Seq2SeqTrainer with the same arguments less TRL's data ones.
 """
 
 from __future__ import annotations
@@ -91,23 +92,64 @@ def sft_config(cfg: JobConfig, plan: BatchPlan | None, cuda: bool, precision: st
     )
 
 
+# SFTConfig's arguments about TRL's own data handling (packing, padding-free batches, its truncation): not
+# arguments of transformers' Seq2SeqTrainingArguments, whose data is tokenized and truncated by the job.
+SFT_DATA_ARGUMENTS = ("packing", "packing_strategy", "padding_free", "max_length", "dataset_num_proc")
+
+
+def seq2seq_config(sft_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The job's trainer arguments (sft_config) as Seq2SeqTrainingArguments: without TRL's data arguments, and
+    counting the encoder's non-padding input tokens (the throughput log's tokens; TRL counts its own)."""
+    kwargs = {k: v for k, v in sft_kwargs.items() if k not in SFT_DATA_ARGUMENTS}
+    kwargs["include_num_input_tokens_seen"] = "non_padding"
+    return kwargs
+
+
+def _checkpointing_name(kwargs: dict[str, Any], args_class: Any) -> dict[str, Any]:
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(args_class)}:
+        # transformers >= 5.2x renamed the setting (the old name still works, with a FutureWarning); 5.17 has only
+        # the old one: the name this transformers knows.
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+    return kwargs
+
+
+def _sft_trainer(model: Any, kwargs: dict[str, Any], data: TokenizedData, tokenizer: Any, peft_config: Any,
+                 callbacks: list[Any]) -> Any:
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer(model=model, args=SFTConfig(**_checkpointing_name(kwargs, SFTConfig)),
+                      train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                      peft_config=peft_config, callbacks=callbacks)
+
+
+def _seq2seq_trainer(model: Any, kwargs: dict[str, Any], data: TokenizedData, tokenizer: Any, peft_config: Any,
+                     callbacks: list[Any]) -> Any:
+    """transformers' Seq2SeqTrainer on (input_ids, labels) pairs, padded per micro-batch (labels with -100, which
+    carries no loss); the LoRA model is made here, as SFTTrainer makes it from peft_config."""
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(**_checkpointing_name(seq2seq_config(kwargs), Seq2SeqTrainingArguments))
+    model = get_peft_model(model, peft_config)
+    if kwargs["gradient_checkpointing"]:
+        # Checkpointed blocks of a frozen model recompute nothing with a gradient unless their input asks for one.
+        model.enable_input_require_grads()
+    return Seq2SeqTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
+                          callbacks=callbacks)
+
+
 def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedData, tracker: Any, stop: StopFlag,
-                  plan: BatchPlan | None, fingerprint: dict):
+                  plan: BatchPlan | None, fingerprint: dict, seq2seq: bool = False):
     import torch
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
     from entrypoints.modeling import compute_dtype, device_kind
 
     check_lora_targets(model, cfg.target_modules)
     cuda = device_kind() == "cuda"
-    precision = str(compute_dtype(cfg)).removeprefix("torch.")
+    precision = str(compute_dtype(cfg, seq2seq)).removeprefix("torch.")
     kwargs = sft_config(cfg, plan, cuda, precision, data.eval is not None, tracker.report_to)
-    if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}:
-        # transformers >= 5.2x renamed the setting (the old name still works, with a FutureWarning); 5.17 has only
-        # the old one: the name this transformers knows.
-        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
-    args = SFTConfig(**kwargs)
     extra_callbacks = []
     if plan is not None and plan.gradient_checkpointing and plan.layers_without_checkpointing:
         extra_callbacks.append(perf.partial_checkpointing_callback(plan.layers_without_checkpointing))
@@ -117,18 +159,11 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
     )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url, fingerprint),
-                   _throughput_callback(tracker), *extra_callbacks],
-    )
+    callbacks = [trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url, fingerprint),
+                 _throughput_callback(tracker), *extra_callbacks]
+    trainer = (_seq2seq_trainer if seq2seq else _sft_trainer)(model, kwargs, data, tokenizer, peft_config, callbacks)
     # TRL casts a quantized model's LoRA weights to bfloat16, but a resumed run reloads them through peft, which
     # upcasts adapters to float32: every resume switched the precision and ended with a different adapter than
     # an uninterrupted run. Float32 adapter weights (peft's own default) in both cases; under bf16/fp16 autocast
@@ -156,8 +191,9 @@ def check_lora_targets(model: Any, targets: str | list[str]) -> None:
     names = [name for name, _ in model.named_modules()]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
+        head = model.get_output_embeddings()
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if hasattr(module, "in_features") and name.startswith("model.")})
+                         if hasattr(module, "in_features") and module is not head})
         raise ConfigError([f"{env_name('lora_target_modules')}={','.join(targets)!r}: {', '.join(unmatched)} match no"
                            f" module of this model; its layers' linear modules are {', '.join(linear)} (or use"
                            " all-linear)"])
@@ -167,15 +203,21 @@ def _throughput_callback(tracker: Any):
     from transformers import TrainerCallback
 
     class Throughput(TrainerCallback):
-        """Adds trained-tokens-per-second (non-padding tokens, from TRL's `num_tokens`) to the logs."""
+        """Adds trained-tokens-per-second (non-padding tokens, from TRL's `num_tokens`; seq2seq: the encoder's input
+        tokens the Trainer counts) to the logs."""
 
         def __init__(self) -> None:
             self.last: tuple[float, float] | None = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "num_tokens" not in logs:
+            if not logs:
                 return
-            now, tokens = time.monotonic(), float(logs["num_tokens"])
+            counted = logs.get("num_tokens")
+            if counted is None and not any(k.startswith("eval_") for k in logs):
+                counted = logs.get("num_input_tokens_seen")
+            if counted is None:
+                return
+            now, tokens = time.monotonic(), float(counted)
             if self.last is not None and now > self.last[0] and tokens > self.last[1]:
                 rate = (tokens - self.last[1]) / (now - self.last[0])
                 logs["tokens_per_second"] = round(rate, 1)

@@ -32,6 +32,7 @@ from entrypoints.merge.layout import (
     plan_shards,
 )
 from entrypoints.merge.safetensors_io import TensorInfo, atomic_write_bytes, read_header, read_tensor, write_safetensors
+from entrypoints.sizing import SEQ2SEQ_MODEL_TYPES
 
 log = logging.getLogger("qlora.merge")
 
@@ -225,6 +226,10 @@ def _copy_small_files(base: BaseModel, adapter_dir: Path, out_dir: Path, untied:
     config = dict(base.config)
     config.pop("quantization_config", None)
     if untied:
+        if config.get("model_type") in SEQ2SEQ_MODEL_TYPES and "scale_decoder_outputs" not in config:
+            # T5 derives the scaling of its decoder's output from tie_word_embeddings when the config does not
+            # state it (scaled when tied: T5 v1.0): untying must not change what the model computes.
+            config["scale_decoder_outputs"] = config.get("tie_word_embeddings", True) is not False
         config["tie_word_embeddings"] = False
     atomic_write_bytes(out_dir / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     written.add(out_dir / "config.json")

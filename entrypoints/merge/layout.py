@@ -37,19 +37,24 @@ class BaseModel:
 
 
 def _meta_model(base_dir: Path, config: dict):
-    """The model's skeleton on the meta device (no memory): tied weights and Linear modules come from it."""
+    """The model's skeleton on the meta device (no memory): tied weights and Linear modules come from it. A causal
+    LM, or an encoder-decoder (T5: `shared` embedding, q/k/v/o, wi or wi_0/wi_1, wo) with its LM head."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from entrypoints.sizing import is_encoder_decoder
 
     try:
         hf_config = AutoConfig.from_pretrained(str(base_dir))
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config
+        auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config)
+            return auto_class.from_config(hf_config)
     except (ValueError, KeyError, OSError, ImportError) as exc:
         raise ModelError(f"{base_dir / 'config.json'}: transformers cannot build this architecture ({exc}); only"
-                         " transformers' own causal-LM architectures can be merged") from None
+                         " transformers' own causal-LM and sequence-to-sequence LM architectures can be merged"
+                         ) from None
 
 
 def _quantized_keys(model) -> set[str]:
