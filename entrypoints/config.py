@@ -491,7 +491,7 @@ SEQ2SEQ_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
     "data_format": (("auto", "messages", "sharegpt", "alpaca", "dolly", "prompt_completion"),
                     "plain `text` records have no prompt and answer to train an encoder-decoder model on"),
     "use_liger": ((False,), "Liger's kernels are written for Llama-class decoders"),
-    "torch_compile": ((False,), "the job compiles the decoder layers of Llama-class models only"),
+    "torch_compile": (("false",), "the job compiles the decoder layers of Llama-class models only"),
     "compute_dtype": (("auto", "bfloat16", "float32"), "T5-class models overflow in float16 (use bfloat16 or"
                       " float32)"),
     "attn_implementation": (("sdpa", "eager"), "T5-class models have no flash-attention implementation"),

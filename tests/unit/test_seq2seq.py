@@ -58,11 +58,11 @@ def _cfg(tmp_path, argv=(), **env):
 
 def test_settings_that_do_not_apply_are_ignored_at_their_defaults_and_refused_when_given(tmp_path):
     effective, ignored = seq2seq_config(_cfg(tmp_path))
-    assert ignored == ["packing", "chat_template", "use_liger"]
-    assert effective.packing is False and effective.use_liger is False and effective.compute_dtype == "auto"
+    assert ignored == ["packing", "chat_template", "use_liger", "torch_compile"]
+    assert effective.packing is False and effective.use_liger is False and effective.torch_compile == "false" and effective.compute_dtype == "auto"
     # Given at the value seq2seq training works with: accepted as it is.
     effective, ignored = seq2seq_config(_cfg(tmp_path, QLORA_PACKING="false", QLORA_COMPUTE_DTYPE="float32"))
-    assert ignored == ["chat_template", "use_liger"] and effective.compute_dtype == "float32"
+    assert ignored == ["chat_template", "use_liger", "torch_compile"] and effective.compute_dtype == "float32"
     # Given at a value that asks for what seq2seq training does not do: refused, each named where it was given.
     hp = tmp_path / "ml" / "input" / "config" / "hyperparameters.json"
     hp.parent.mkdir(parents=True)
@@ -77,7 +77,7 @@ def test_settings_that_do_not_apply_are_ignored_at_their_defaults_and_refused_wh
                    "or set it to auto or bfloat16 or float32", "overflow in float16"):
         assert phrase in text, phrase
     # A configuration built in code (nothing given) only has defaults to ignore.
-    assert seq2seq_config(JobConfig(data="x", packing=True))[1] == ["packing", "chat_template", "use_liger"]
+    assert seq2seq_config(JobConfig(data="x", packing=True))[1] == ["packing", "chat_template", "use_liger", "torch_compile"]
 
 
 def _config_dir(tmp_path, name: str, config: dict):
