@@ -53,6 +53,7 @@ class Loadable:
     source: str
     part: str  # `merged`, `adapter` or `model` (a directory or Hub model loaded as it is)
     result: Result | None
+    quantization: str = "none"  # of the loaded weights: none, nf4 or fp4
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
                     f" generation_config.json, else {DEFAULT_MAX_NEW_TOKENS})")
     ap.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                     help="weights' dtype; auto: bfloat16 (float16 without bf16 support) on a GPU, float32 on CPU")
+    ap.add_argument("--quantization", choices=("auto", "none", "nf4", "fp4"), default="auto",
+                    help="load the base model in 4 bits (bitsandbytes); auto: for an adapter from a job's output, as"
+                    " the run trained on it (its manifest's quantization settings: the answers of the trained model),"
+                    " else none (16-bit)")
     ap.add_argument("--s3-endpoint-url", default=os.environ.get("QLORA_S3_ENDPOINT_URL", ""),
                     help="endpoint of an S3-compatible store (default: QLORA_S3_ENDPOINT_URL, else AWS)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="where files from S3 and the Hub are kept between"
@@ -183,6 +188,25 @@ def _base_dir(source: str, revision: str, cache_dir: Path, endpoint: str, token:
     return resolve_model(JobConfig(model=source, model_revision=revision, s3_endpoint_url=endpoint), work, token)
 
 
+def base_quantization(choice: str, loadable: Loadable) -> Any:
+    """The BitsAndBytesConfig to load the model with, or None (16-bit). `auto` reproduces the trained model for an
+    adapter from a job's output: its base quantized as in training (the merged model already holds that round trip;
+    docs/MERGE.md measures the difference)."""
+    from entrypoints.config import JobConfig
+    from entrypoints.modeling import quantization_config
+
+    settings = (loadable.result.manifest.get("config") or {}) if loadable.result is not None else {}
+    if choice == "auto":
+        if loadable.adapter_dir is None or settings.get("quantization") not in ("nf4", "fp4"):
+            return None
+        choice = settings["quantization"]
+        log.info("the adapter's base is loaded in %s, as the run trained on it (--quantization none: 16-bit)", choice)
+    if choice == "none":
+        return None
+    return quantization_config(JobConfig(quantization=choice, double_quant=bool(settings.get("double_quant", True)),
+                                         compute_dtype=str(settings.get("compute_dtype") or "auto")))
+
+
 # ------------------------------------------------------------------------------------------- the two modes
 def one_shot(loaded: Any, loadable: Loadable, args: argparse.Namespace, settings: Any) -> int:
     from entrypoints.chat.session import answer
@@ -202,7 +226,7 @@ def one_shot(loaded: Any, loadable: Loadable, args: argparse.Namespace, settings
         "seconds": round(reply.seconds, 3),
         "first_token_seconds": None if reply.first_token_seconds is None else round(reply.first_token_seconds, 3),
         "tokens_per_second": round(reply.completion_tokens / reply.seconds, 2) if reply.seconds > 0 else None,
-        "model": loadable.source, "part": loadable.part,
+        "model": loadable.source, "part": loadable.part, "quantization": loadable.quantization,
         "run": ((loadable.result.manifest.get("run") or {}).get("id") if loadable.result else None),
         "generation": {"temperature": settings.temperature, "top_p": settings.top_p,
                        "max_new_tokens": settings.max_new_tokens},
@@ -221,8 +245,9 @@ def interactive(loaded: Any, loadable: Loadable, args: argparse.Namespace, setti
     system = [{"role": "system", "content": args.system}] if args.system else []
     turns: list[dict[str, str]] = []
     sampling = "greedy" if settings.greedy else f"temperature {settings.temperature}, top-p {settings.top_p}"
-    print(f"chatting with {loadable.source} ({loadable.part}; {sampling}; up to {settings.max_new_tokens} tokens"
-          f" per answer). {COMMANDS}.", file=sys.stderr, flush=True)
+    weights = "" if loadable.quantization == "none" else f" on a {loadable.quantization} base"
+    print(f"chatting with {loadable.source} ({loadable.part}{weights}; {sampling}; up to {settings.max_new_tokens}"
+          f" tokens per answer). {COMMANDS}.", file=sys.stderr, flush=True)
     while True:
         try:
             line = input("you> ")
@@ -269,9 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "boto3", "s3transfer", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     from entrypoints.secrets import REDACTOR, install_redactor
+    from entrypoints.train import quiet_known_noise
 
-    if not sys.stderr.isatty():  # progress bars are carriage-return noise in a log file or a script's capture
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_known_noise()  # the job's list of understood, harmless warnings (and no progress bars outside a terminal)
 
     token = os.environ.get("HF_TOKEN") or None
     if token:
@@ -285,7 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             cache_dir = args.cache_dir or default_cache_dir()
             loadable = resolve(args, cache_dir, token)
-            loaded = load(loadable.model_dir, loadable.adapter_dir, args.dtype)
+            quantization = base_quantization(args.quantization, loadable)
+            loaded = load(loadable.model_dir, loadable.adapter_dir, args.dtype, quantization)
+            loadable.quantization = quantization.bnb_4bit_quant_type if quantization is not None else "none"
             settings = generation_settings(getattr(loaded.model, "generation_config", None), args.temperature,
                                            args.top_p, args.max_new_tokens)
             mode = one_shot if args.prompt is not None else interactive

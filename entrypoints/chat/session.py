@@ -104,28 +104,40 @@ def default_dtype(device: str, name: str):
     return torch.float32  # CPU: exact, and for small models as fast as bfloat16
 
 
-def load(model_dir: Path, adapter_dir: Path | None, dtype_name: str = "auto") -> LoadedModel:
-    """The model (with the adapter merged in, when there is one), its tokenizer and chat template."""
+def load(model_dir: Path, adapter_dir: Path | None, dtype_name: str = "auto", quantization: Any = None
+         ) -> LoadedModel:
+    """The model, its tokenizer and chat template. An adapter is merged into a 16-bit model in memory (faster
+    answers); on a 4-bit model (`quantization`, a BitsAndBytesConfig: the base as the run trained on it) it stays a
+    separate layer, as in training."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from entrypoints.modeling import quantized_shape_mismatches
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = default_dtype(device, dtype_name)
+    dtype = quantization.bnb_4bit_compute_dtype if quantization is not None else default_dtype(device, dtype_name)
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}/config.json cannot be read as a model config ({first_line(exc)})") from None
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     cls = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
-    log.info("loading %s (%s, %s) on %s", model_dir, cls.__name__, str(dtype).removeprefix("torch."), device)
+    weights = f"{quantization.bnb_4bit_quant_type}, compute " if quantization is not None else ""
+    log.info("loading %s (%s, %s%s) on %s", model_dir, cls.__name__, weights, str(dtype).removeprefix("torch."),
+             device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "output_loading_info": True}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": 0 if device == "cuda" else "cpu"})
     try:
-        model, info = cls.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, output_loading_info=True)
+        model, info = cls.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"{model_dir}: the model cannot be loaded ({type(exc).__name__}: {first_line(exc)})") from None
-    check_loading_info(model_dir, info)
+    check_loading_info(model_dir, info, quantized_shape_mismatches(model))
     if adapter_dir is not None:
-        model = _with_adapter(model, adapter_dir)
-    model.to(device).eval()
+        model = _with_adapter(model, adapter_dir, merge=quantization is None)
+    if quantization is None:
+        model.to(device)
+    model.eval()
     tokenizer_dir = adapter_dir if adapter_dir is not None and _has_tokenizer(adapter_dir) else model_dir
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -144,9 +156,9 @@ def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer_config.json").is_file()
 
 
-def _with_adapter(model: Any, adapter_dir: Path) -> Any:
+def _with_adapter(model: Any, adapter_dir: Path, merge: bool) -> Any:
     """peft's LoRA layers on the base, every tensor of the adapter file loaded (none missing, none left over), then
-    merged in: an adapter of another architecture or shape is a ModelError, not a half-applied adapter."""
+    merged in when `merge`: an adapter of another architecture or shape is a ModelError, not a half-applied adapter."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
@@ -167,6 +179,10 @@ def _with_adapter(model: Any, adapter_dir: Path) -> Any:
         raise ModelError(f"{adapter_dir}: the adapter does not fit this base model: {len(extra)} of its tensors have no"
                          f" place in it ({', '.join(extra[:2])}) and {len(missing)} of its layers get no tensor"
                          f" ({', '.join(missing[:2])}). Give the base model it was trained on with --model")
+    if not merge:
+        log.info("adapter %s: %d tensors loaded, applied as in training (not merged into the 4-bit base)", adapter_dir,
+                 len(saved))
+        return peft_model
     log.info("adapter %s: %d tensors loaded; merged into the base in memory", adapter_dir, len(saved))
     return peft_model.merge_and_unload()
 

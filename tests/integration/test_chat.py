@@ -162,18 +162,27 @@ def test_ctrl_d_and_ctrl_c_at_the_prompt_exit_0(smol_output, tmp_path, key):
 
 
 # ------------------------------------------------------------------------------------------- one-shot, from S3
-def _reference_answer(base_dir: Path, adapter_dir: Path, prompt: str, max_new_tokens: int, with_adapter: bool = True
-                      ) -> tuple[str, int]:
-    """What base + adapter (or the base alone) answer greedily, computed here with peft and transformers directly."""
+def _reference_answer(base_dir: Path, adapter_dir: Path, prompt: str, max_new_tokens: int, with_adapter: bool = True,
+                      quantized: bool = True) -> tuple[str, int]:
+    """What the trained model answers greedily, computed here with transformers and peft directly: the base in 4 bits
+    as the job trains it (nf4, double quantization, bfloat16 compute on CPU) with the adapter as a separate layer, or
+    the 16-bit base with the adapter merged in."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from entrypoints.templating import prompt_ids
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if quantized:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, quantization_config=quant,
+                                                     device_map={"": "cpu"})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if with_adapter:
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = model if quantized else model.merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the chat template the adapter was trained with
     ids = prompt_ids(tokenizer, tokenizer.chat_template, [{"role": "user", "content": prompt}])
     with torch.no_grad():
@@ -199,6 +208,7 @@ def test_one_shot_json_from_s3_checks_every_file_against_the_manifest(s3_env, ti
     expected, prompt_tokens = _reference_answer(tiny_model, adapter, "Name three colours.", 12)
     base_only, _ = _reference_answer(tiny_model, adapter, "Name three colours.", 12, with_adapter=False)
     assert expected != base_only  # so the answer below shows the adapter was applied
+    expected_16bit, _ = _reference_answer(tiny_model, adapter, "Name three colours.", 12, quantized=False)
 
     # The series' root: latest.json names the run.
     out = chat(tmp_path, "--model", series, "--prompt", "Name three colours.", "--temperature", "0",
@@ -208,6 +218,7 @@ def test_one_shot_json_from_s3_checks_every_file_against_the_manifest(s3_env, ti
     assert got["answer"] == expected and got["prompt_tokens"] == prompt_tokens
     assert 0 < got["completion_tokens"] <= 12 and got["finish_reason"] in ("stop", "length")
     assert got["part"] == "adapter" and got["run"] == RUN_ID and got["model"] == run_uri
+    assert got["quantization"] == "nf4"  # the base as the run trained on it (its manifest's settings)
     assert got["seconds"] > 0 and got["first_token_seconds"] <= got["seconds"]
     assert got["generation"] == {"temperature": 0.0, "top_p": 0.9, "max_new_tokens": 12}
     assert f"{series}/latest.json names the newest run: {run_uri}" in out.stderr
@@ -215,9 +226,12 @@ def test_one_shot_json_from_s3_checks_every_file_against_the_manifest(s3_env, ti
     assert "sha256 as in the manifest" in out.stderr
 
     # The run's adapter/ folder names the same result; the base given explicitly (a plain S3 prefix) is checked too.
+    # With --quantization none the adapter is merged into the 16-bit base.
     out = chat(tmp_path, "--adapter", f"{run_uri}/adapter/", "--model", base_uri, "--prompt", "Name three colours.",
-               "--temperature", "0", "--max-new-tokens", "12", env=env)
-    assert out.returncode == 0 and json.loads(out.stdout)["answer"] == expected, out.stderr[-3000:]
+               "--temperature", "0", "--max-new-tokens", "12", "--quantization", "none", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got["answer"] == expected_16bit and got["quantization"] == "none"
     assert "fingerprint matches the one the adapter was trained on" in out.stderr
 
     # The adapter on another base than the one it was trained on: refused before loading.
