@@ -1,6 +1,6 @@
 """The image's entrypoint: maps how a platform starts the container to the job's command, then execs it.
 
-    python container/entrypoint.py [--dry-run] train|merge|benchmark|demo [job flags...]
+    python container/entrypoint.py [--dry-run] train|merge|benchmark|demo|chat|publish [job flags...]
 
 SageMaker starts the image as `<image> train`; Kubernetes and `docker run` pass the mode as the first
 argument too (the image's default is `train`). With `--dry-run` the command, the environment it adds and
@@ -44,6 +44,8 @@ MODES = {
     "merge": ("entrypoints.merge", "merge a saved adapter into its base model"),
     "benchmark": ("entrypoints.bench.throughput", "measure training throughput on this machine's GPUs"),
     "demo": ("entrypoints.demo", "the local end-to-end demo (a local S3 server, a small model, a few steps)"),
+    "chat": ("entrypoints.chat", "talk to a result (docker run -it), or answer one --prompt as JSON"),
+    "publish": ("entrypoints.hub", "publish a complete output to the Hugging Face Hub (the retry after exit 9)"),
 }
 APP_UID = 1000
 APP_GID = 1000

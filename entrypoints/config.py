@@ -18,6 +18,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ from entrypoints.errors import ConfigError
 from entrypoints.paths import DEFAULT_BASE_DIR, ContainerPaths, container_paths
 
 ENV_PREFIX = "QLORA_"
+# What `hub_parts` may name, and the Hub's rule for a repository id (huggingface_hub's own validator, spelled out
+# here because this module must not import it: the launcher has no huggingface_hub): `org/name`, each part 1-96
+# characters of letters, digits, `_`, `-`, `.`, starting and ending with a letter, digit or `_`, no `--` or `..`,
+# not ending in `.git`.
+HUB_PARTS = ("adapter", "merged", "both")
+_HUB_NAME = r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+HUB_REPO_ID = re.compile(rf"^{_HUB_NAME}/{_HUB_NAME}$")
 
 # Secrets are never settings: they are read by the libraries from their standard variables (or files /
 # Secrets Manager, see entrypoints.secrets), so they cannot end up in the parsed config, W&B or manifests.
@@ -142,6 +150,11 @@ class JobConfig:
     report_to: str = _f("auto", "Experiment tracking; `auto`: W&B when WANDB_API_KEY (from any secret source) or WANDB_MODE is set, else none.", choices=("auto", "wandb", "none"), group="tracking")
     wandb_project: str = _f("qlora-job", "W&B project.", group="tracking")
     wandb_entity: str = _f("", "W&B entity (team or user); empty: the key's default.", group="tracking")
+
+    # --- Hugging Face Hub (optional)
+    hub_repo: str = _f("", "Hugging Face Hub repository (`org/name`) the result is also published to, once the output is complete; empty: not published. Needs HF_TOKEN (from any secret source) with write access; a failed publish exits 9 and leaves the output as it is.", group="hub")
+    hub_private: bool = _f(True, "Create the Hub repository private. An existing repository keeps its visibility, and a public one is refused while this is true.", group="hub")
+    hub_parts: str = _f("adapter", "What goes to the Hub, with the model card as README.md: `adapter` (the adapter's files at the repository's root), `merged` (the merged model at the root), `both` (the merged model at the root, the adapter in adapter/).", choices=HUB_PARTS, group="hub")
 
     # --- secrets (references only: the values are resolved at run time and never stored in the config)
     secrets_arn: str = _f("", "ARN of a Secrets Manager secret (a JSON object with HF_TOKEN and/or WANDB_API_KEY) read at job start.", group="secrets")
@@ -320,6 +333,7 @@ def help_text(command: str) -> str:
              "QLORA_SECRETS_DIR or QLORA_SECRETS_ARN. Settings that do not apply to encoder-decoder models (packing,",
              "chat_template, use_liger...) are ignored when not given and refused when given.",
              "Exit codes: 0 ok, 1 internal, 2 configuration, 3 data, 4 model, 5 storage, 6 output exists,",
+             "9 outputs complete but the Hub publish failed (retry it alone: python -m entrypoints.hub),",
              "75 preempted (rerun to resume).", "", "settings:"]
     for group in dict.fromkeys(f.metadata["group"] for f in FIELDS.values()):
         lines.append(f"  [{group}]")
@@ -475,6 +489,13 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
         bad("max_grad_norm", "must be 0 or more (0 disables clipping)")
     if not cfg.base_dir:
         bad("base_dir", "must be a directory path")
+    if cfg.hub_repo:
+        problem = hub_repo_problem(cfg.hub_repo)
+        if problem:
+            bad("hub_repo", problem)
+        if cfg.hub_parts in ("merged", "both") and not cfg.merge:
+            bad("hub_parts", f"needs the merged model, which {env_name('merge')}=false does not write: publish"
+                f" `adapter`, or set {env_name('merge')}=true")
     p.extend(_overlaps(cfg, check_paths))
     return p
 
@@ -525,6 +546,14 @@ def seq2seq_config(cfg: JobConfig) -> tuple[JobConfig, list[str]]:
 
 def _shown(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def hub_repo_problem(repo: str) -> str | None:
+    """Why `repo` is not a Hub repository id the job can create and publish to, or None when it is one."""
+    if not HUB_REPO_ID.match(repo) or "--" in repo or ".." in repo or repo.endswith(".git"):
+        return ("is not a Hub repository id: write `org/name` (letters, digits, `_`, `-`, `.`; each part at most 96"
+                " characters, starting and ending with a letter, digit or `_`; no `--`, `..` or trailing `.git`)")
+    return None
 
 
 def _location(value: str) -> str:

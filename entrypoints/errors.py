@@ -26,6 +26,9 @@ EXIT_DATA = 3  # the training/eval data cannot be read or normalised
 EXIT_MODEL = 4  # the base model or adapter is missing, unsafe or incompatible
 EXIT_STORAGE = 5  # object storage unreachable / access denied after retries
 EXIT_OUTPUT_EXISTS = 6  # the output location already holds a complete result
+# Outputs complete (manifest written, S3/local untouched); only the Hugging Face Hub publish failed: retry only the
+# publish (`python -m entrypoints.hub --output URI`), never the training.
+EXIT_HUB_PUBLISH = 9
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; rerun to resume (EX_TEMPFAIL)
 
 # SageMaker shows the first 1024 characters of /opt/ml/output/failure as FailureReason.
@@ -67,6 +70,11 @@ class StorageError(JobError):
 class OutputExistsError(JobError):
     exit_code = EXIT_OUTPUT_EXISTS
     kind = "output exists"
+
+
+class HubPublishError(JobError):
+    exit_code = EXIT_HUB_PUBLISH
+    kind = "Hub publish failed (outputs complete)"
 
 
 class Preempted(JobError):

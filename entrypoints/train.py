@@ -42,6 +42,7 @@ from entrypoints.errors import (
     run_guarded,
 )
 from entrypoints.evaluation import answer_match, evaluate, generate_answers
+from entrypoints.hub import HubTarget, check_token, publish_result, raise_if_failed
 from entrypoints.modeling import (
     cap_gpu_memory,
     device_kind,
@@ -230,9 +231,11 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
             del trainer, model  # the merge needs the memory the 4-bit model holds
             _free_memory()
             manifest_uri = publish(cfg, inputs, data, stage, publisher, adapter_dir, metrics, samples, seq2seq)
+        # The output is complete: a failed Hub publish is reported in the summary, and main() then exits 9.
+        hub = publish_result(HubTarget.of(cfg), stage, secrets.get("HF_TOKEN"), target.uri)
         exit_code = 0
         return {"output": target.uri, "manifest": manifest_uri, **metrics, "samples": samples,
-                "wall_seconds": round(time.monotonic() - started, 1)}
+                "wall_seconds": round(time.monotonic() - started, 1), **({"hub": hub} if hub else {})}
     finally:
         tracker.finish(exit_code)
 
@@ -400,7 +403,7 @@ def setup_logging(level: str = "info", rank: int | None = None) -> None:
     tag = f"rank{rank} " if rank is not None else ""
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stdout,
                         format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s", force=True)
-    for noisy in ("httpx", "urllib3", "botocore", "s3transfer", "filelock", "datasets"):
+    for noisy in ("httpx", "httpx2", "urllib3", "botocore", "s3transfer", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_known_noise()
     install_redactor()
@@ -453,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets = resolve_secrets(cfg, env)
         for name, value in secrets.items():
             os.environ[name] = value  # for the libraries (huggingface_hub, wandb) that read them there
+        check_token(cfg.hub_repo, secrets)
         log.info("settings: %s", json.dumps(cfg.to_public_dict()))
         try:
             summary = run(cfg, secrets, env, stop)
@@ -471,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             release_local_dirs()
         if summary:
             print_summary(summary)
+            raise_if_failed(summary.get("hub"))
 
     code = run_guarded(job, failure_file, first_failure_wins=distributed)
     if distributed and code == 0:

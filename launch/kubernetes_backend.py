@@ -187,7 +187,8 @@ def pod_failure_policy() -> dict:
     """Retry preemptions, fail fast on errors a retry cannot fix (the job's documented exit codes)."""
     return {"rules": [
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [
-            errors.EXIT_CONFIG, errors.EXIT_DATA, errors.EXIT_MODEL, errors.EXIT_OUTPUT_EXISTS]}},
+            errors.EXIT_CONFIG, errors.EXIT_DATA, errors.EXIT_MODEL, errors.EXIT_OUTPUT_EXISTS,
+            errors.EXIT_HUB_PUBLISH]}},  # 9: the output is complete; rerunning would train again
         # SIGTERM (node drain, spot reclaim): the job saved a checkpoint; not counted against backoffLimit.
         # No rule ignores the DisruptionTarget condition: a pod the kubelet evicts for disk or memory pressure would
         # otherwise be retried uncounted until activeDeadlineSeconds; such evictions count against backoffLimit.

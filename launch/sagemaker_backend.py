@@ -35,7 +35,7 @@ LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 FAILURE_REASON_PREFIXES = ("AlgorithmError:", "ClientError:")
 _EXIT_CODE_AT_END = re.compile(r"exit code:\s*(\d+)\s*$", re.IGNORECASE)
 _DOCUMENTED_CODES = {errors.EXIT_CONFIG, errors.EXIT_DATA, errors.EXIT_MODEL, errors.EXIT_STORAGE,
-                     errors.EXIT_OUTPUT_EXISTS, errors.EXIT_PREEMPTED}
+                     errors.EXIT_OUTPUT_EXISTS, errors.EXIT_HUB_PUBLISH, errors.EXIT_PREEMPTED}
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,8 @@ def test_user_settings_win_over_the_entrypoint_defaults(tmp_path):
 
 
 @pytest.mark.parametrize(("mode", "module"), [("merge", "entrypoints.merge"), ("demo", "entrypoints.demo"),
-                                              ("benchmark", "entrypoints.bench.throughput")])
+                                              ("benchmark", "entrypoints.bench.throughput"),
+                                              ("chat", "entrypoints.chat"), ("publish", "entrypoints.hub")])
 def test_other_modes_run_their_module_in_one_process(tmp_path, mode, module):
     plan = _plan(tmp_path, mode, "--x", "1", GPUS_PER_NODE="8")
     assert plan["command"] == [PY, "-m", module, "--x", "1"]

@@ -39,7 +39,8 @@ def test_config_error_lists_problems(tmp_path):
 
 
 @pytest.mark.parametrize("name,code", [("EXIT_CONFIG", 2), ("EXIT_DATA", 3), ("EXIT_MODEL", 4), ("EXIT_STORAGE", 5),
-                                       ("EXIT_OUTPUT_EXISTS", 6), ("EXIT_PREEMPTED", 75), ("EXIT_INTERNAL", 1)])
+                                       ("EXIT_OUTPUT_EXISTS", 6), ("EXIT_HUB_PUBLISH", 9), ("EXIT_PREEMPTED", 75),
+                                       ("EXIT_INTERNAL", 1)])
 def test_documented_codes_never_change(name, code):
     assert getattr(errors, name) == code
 
