@@ -192,10 +192,13 @@ def prompt_ids(loaded: LoadedModel, messages: list[dict[str, str]]) -> list[int]
     """The conversation as the model's input ids. Without a chat template (an encoder-decoder trained on plain
     inputs, e.g. Flan-T5), the turns are written one per line, `role: text`, the latest user turn last."""
     from entrypoints.templating import prompt_ids as template_prompt_ids
+    from entrypoints.templating import seq2seq_prompt_ids
 
     tokenizer = loaded.tokenizer
     if loaded.template is not None:
         return template_prompt_ids(tokenizer, loaded.template, messages)
+    if loaded.encoder_decoder:  # the plain `role: text` input the job trained it on (templating.seq2seq_input)
+        return seq2seq_prompt_ids(tokenizer, messages)
     if len(messages) == 1 or (len(messages) == 2 and messages[0]["role"] == "system"):
         text = "\n".join(m["content"] for m in messages)
     else:

@@ -38,3 +38,18 @@ def test_bad_values_name_the_flag():
     assert err.value.problems == ["--temperature=-1.0: must be 0 (greedy) or more",
                                   "--top-p=1.5: must be above 0 and at most 1",
                                   "--max-new-tokens=0: must be 1 or more"]
+
+
+def test_an_encoder_decoder_is_prompted_as_the_job_trained_it(tmp_path):
+    """Chat renders a T5-class model's prompt with the job's own seq2seq input (one `role: text` line per turn,
+    the system prompt included), not a chat-only variant of it."""
+    from entrypoints.chat.session import LoadedModel, prompt_ids
+    from entrypoints.templating import seq2seq_pair
+    from tests.t5_models import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    loaded = LoadedModel(model=None, tokenizer=tokenizer, template=None, encoder_decoder=True, context_tokens=None)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    trained_input, _ = seq2seq_pair([*messages, {"role": "assistant", "content": "Paris"}])
+    assert tokenizer.decode(prompt_ids(loaded, messages), skip_special_tokens=True) == trained_input
+    assert trained_input == "system: Be brief.\nuser: Capital of France?"
