@@ -1,17 +1,20 @@
-"""The first-run pages cannot drift from the code they tell people to run.
+"""The README and docs/ cannot drift from the code they describe.
 
-    python -m pytest tests/unit/test_first_run_docs.py -q
+    python -m pytest tests/unit/test_docs.py -q
 
 docs/FIRST_RUN_SAGEMAKER.md and docs/FIRST_RUN_KUBERNETES.md are meant to be pasted into a shell. So every
 `python launch/submit.py ...` command on them is parsed by the launcher's own argparse parser and then dry-run by
 the launcher itself (shell variables replaced by the values the stack would give), every stack output and parameter
-they name must exist in infra/cloudformation.yaml, every infra/build_and_push.sh flag must exist in the script, every
-shell variable a command uses must be set earlier on the page, and every QLORA_* name in README.md and docs/ must be
-a setting of entrypoints/config.py.
+they name must exist in infra/cloudformation.yaml, every infra/build_and_push.sh flag must exist in the script, and
+every shell variable a command uses must be set earlier on the page. In README.md and docs/: every QLORA_* name is a
+setting of entrypoints/config.py, the demo's settings table is DEMO_SETTINGS, the exit-code table is
+entrypoints/errors.py's, and every relative link (with its #anchor) resolves. (The settings table in
+docs/SETTINGS.md is checked by tests/unit/test_config.py.)
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 from pathlib import Path
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from entrypoints import errors
 from entrypoints.config import FIELDS, env_name
 from entrypoints.secrets import SECRET_NAMES
 from launch import submit
@@ -105,7 +109,7 @@ def test_every_shell_variable_is_set_on_the_page_before_it_is_used(page):
 def _template() -> dict:
     loader = type("CfnLoader", (yaml.SafeLoader,), {})
     loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    return yaml.load((REPO / "infra" / "cloudformation.yaml").read_text(), Loader=loader)  # noqa: S506 - SafeLoader
+    return yaml.load((REPO / "infra" / "cloudformation.yaml").read_text(), Loader=loader)
 
 
 def test_stack_outputs_and_parameters_named_on_the_pages_exist():
@@ -148,3 +152,48 @@ def test_the_pages_name_the_secrets_the_job_reads():
         text = page.read_text()
         for name in SECRET_NAMES:
             assert name in text, f"{page.name} does not say how to give {name}"
+
+
+def _section(text: str, start: str, end: str) -> str:
+    assert start in text and end in text, f"missing {start} ... {end}"
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_the_readme_demo_settings_table_is_the_demos():
+    """The README explains each of the demo's settings; the table must list exactly DEMO_SETTINGS, with the job's
+    defaults beside them (read from the source, not imported: the demo module imports torch)."""
+    tree = ast.parse((REPO / "entrypoints" / "demo" / "run.py").read_text())
+    demo = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and getattr(node.targets[0], "id", "") == "DEMO_SETTINGS")
+    table = _section((REPO / "README.md").read_text(), "<!-- demo-settings:start -->", "<!-- demo-settings:end -->")
+    rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^\| `(QLORA_\w+)` \| `([^`]*)` \| `([^`]*)` \| .+ \|$", table, re.M)}
+    assert set(rows) == set(demo), f"README's demo table rows differ from DEMO_SETTINGS: {set(rows) ^ set(demo)}"
+    for name, value in demo.items():
+        default = FIELDS[name[len("QLORA_"):].lower()].default
+        shown = "(empty)" if default == "" else str(default).lower() if isinstance(default, bool) else str(default)
+        assert rows[name] == (value, shown), f"{name}: README says {rows[name]}, the code {(value, shown)}"
+
+
+def test_the_readme_exit_code_table_is_the_jobs():
+    table = _section((REPO / "README.md").read_text(), "### Exit codes\n", "\n\n")
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", table, re.M)}
+    defined = {value for name, value in vars(errors).items() if name.startswith("EXIT_") and isinstance(value, int)}
+    assert documented == defined, f"README exit codes {sorted(documented)} vs entrypoints/errors.py {sorted(defined)}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_in_the_readme_and_docs_resolve():
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            assert file.exists(), f"{doc.relative_to(REPO)} links to {target}, which does not exist"
+            if anchor and file.suffix == ".md":
+                anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)}
+                assert anchor in anchors, f"{doc.relative_to(REPO)} links to {target}: no such heading"
