@@ -1,6 +1,6 @@
 """The job's configuration contract: every setting, its type, default and one-line doc, in one place.
 
-    python -m entrypoints.config --markdown   # print the README's table of variables
+    python -m entrypoints.config --markdown   # print the table of variables in docs/SETTINGS.md
     python -m entrypoints.config --check      # parse the current environment and print the result
 
 Torch-free: the launcher imports it to validate a job on a laptop before anything is submitted.
@@ -265,7 +265,7 @@ def _convert(f: dataclasses.Field, raw: Any) -> Any:
 
 def _unknown(key: str, where: str, names: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; see the README's table of variables"
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see docs/SETTINGS.md or `python -m entrypoints.train --help`"
     return f"{where} is not a known setting{hint}"
 
 
@@ -592,7 +592,7 @@ def _overlaps(cfg: JobConfig, check_paths: bool = True) -> list[str]:
 
 
 def markdown_table() -> str:
-    """The README's table of variables, generated from the dataclass (a test checks they agree)."""
+    """The table of variables in docs/SETTINGS.md, generated from the dataclass (a test checks they agree)."""
     rows = ["| variable | type | default | description |", "| --- | --- | --- | --- |"]
     for f in FIELDS.values():
         default = f.default
@@ -608,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     ap = argparse.ArgumentParser(prog="python -m entrypoints.config", description=__doc__.splitlines()[0])
-    ap.add_argument("--markdown", action="store_true", help="print the README table of variables")
+    ap.add_argument("--markdown", action="store_true", help="print the table of variables (docs/SETTINGS.md)")
     ap.add_argument("--check", action="store_true", help="parse the environment and print the settings as JSON")
     args, rest = ap.parse_known_args(argv)
     if args.markdown:
