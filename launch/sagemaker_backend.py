@@ -4,7 +4,7 @@
 
 `training_job_request()` builds the plain CreateTrainingJob request (the API's own field names), which
 `--dry-run` prints and the EventBridge schedule embeds. Submission goes through the SageMaker Python SDK
-v3 (sagemaker-core's `TrainingJob.create`) when it is installed (`pip install qlora-job[sagemaker]`), with
+v3 (sagemaker-core's `TrainingJob.create`) when it is installed (`pip install -e '.[sagemaker]'` in the checkout), with
 that same request (a test compares them); without the SDK, or with --no-sdk, boto3 sends it.
 The image keeps its own entrypoint: SageMaker starts `<image> train`, and the container's wrapper runs
 torchrun over every GPU and host (SM_HOSTS / SM_CURRENT_HOST), so multi-node needs nothing more here.

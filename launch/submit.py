@@ -558,7 +558,7 @@ def _sagemaker(plan: LaunchPlan, sm: SageMakerOptions, args: argparse.Namespace,
 def _submission_failed(exc: Exception) -> int:
     if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in ("kubernetes", "yaml"):
         detail = (f"the Kubernetes backend needs the {exc.name.split('.')[0]} package, which the base install leaves"
-                  " out: pip install 'qlora-job[kubernetes]' (or pip install -e '.[kubernetes]' in a checkout)")
+                  " out: pip install -e '.[kubernetes]' in the checkout (the package is not published on an index)")
     else:
         detail = f"{type(exc).__name__}: {exc}"
     print(f"submission failed; nothing was started: {detail}", file=sys.stderr)
@@ -574,10 +574,10 @@ def _kubernetes(plan: LaunchPlan, k8s: KubernetesOptions, args: argparse.Namespa
         if fmt == "yaml" and not yaml_available():
             if args.format:
                 print("1 problem(s); nothing was submitted:\n  - --format yaml needs PyYAML, which the base install"
-                      " leaves out: pip install 'qlora-job[kubernetes]', or use --format json (kubectl reads it too)",
+                      " leaves out: pip install -e '.[kubernetes]', or use --format json (kubectl reads it too)",
                       file=sys.stderr)
                 return EXIT_CONFIG
-            print("note: JSON, not YAML: PyYAML is not installed (pip install 'qlora-job[kubernetes]' for YAML);"
+            print("note: JSON, not YAML: PyYAML is not installed (pip install -e '.[kubernetes]' for YAML);"
                   " kubectl apply -f reads either", file=sys.stderr)
             fmt = "json"
         print(render(objects, fmt))

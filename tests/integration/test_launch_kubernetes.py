@@ -305,11 +305,11 @@ def test_base_install_dry_run_and_submit_name_what_is_missing(base_install, tmp_
     kubernetes_validate([path])
     asked = subprocess.run([*cmd, "--dry-run", "--format", "yaml"], cwd=REPO, capture_output=True, text=True,
                            timeout=120, env=env)
-    assert asked.returncode == 2 and "pip install 'qlora-job[kubernetes]'" in asked.stderr
+    assert asked.returncode == 2 and "pip install -e '.[kubernetes]'" in asked.stderr
     sent = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert sent.returncode == 8, sent.stderr
     assert "the Kubernetes backend needs the kubernetes package" in sent.stderr
-    assert "pip install 'qlora-job[kubernetes]'" in sent.stderr and "Traceback" not in sent.stderr
+    assert "pip install -e '.[kubernetes]'" in sent.stderr and "Traceback" not in sent.stderr
 
 
 def test_resume_from_a_job_that_itself_resumed_leads_to_its_prefix(kube, capsys, tmp_path):
