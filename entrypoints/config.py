@@ -312,8 +312,8 @@ def help_text(command: str) -> str:
              "(QLORA_NAME), a flag (--name value or --name=value) or a key of SageMaker's hyperparameters.json;",
              "precedence: defaults < hyperparameters.json < environment < flags. Secrets (HF_TOKEN, WANDB_API_KEY)",
              "are never settings: they come from the environment, QLORA_SECRETS_DIR or QLORA_SECRETS_ARN.",
-             "Exit codes: 0 ok, 1 internal, 2 configuration, 3 data, 4 model, 5 storage, 6 output exists,",
-             "75 preempted (rerun to resume).", "", "settings:"]
+             "Exit codes: 0 ok, 1 internal, 2 configuration, 3 data, 4 model, 5 storage or network (a rerun may",
+             "help), 6 output exists, 75 preempted (rerun to resume).", "", "settings:"]
     for group in dict.fromkeys(f.metadata["group"] for f in FIELDS.values()):
         lines.append(f"  [{group}]")
         for f in (f for f in FIELDS.values() if f.metadata["group"] == group):
