@@ -309,3 +309,10 @@ def test_cli_s3_end_to_end(bases, tmp_path, s3_env):
     again = _cli("--adapter", f"s3://{bucket}/run/adapter", "--base", f"s3://{bucket}/models/tiny",
                  "--output", f"s3://{bucket}/run/merged", env=env)
     assert again.returncode == 6 and "already holds a merged model" in again.stderr
+    # A missing s3:// adapter or base is a model error (exit 4), as a missing local one is, not a storage error (5).
+    for flag, args in (("--adapter", (f"s3://{bucket}/run/nope", f"s3://{bucket}/models/tiny")),
+                       ("--base", (f"s3://{bucket}/run/adapter", f"s3://{bucket}/models/nope"))):
+        missing = _cli("--adapter", args[0], "--base", args[1], "--output", str(tmp_path / "m4"), env=env)
+        assert missing.returncode == EXIT_MODEL, missing.stderr
+        assert f"{flag} s3://{bucket}/" in missing.stderr and "nothing is stored under this prefix" in missing.stderr
+        assert "Traceback" not in missing.stderr
