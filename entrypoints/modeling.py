@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ log = logging.getLogger("qlora.model")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a training run needs from a model repository: no pickles, no GGUF/ONNX copies, no other formats.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+TOKENIZER_PATTERNS = [p for p in HUB_PATTERNS if p != "*.safetensors"]  # what rendering data needs: no weights
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -29,12 +31,40 @@ def resolve_model(cfg: JobConfig, work_dir: Path, hf_token: str | None) -> Path:
     elif Path(source).exists():
         local = Path(source)
     elif HUB_ID.match(source):
-        local = from_hub(source, cfg.model_revision, hf_token, HUB_PATTERNS)
+        local = _from_hub_id(source, cfg.model_revision, hf_token, HUB_PATTERNS)
     else:
         raise ModelError(f"QLORA_MODEL={source!r} is not a local directory, an s3:// prefix or a Hub id like"
                          " meta-llama/Llama-2-7b-hf")
     check_model_dir(local, cfg.allow_pickle_weights)
     return local
+
+
+def fetch_tokenizer(source: str, revision: str, dest: Path, endpoint_url: str, hf_token: str | None = None) -> Path:
+    """A local directory with the tokenizer and config files of the model `source` (the forms of QLORA_MODEL),
+    without downloading its weights: a local directory is used as it is."""
+    if storage.is_s3(source):
+        prefix = source.rstrip("/") + "/"
+        objects = [o for o in storage.list_objects(prefix, endpoint_url=endpoint_url)
+                   if "/" not in o.relative and any(fnmatch.fnmatch(o.relative, p) for p in TOKENIZER_PATTERNS)]
+        if not objects:
+            raise ModelError(f"{source}: no tokenizer or config files under this prefix; give the model's prefix")
+        for obj in objects:
+            storage.download_file(obj.uri, dest / obj.relative, size=obj.size, endpoint_url=endpoint_url)
+        return dest
+    if Path(source).exists():
+        return Path(source)
+    if HUB_ID.match(source):
+        return _from_hub_id(source, revision, hf_token, TOKENIZER_PATTERNS)
+    raise ModelError(f"{source!r} is not a local directory, an s3:// prefix or a Hub id like meta-llama/Llama-2-7b-hf")
+
+
+def _from_hub_id(source: str, revision: str, token: str | None, patterns: list[str]) -> Path:
+    """`source` names no local path and has the form of a Hub id: a failure says both, so that a mistyped local path
+    (`models/llama` is a valid Hub id too) is not read as a Hub problem only."""
+    try:
+        return from_hub(source, revision, token, patterns)
+    except (ModelError, StorageError) as exc:
+        raise type(exc)(f"{source} is not a local path, so it was looked up as a Hub id: {exc}") from None
 
 
 def from_hub(repo_id: str, revision: str, token: str | None, patterns: list[str]) -> Path:
@@ -200,11 +230,13 @@ def compute_dtype(cfg: JobConfig):
 def load_tokenizer(model_dir: Path, cfg: JobConfig):
     from transformers import AutoTokenizer
 
+    needs = "the model directory needs tokenizer.json, or tokenizer.model with tokenizer_config.json"
+    if not any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise ModelError(f"{model_dir}: no tokenizer files: {needs}")
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{model_dir}: the tokenizer cannot be loaded ({exc}); the model directory needs"
-                         " tokenizer.json or tokenizer.model with tokenizer_config.json") from None
+        raise ModelError(f"{model_dir}: the tokenizer cannot be loaded ({first_line(exc)}); {needs}") from None
 
 
 def quantization_config(cfg: JobConfig) -> Any:

@@ -46,7 +46,6 @@ from entrypoints.modeling import (
     device_kind,
     load_model,
     load_model_config,
-    load_tokenizer,
     resolve_model,
 )
 from entrypoints.outputs import (
@@ -60,7 +59,7 @@ from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
 from entrypoints.ranks import RankFailed, Ranks, join_ranks, leave_process_group
 from entrypoints.secrets import install_redactor, resolve_secrets
 from entrypoints.sizing import BatchPlan, PlanSettings
-from entrypoints.templating import choose_pad_token, resolve_chat_template
+from entrypoints.templating import load_tokenizer_and_template
 from entrypoints.tracking import NullTracker, WandbTracker, wandb_wanted
 from entrypoints.trainer import build_trainer, check_trained, find_checkpoint, save_adapter, train
 
@@ -267,17 +266,6 @@ def _device(path: Path) -> int:
         except OSError:
             continue
     return -1
-
-
-def load_tokenizer_and_template(cfg: JobConfig, model_dir: Path) -> tuple[Any, str | None]:
-    """The base model's tokenizer with a pad token that is not EOS, and the chat template the data is rendered with
-    (saved with the adapter, so inference formats prompts the same way); no template for plain `text` records."""
-    tokenizer = load_tokenizer(model_dir, cfg)
-    template = None if cfg.data_format == "text" else resolve_chat_template(tokenizer, cfg.chat_template)
-    tokenizer.pad_token = choose_pad_token(tokenizer)
-    if template is not None:
-        tokenizer.chat_template = template
-    return tokenizer, template
 
 
 def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks) -> tuple[BatchPlan | None, dict]:
