@@ -50,6 +50,14 @@ class JobConfig:
         group="inputs",
     )
     model_revision: str = _f("main", "Hub revision (branch, tag or commit) when `model` is a Hub id.", group="inputs")
+    model_name: str = _f(
+        "",
+        "How the outputs name the base model: adapter_config.json's base_model_name_or_path and the model card's"
+        " base_model. Empty: `model` as given. Set it to the Hub id when `model` is a copy in S3 or a local directory,"
+        " so the adapter loads by that name. The launcher sets it to the s3:// prefix when it passes `model` as a"
+        " SageMaker input channel.",
+        group="inputs",
+    )
     data: str = _f(
         "",
         "Training data: an s3:// URI or local path of one file or a prefix/directory of them: .jsonl/.ndjson,"
@@ -163,6 +171,11 @@ class JobConfig:
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint_dir) if self.checkpoint_dir else self.paths.checkpoint_dir
+
+    @property
+    def base_model_name(self) -> str:
+        """The base model's name in the outputs: where it came from, never the scratch copy the job loaded."""
+        return self.model_name or self.model
 
     @property
     def target_modules(self) -> str | list[str]:

@@ -43,6 +43,7 @@ from entrypoints.errors import (
 from entrypoints.evaluation import answer_match, evaluate, generate_answers
 from entrypoints.modeling import (
     cap_gpu_memory,
+    compute_dtype,
     device_kind,
     load_model,
     load_model_config,
@@ -219,7 +220,8 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
             publisher = Publisher(stage, target, cfg.s3_endpoint_url, claim)
-            adapter_dir = save_adapter(trainer, tokenizer, stage)
+            adapter_dir, metrics["adapter"] = save_adapter(trainer, tokenizer, stage, cfg.base_model_name,
+                                                           str(compute_dtype(cfg)).removeprefix("torch."))
             for path in storage.iter_tree(adapter_dir):
                 publisher.submit(path)
             del trainer, model  # the merge needs the memory the 4-bit model holds
@@ -330,9 +332,10 @@ def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, pu
         merge_summary = merge_adapter(inputs.model_dir, adapter_dir, stage / "merged", merge_into=merge_into,
                                       double_quant=cfg.double_quant, on_file_written=publisher.submit)
         metrics["merge"] = {k: v for k, v in merge_summary.items() if isinstance(v, (str, int, float, bool))}
-    write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge)
+    write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge,
+                     adapter=metrics.get("adapter"))
     manifest = build_manifest(stage, cfg, {
-        "base_model": {"source": cfg.model, "revision": cfg.model_revision,
+        "base_model": {"source": cfg.model, "name": cfg.base_model_name, "revision": cfg.model_revision,
                        "fingerprint_sha256": inputs.content["model_sha256"]},
         "data": {"source": cfg.data, "eval_source": cfg.eval_data or None,
                  "fingerprint_sha256": inputs.content["data_sha256"],

@@ -224,6 +224,9 @@ def _copy_small_files(base: BaseModel, adapter_dir: Path, out_dir: Path, untied:
     """config.json (without quantization_config; untied if the plan unties), generation config, tokenizer."""
     config = dict(base.config)
     config.pop("quantization_config", None)
+    # Where the base was loaded from (transformers drops it when it saves a config; some configs still carry one):
+    # a path of the machine that made the base, meaningless to whoever loads the merged model.
+    config.pop("_name_or_path", None)
     if untied:
         config["tie_word_embeddings"] = False
     atomic_write_bytes(out_dir / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

@@ -183,6 +183,19 @@ def test_max_shard_size_and_tokenizer_from_adapter(bases, tmp_path):
         merge_adapter(base_dir, adapter_dir, tmp_path / "one")
 
 
+def test_merged_config_names_no_path_of_the_machine_that_made_the_base(bases, tmp_path):
+    """A base whose config.json carries `_name_or_path` (written by older transformers: the directory it was loaded
+    from) gives a merged config without it, as transformers' own save_pretrained does."""
+    import shutil
+
+    base_dir = shutil.copytree(bases[(torch.float32, False)], tmp_path / "base")
+    config = json.loads((base_dir / "config.json").read_text())
+    (base_dir / "config.json").write_text(json.dumps({**config, "_name_or_path": "/opt/ml/work/base-model"}))
+    adapter_dir = make_adapter(base_dir, tmp_path / "adapter", dtype=torch.float32, target_modules=["q_proj"])
+    merge_adapter(base_dir, adapter_dir, tmp_path / "merged")
+    assert "_name_or_path" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 
