@@ -342,11 +342,13 @@ def parse_config(
     argv: Sequence[str] = (),
     *,
     check_paths: bool = True,
+    require_data: bool = True,
 ) -> JobConfig:
     """Build the job's configuration from hyperparameters.json, the environment and the CLI.
 
     Raises ConfigError listing every problem found. `check_paths=False` skips checks of local paths
-    (the launcher validates a job that will run elsewhere).
+    (the launcher validates a job that will run elsewhere); `require_data=False` accepts a configuration without
+    training data (to show the settings before there is any).
     """
     problems: list[str] = []
     raw: dict[str, tuple[Any, str]] = {}  # name -> (raw value, where it came from)
@@ -403,13 +405,15 @@ def parse_config(
         cfg = JobConfig(**cfg_values)
     except TypeError as exc:  # pragma: no cover - every key was checked above
         raise ConfigError([str(exc)]) from None
-    problems.extend(validate(cfg, check_paths=check_paths, sources={name: where for name, (_, where) in raw.items()}))
+    problems.extend(validate(cfg, check_paths=check_paths, sources={name: where for name, (_, where) in raw.items()},
+                             require_data=require_data))
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, str] | None = None) -> list[str]:
+def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, str] | None = None,
+             require_data: bool = True) -> list[str]:
     """Cross-field checks. Returns every problem found, each naming the variable and the fix."""
     p: list[str] = []
 
@@ -417,9 +421,8 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
         # Named where the value came from: the variable, the flag or the hyperparameters.json key.
         p.append(f"{(sources or {}).get(name, env_name(name))}={getattr(cfg, name)!r}: {why}")
 
-    if not cfg.data:
-        p.append(f"{env_name('data')} is not set: give the training data as an s3:// URI or a local path"
-                 " (or run on SageMaker with a `train` input channel)")
+    if not cfg.data and require_data:
+        p.append(DATA_NOT_SET)
     for name in ("model", "data", "eval_data", "output", "checkpoint_uri"):
         value = getattr(cfg, name)
         if value.startswith("s3://") and len(value) <= len("s3://"):
@@ -480,6 +483,10 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
     return p
 
 
+DATA_NOT_SET = (f"{env_name('data')} is not set: give the training data as an s3:// URI or a local path"
+                " (or run on SageMaker with a `train` input channel)")
+
+
 def _location(value: str) -> str:
     """A comparable form of an s3:// URI or a local path (absolute, normalised, with a trailing slash)."""
     if value.startswith("s3://"):
@@ -533,7 +540,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m entrypoints.config", description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", action="store_true", help="print the README table of variables")
-    ap.add_argument("--check", action="store_true", help="parse the environment and print the settings as JSON")
+    ap.add_argument("--check", action="store_true",
+                    help="parse the environment (and --name value flags) as the job does and print the settings as"
+                         " JSON; exit 2 with every problem, or when QLORA_DATA is not set (the settings are printed"
+                         " then too)")
     args, rest = ap.parse_known_args(argv)
     if args.markdown:
         print(markdown_table())
@@ -541,7 +551,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(os.environ, rest)
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        if exc.problems != [DATA_NOT_SET]:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        # Only the data is missing: the settings are worth seeing before there is any, and the one gap is named.
+        print(json.dumps(parse_config(os.environ, rest, require_data=False).to_public_dict(), indent=2))
+        print(f"configuration error: {DATA_NOT_SET}. The settings above are what the job would use with it;"
+              " every setting is described by `python -m entrypoints.train --help`", file=sys.stderr)
         return exc.exit_code
     print(json.dumps(cfg.to_public_dict(), indent=2))
     return 0
