@@ -6,7 +6,8 @@
 2. starts a SeaweedFS S3 server on loopback and puts the model and the shipped sample data there,
 3. runs `python -m entrypoints.train` exactly as the container would (same QLORA_* variables),
    with W&B in offline mode,
-4. prints a summary: outputs in S3, eval loss and held-out answers before/after fine-tuning.
+4. prints a summary: outputs in S3, eval loss and held-out answers before/after fine-tuning, and where the
+   outputs are on this machine (downloaded to <work dir>/outputs) with a command each to load them.
 
 The sample data teaches facts about a fictional country the base model cannot know, and asks them in
 held-out phrasings: the answer-match score before vs after shows what the model learned.
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -95,12 +97,15 @@ def run_job(env: dict[str, str], log_path: Path) -> dict:
     return summary
 
 
-def print_report(summary: dict, endpoint: str, elapsed: float) -> None:
+def print_report(summary: dict, endpoint: str, elapsed: float, local_dir: Path, base_dir: Path) -> None:
+    """The demo's result. The outputs are also downloaded to `local_dir`: the S3 server stops with the demo, so its
+    address is of no use afterwards, and the local copies are what the printed commands load."""
     objects = storage.list_objects(summary["output"].rstrip("/") + "/", endpoint_url=endpoint)
+    outputs = storage.fetch(summary["output"].rstrip("/") + "/", local_dir, endpoint_url=endpoint)
     print("\n" + "=" * 78)
     print("DEMO SUMMARY")
     print("=" * 78)
-    print(f"outputs in S3 ({endpoint}): {summary['output']}")
+    print(f"outputs in S3 ({endpoint}, stopped when the demo ends): {summary['output']}")
     for obj in objects:
         print(f"  {obj.size:>12,d} B  {obj.relative}")
     print(f"eval loss (held-out questions): {summary['eval_loss_before']:.3f} -> {summary['eval_loss_after']:.3f}")
@@ -113,7 +118,39 @@ def print_report(summary: dict, endpoint: str, elapsed: float) -> None:
     for s in summary["samples"][:8]:
         print(f"  Q: {s['prompt']}\n     expected: {s['reference']}")
         print(textwrap.indent(f"before: {s['before'][:90]}\nafter:  {s['after'][:90]}", "     "))
+    question = summary["samples"][0]["prompt"] if summary["samples"] else "What is the capital of Veloria?"
+    print_local_copies(outputs, base_dir, question)
     print("=" * 78)
+
+
+def print_local_copies(outputs: Path, base_dir: Path, question: str) -> None:
+    """Where the outputs are on this machine, and one command each that loads them and answers `question`."""
+    merged, adapter, base = _shown(outputs / "merged"), _shown(outputs / "adapter"), _shown(base_dir)
+    python = _shown(Path(sys.executable))
+    messages = [{"role": "user", "content": question}]
+    print(f"\nlocal copies of the outputs: {_shown(outputs)}")
+    print(f"  merged model: {merged}  (the adapter merged into the base: transformers alone loads it)")
+    print(f"  adapter:      {adapter}  (LoRA weights for the base model {base})")
+    print("ask the merged model:")
+    print(f"  {python} -c " + shlex.quote(
+        f"from transformers import pipeline; chat = pipeline('text-generation', model={merged!r});"
+        f" print(chat({messages!r}, max_new_tokens=20)[0]['generated_text'][-1]['content'])"))
+    print("ask the base model with the adapter:")
+    print(f"  {python} -c " + shlex.quote(
+        "from peft import PeftModel; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        f" tok = AutoTokenizer.from_pretrained({adapter!r});"
+        f" model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {adapter!r});"
+        f" ids = tok.apply_chat_template({messages!r}, add_generation_prompt=True, return_tensors='pt',"
+        " return_dict=True)['input_ids'];"
+        " print(tok.decode(model.generate(ids, max_new_tokens=20)[0, ids.shape[1]:], skip_special_tokens=True))"))
+    # TODO(chat): once `python -m entrypoints.chat` exists, print `python -m entrypoints.chat --model {merged}` here.
+
+
+def _shown(path: Path) -> str:
+    """A path as a user in this directory types it: relative when it lies below the current directory. Made absolute
+    without resolving links: a virtual environment's python is a link, and the target runs outside the environment."""
+    path = Path(os.path.abspath(path))
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[3/4] running the training job (python -m entrypoints.train), log: {work / 'job.log'}", flush=True)
         summary = run_job(env, work / "job.log")
         print("[4/4] done", flush=True)
-        print_report(summary, server.endpoint, time.monotonic() - started)
+        print_report(summary, server.endpoint, time.monotonic() - started, work / "outputs", model_dir)
     finally:
         server.stop()
     return 0
