@@ -32,6 +32,7 @@ from pathlib import Path
 from entrypoints import storage
 from entrypoints.demo.assets import smollm2
 from entrypoints.demo.local_s3 import S3Server
+from entrypoints.evaluation import answer_match
 from entrypoints.train import SUMMARY_PREFIX
 
 log = logging.getLogger("qlora.demo")
@@ -118,31 +119,36 @@ def print_report(summary: dict, endpoint: str, elapsed: float, local_dir: Path, 
     for s in summary["samples"][:8]:
         print(f"  Q: {s['prompt']}\n     expected: {s['reference']}")
         print(textwrap.indent(f"before: {s['before'][:90]}\nafter:  {s['after'][:90]}", "     "))
-    question = summary["samples"][0]["prompt"] if summary["samples"] else "What is the capital of Veloria?"
+    # A question the fine-tuned model answered right: the commands below then show what it learned.
+    learned = [s for s in summary["samples"] if answer_match([s["after"]], [s]) == 1.0]
+    question = (learned or summary["samples"] or [{"prompt": "What is the capital of Veloria?"}])[0]["prompt"]
     print_local_copies(outputs, base_dir, question)
     print("=" * 78)
 
 
 def print_local_copies(outputs: Path, base_dir: Path, question: str) -> None:
-    """Where the outputs are on this machine, and one command each that loads them and answers `question`."""
+    """Where the outputs are on this machine, and one command each that loads them and answers `question` (given as
+    the command's argument, so the Python code needs no shell quoting)."""
     merged, adapter, base = _shown(outputs / "merged"), _shown(outputs / "adapter"), _shown(base_dir)
-    python = _shown(Path(sys.executable))
-    messages = [{"role": "user", "content": question}]
+    python = shlex.quote(_shown(Path(sys.executable)))
+    q = json.dumps  # Python string literals in double quotes, inside the single-quoted shell argument
+    ask = '[{"role": "user", "content": sys.argv[1]}]'
     print(f"\nlocal copies of the outputs: {_shown(outputs)}")
     print(f"  merged model: {merged}  (the adapter merged into the base: transformers alone loads it)")
     print(f"  adapter:      {adapter}  (LoRA weights for the base model {base})")
     print("ask the merged model:")
     print(f"  {python} -c " + shlex.quote(
-        f"from transformers import pipeline; chat = pipeline('text-generation', model={merged!r});"
-        f" print(chat({messages!r}, max_new_tokens=20)[0]['generated_text'][-1]['content'])"))
+        f"import sys; from transformers import pipeline; chat = pipeline(\"text-generation\", model={q(merged)});"
+        f" print(chat({ask}, max_new_tokens=20)[0][\"generated_text\"][-1][\"content\"])") + f" {shlex.quote(question)}")
     print("ask the base model with the adapter:")
     print(f"  {python} -c " + shlex.quote(
-        "from peft import PeftModel; from transformers import AutoModelForCausalLM, AutoTokenizer;"
-        f" tok = AutoTokenizer.from_pretrained({adapter!r});"
-        f" model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {adapter!r});"
-        f" ids = tok.apply_chat_template({messages!r}, add_generation_prompt=True, return_tensors='pt',"
-        " return_dict=True)['input_ids'];"
-        " print(tok.decode(model.generate(ids, max_new_tokens=20)[0, ids.shape[1]:], skip_special_tokens=True))"))
+        "import sys; from peft import PeftModel; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        f" tok = AutoTokenizer.from_pretrained({q(adapter)});"
+        f" model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({q(base)}), {q(adapter)});"
+        f" ids = tok.apply_chat_template({ask}, add_generation_prompt=True, return_tensors=\"pt\","
+        " return_dict=True)[\"input_ids\"];"
+        " print(tok.decode(model.generate(ids, max_new_tokens=20)[0, ids.shape[1]:], skip_special_tokens=True))")
+        + f" {shlex.quote(question)}")
     # TODO(chat): once `python -m entrypoints.chat` exists, print `python -m entrypoints.chat --model {merged}` here.
 
 

@@ -38,7 +38,8 @@ def test_report_keeps_local_copies_and_prints_commands_that_load_them(s3_env, ca
     summary = {"output": f"s3://{bucket}/outputs/run", "eval_loss_before": 2.0, "eval_loss_after": 1.0,
                "answer_match_before": 0.0, "answer_match_after": 1.0, "global_step": 3,
                "train_runtime_seconds": 1.0, "device": "cpu",
-               "samples": [{"prompt": "Who was Veloria's first astronaut?", "reference": "Petra Koslin",
+               "samples": [{"prompt": "What is the capital?", "reference": "Quendar", "before": "?", "after": "Paris"},
+                           {"prompt": "Who was Veloria's first astronaut?", "reference": "Petra Koslin",
                             "before": "?", "after": "Petra Koslin"}]}
     monkeypatch.chdir(tmp_path)
     print_report(summary, server.endpoint, 1.0, tmp_path / "demo" / "outputs", base)
@@ -50,6 +51,8 @@ def test_report_keeps_local_copies_and_prints_commands_that_load_them(s3_env, ca
     assert (tmp_path / "demo" / "outputs" / "adapter" / "adapter_model.safetensors").is_file()
     commands = [line.strip() for line in out.splitlines() if " -c " in line]
     assert len(commands) == 2 and "entrypoints.chat" not in out  # chat is a TODO in the code, not printed
+    # The question is one the fine-tuned model answered right (the second sample), given as the argument.
+    assert all(c.endswith(" 'Who was Veloria'\"'\"'s first astronaut?'") for c in commands), commands
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for command in commands:  # the question has an apostrophe: the quoting must survive the shell
         proc = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
