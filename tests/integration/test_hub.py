@@ -47,18 +47,24 @@ CASES = [
     ("nothing listening", "refused", EXIT_STORAGE, "could not be reached to download acme/tiny-llama (ConnectError"),
     ("no such model", (404, {"X-Error-Code": "RepoNotFound"}), EXIT_MODEL, "acme/tiny-llama was not found on the Hub"),
     ("gated without access", (401, {"X-Error-Code": "GatedRepo"}), EXIT_MODEL, "acme/tiny-llama is gated"),
+    # HF_HUB_OFFLINE=1 is the user's choice, not an outage: a model not in the cache then is a model error.
+    ("offline mode", "offline", EXIT_MODEL, "could not download acme/tiny-llama from the Hub"),
 ]
 
 
 @pytest.mark.parametrize("failure, code, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_hub_failures_exit_with_the_documented_code(tmp_path, failure, code, words):
     with FakeHub(REPO_ID) as hub:
-        endpoint = hub.endpoint
+        env = _env(tmp_path, hub.endpoint, GOOD)
         if failure == "refused":
-            endpoint = f"http://127.0.0.1:{_closed_port()}"
+            env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+        elif failure == "offline":
+            env["HF_HUB_OFFLINE"] = "1"
         else:
             hub.fail_with(*failure) if isinstance(failure, tuple) else hub.fail_with(failure)
-        result = run_job(_env(tmp_path, endpoint, GOOD), timeout=120)
+        result = run_job(env, timeout=120)
+    if failure == "offline":
+        assert hub.requests == []
     assert result.code == code, result.output[-3000:]
     assert words in result.output, result.output[-3000:]
     assert "Traceback" not in result.output
