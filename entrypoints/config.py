@@ -58,6 +58,14 @@ class JobConfig:
         group="inputs",
     )
     model_revision: str = _f("main", "Hub revision (branch, tag or commit) when `model` is a Hub id.", group="inputs")
+    model_name: str = _f(
+        "",
+        "How the outputs name the base model: adapter_config.json's base_model_name_or_path and the model card's"
+        " base_model. Empty: `model` as given. Set it to the Hub id when `model` is a copy in S3 or a local directory,"
+        " so the adapter loads by that name. The launcher sets it to the s3:// prefix when it passes `model` as a"
+        " SageMaker input channel.",
+        group="inputs",
+    )
     data: str = _f(
         "",
         "Training data: an s3:// URI or local path of one file or a prefix/directory of them: .jsonl/.ndjson,"
@@ -176,6 +184,11 @@ class JobConfig:
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint_dir) if self.checkpoint_dir else self.paths.checkpoint_dir
+
+    @property
+    def base_model_name(self) -> str:
+        """The base model's name in the outputs: where it came from, never the scratch copy the job loaded."""
+        return self.model_name or self.model
 
     @property
     def target_modules(self) -> str | list[str]:
@@ -332,7 +345,8 @@ def help_text(command: str) -> str:
              "flags. Secrets (HF_TOKEN, WANDB_API_KEY) are never settings: they come from the environment,",
              "QLORA_SECRETS_DIR or QLORA_SECRETS_ARN. Settings that do not apply to encoder-decoder models (packing,",
              "chat_template, use_liger...) are ignored when not given and refused when given.",
-             "Exit codes: 0 ok, 1 internal, 2 configuration, 3 data, 4 model, 5 storage, 6 output exists,",
+             "Exit codes: 0 ok, 1 internal, 2 configuration, 3 data, 4 model, 5 storage or network (a rerun may",
+             "help), 6 output exists,",
              "9 outputs complete but the Hub publish failed (retry it alone: python -m entrypoints.hub),",
              "75 preempted (rerun to resume).", "", "settings:"]
     for group in dict.fromkeys(f.metadata["group"] for f in FIELDS.values()):
@@ -350,11 +364,13 @@ def parse_config(
     argv: Sequence[str] = (),
     *,
     check_paths: bool = True,
+    require_data: bool = True,
 ) -> JobConfig:
     """Build the job's configuration from hyperparameters.json, the environment and the CLI.
 
     Raises ConfigError listing every problem found. `check_paths=False` skips checks of local paths
-    (the launcher validates a job that will run elsewhere).
+    (the launcher validates a job that will run elsewhere); `require_data=False` accepts a configuration without
+    training data (to show the settings before there is any).
     """
     problems: list[str] = []
     raw: dict[str, tuple[Any, str]] = {}  # name -> (raw value, where it came from)
@@ -412,7 +428,7 @@ def parse_config(
     except TypeError as exc:  # pragma: no cover - every key was checked above
         raise ConfigError([str(exc)]) from None
     sources = {name: where for name, (_, where) in raw.items()}
-    problems.extend(validate(cfg, check_paths=check_paths, sources=sources))
+    problems.extend(validate(cfg, check_paths=check_paths, sources=sources, require_data=require_data))
     if problems:
         raise ConfigError(problems)
     # Where each value came from is not a setting (not in the table, the manifest or the fingerprint), but a setting
@@ -422,7 +438,8 @@ def parse_config(
     return cfg
 
 
-def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, str] | None = None) -> list[str]:
+def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, str] | None = None,
+             require_data: bool = True) -> list[str]:
     """Cross-field checks. Returns every problem found, each naming the variable and the fix."""
     p: list[str] = []
 
@@ -430,9 +447,8 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
         # Named where the value came from: the variable, the flag or the hyperparameters.json key.
         p.append(f"{(sources or {}).get(name, env_name(name))}={getattr(cfg, name)!r}: {why}")
 
-    if not cfg.data:
-        p.append(f"{env_name('data')} is not set: give the training data as an s3:// URI or a local path"
-                 " (or run on SageMaker with a `train` input channel)")
+    if not cfg.data and require_data:
+        p.append(DATA_NOT_SET)
     for name in ("model", "data", "eval_data", "output", "checkpoint_uri"):
         value = getattr(cfg, name)
         if value.startswith("s3://") and len(value) <= len("s3://"):
@@ -556,6 +572,10 @@ def hub_repo_problem(repo: str) -> str | None:
     return None
 
 
+DATA_NOT_SET = (f"{env_name('data')} is not set: give the training data as an s3:// URI or a local path"
+                " (or run on SageMaker with a `train` input channel)")
+
+
 def _location(value: str) -> str:
     """A comparable form of an s3:// URI or a local path (absolute, normalised, with a trailing slash)."""
     if value.startswith("s3://"):
@@ -609,7 +629,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m entrypoints.config", description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", action="store_true", help="print the table of variables (docs/SETTINGS.md)")
-    ap.add_argument("--check", action="store_true", help="parse the environment and print the settings as JSON")
+    ap.add_argument("--check", action="store_true",
+                    help="parse the environment (and --name value flags) as the job does and print the settings as"
+                         " JSON; exit 2 with every problem, or when QLORA_DATA is not set (the settings are printed"
+                         " then too)")
     args, rest = ap.parse_known_args(argv)
     if args.markdown:
         print(markdown_table())
@@ -617,7 +640,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(os.environ, rest)
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        if exc.problems != [DATA_NOT_SET]:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        # Only the data is missing: the settings are worth seeing before there is any, and the one gap is named.
+        print(json.dumps(parse_config(os.environ, rest, require_data=False).to_public_dict(), indent=2))
+        print(f"configuration error: {DATA_NOT_SET}. The settings above are what the job would use with it;"
+              " every setting is described by `python -m entrypoints.train --help`", file=sys.stderr)
         return exc.exit_code
     print(json.dumps(cfg.to_public_dict(), indent=2))
     return 0

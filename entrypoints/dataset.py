@@ -50,7 +50,7 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
         # `datasets` fingerprints a generator by its code, not by the file's content: a cache left by an earlier
         # run over changed data at the same path would otherwise be reused silently.
         shutil.rmtree(cache_dir, ignore_errors=True)
-    check = _seq2seq_check if seq2seq else _template_check(tokenizer, template)
+    check = _seq2seq_check if seq2seq else template_check(tokenizer, template)
     train_stats = LoadStats()
     train_raw = _read(cfg, data, train_stats, cache_dir, check, held_out=False)
     stats: dict[str, Any] = {"format": train_stats.fmt, "train_records_read": train_stats.records,
@@ -86,7 +86,7 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
     return TokenizedData(train_ds, eval_ds, samples, stats)
 
 
-def _template_check(tokenizer: Any, template: str | None):
+def template_check(tokenizer: Any, template: str | None):
     """A template may refuse a conversation (Mistral's refuses system turns): that record is a bad record, named by
     its file and line and counted against the bad-record budget, not a crash in tokenization."""
     from entrypoints.templating import render
@@ -164,7 +164,7 @@ def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: A
     """Token ids and loss masks (seq2seq: input and target ids), truncated here to max_seq_length (keeping the
     start; seq2seq: the input and the target each) so that what is counted is what is trained on; the full lengths
     and answer-token counts are kept to report what truncation removed."""
-    from entrypoints.templating import tokenize_conversation, tokenize_seq2seq, tokenize_text
+    from entrypoints.templating import encode_record, tokenize_seq2seq
 
     seq = cfg.max_seq_length
 
@@ -181,17 +181,9 @@ def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: A
     def tokenize(batch):
         out: dict[str, list] = {"input_ids": [], "assistant_masks": [], "full_tokens": [], "full_loss_tokens": []}
         for raw in batch["record"]:
-            conv = json.loads(raw)
-            if isinstance(conv, str):
-                enc = tokenize_text(tokenizer, conv)
-            else:
-                if template is None:
-                    raise DataError("chat records need a chat template, but none could be resolved")
-                enc = tokenize_conversation(tokenizer, template, conv, cfg.assistant_only_loss)
-            out["full_tokens"].append(len(enc["input_ids"]))
-            out["full_loss_tokens"].append(sum(enc["assistant_masks"]))
-            out["input_ids"].append(enc["input_ids"][:seq])
-            out["assistant_masks"].append(enc["assistant_masks"][:seq])
+            enc = encode_record(tokenizer, template, json.loads(raw), cfg.assistant_only_loss, cfg.max_seq_length)
+            for key, values in out.items():
+                values.append(enc[key])
         return out
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

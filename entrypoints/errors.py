@@ -24,7 +24,7 @@ EXIT_INTERNAL = 1  # a bug or an unexpected library failure: retrying will not h
 EXIT_CONFIG = 2  # a setting is missing, malformed or contradictory
 EXIT_DATA = 3  # the training/eval data cannot be read or normalised
 EXIT_MODEL = 4  # the base model or adapter is missing, unsafe or incompatible
-EXIT_STORAGE = 5  # object storage unreachable / access denied after retries
+EXIT_STORAGE = 5  # object storage or the Hugging Face Hub unreachable or failing after retries, access denied
 EXIT_OUTPUT_EXISTS = 6  # the output location already holds a complete result
 # Outputs complete (manifest written, S3/local untouched); only the Hugging Face Hub publish failed: retry only the
 # publish (`python -m entrypoints.hub --output URI`), never the training.

@@ -6,6 +6,7 @@ Two kinds of model are trained: decoder-only causal LMs (Llama-class) and T5-cla
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import re
@@ -15,13 +16,14 @@ from typing import Any
 
 from entrypoints import perf, sizing, storage
 from entrypoints.config import JobConfig
-from entrypoints.errors import ConfigError, ModelError
+from entrypoints.errors import ConfigError, ModelError, StorageError
 
 log = logging.getLogger("qlora.model")
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a training run needs from a model repository: no pickles, no GGUF/ONNX copies, no other formats.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+TOKENIZER_PATTERNS = [p for p in HUB_PATTERNS if p != "*.safetensors"]  # what rendering data needs: no weights
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -33,7 +35,7 @@ def resolve_model(cfg: JobConfig, work_dir: Path, hf_token: str | None) -> Path:
     elif Path(source).exists():
         local = Path(source)
     elif HUB_ID.match(source):
-        local = _from_hub(source, cfg.model_revision, work_dir / "hf-cache", hf_token)
+        local = _from_hub_id(source, cfg.model_revision, hf_token, HUB_PATTERNS)
     else:
         raise ModelError(f"QLORA_MODEL={source!r} is not a local directory, an s3:// prefix or a Hub id like"
                          " meta-llama/Llama-2-7b-hf")
@@ -41,22 +43,117 @@ def resolve_model(cfg: JobConfig, work_dir: Path, hf_token: str | None) -> Path:
     return local
 
 
-def _from_hub(repo_id: str, revision: str, cache_dir: Path, token: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+def fetch_tokenizer(source: str, revision: str, dest: Path, endpoint_url: str, hf_token: str | None = None) -> Path:
+    """A local directory with the tokenizer and config files of the model `source` (the forms of QLORA_MODEL),
+    without downloading its weights: a local directory is used as it is."""
+    if storage.is_s3(source):
+        prefix = source.rstrip("/") + "/"
+        objects = [o for o in storage.list_objects(prefix, endpoint_url=endpoint_url)
+                   if "/" not in o.relative and any(fnmatch.fnmatch(o.relative, p) for p in TOKENIZER_PATTERNS)]
+        if not objects:
+            raise ModelError(f"{source}: no tokenizer or config files under this prefix; give the model's prefix")
+        for obj in objects:
+            storage.download_file(obj.uri, dest / obj.relative, size=obj.size, endpoint_url=endpoint_url)
+        return dest
+    if Path(source).exists():
+        return Path(source)
+    if HUB_ID.match(source):
+        return _from_hub_id(source, revision, hf_token, TOKENIZER_PATTERNS)
+    raise ModelError(f"{source!r} is not a local directory, an s3:// prefix or a Hub id like meta-llama/Llama-2-7b-hf")
 
-    log.info("downloading %s@%s from the Hugging Face Hub", repo_id, revision)
+
+def _from_hub_id(source: str, revision: str, token: str | None, patterns: list[str]) -> Path:
+    """`source` names no local path and has the form of a Hub id: a failure says both, so that a mistyped local path
+    (`models/llama` is a valid Hub id too) is not read as a Hub problem only."""
     try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache_dir), token=token or None,
-                                      allow_patterns=HUB_PATTERNS))
+        return from_hub(source, revision, token, patterns)
+    except (ModelError, StorageError) as exc:
+        raise type(exc)(f"{source} is not a local path, so it was looked up as a Hub id: {exc}") from None
+
+
+def from_hub(repo_id: str, revision: str, token: str | None, patterns: list[str]) -> Path:
+    """Download the files of `repo_id` matching `patterns` into the Hugging Face cache and return their directory.
+
+    The cache is huggingface_hub's own (HF_HOME, HF_HUB_CACHE): the image sets HF_HOME below /opt/ml/work, and a
+    volume mounted there keeps the files for the next run, which then downloads nothing. A failure is a storage
+    error (exit 5, worth a retry) when the Hub could not be reached or answered with a server-side error, and a
+    model error (exit 4) when it answered that the model is missing, gated or not readable with this token.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    log.info("downloading %s@%s from the Hugging Face Hub (cache: %s)", repo_id, revision, constants.HF_HUB_CACHE)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token or None, allow_patterns=patterns))
     except GatedRepoError:
         raise ModelError(f"{repo_id} is gated: accept its license on the Hub with your account and pass that"
                          " account's token as HF_TOKEN (or via QLORA_SECRETS_ARN / QLORA_SECRETS_DIR)") from None
     except RepositoryNotFoundError:
         raise ModelError(f"{repo_id} was not found on the Hub (or is private and HF_TOKEN lacks access)") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelError(f"could not download {repo_id} from the Hub: {exc}. Without Hub access, put the model in"
-                         " S3 or a local directory and point QLORA_MODEL there") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{repo_id} has no revision {revision!r} on the Hub: set QLORA_MODEL_REVISION to one of its"
+                         " branches, tags or commits") from None
+    except Exception as exc:
+        unreachable = hub_unreachable(exc)
+        if unreachable:
+            raise StorageError(f"the Hugging Face Hub could not be reached to download {repo_id} ({unreachable}): a"
+                               " network problem or a Hub outage, so a rerun may succeed. Without Hub access, put the"
+                               " model in S3 or a local directory and point QLORA_MODEL there") from None
+        status = _http_status(exc)
+        if status in (401, 403):
+            raise ModelError(f"the Hub refused access to {repo_id} (HTTP {status}): HF_TOKEN is invalid or lacks"
+                             " access to it; pass a token of an account that can read it") from None
+        if isinstance(exc, (HfHubHTTPError, OSError, ValueError)):
+            raise ModelError(f"could not download {repo_id} from the Hub ({type(exc).__name__}: {first_line(exc)})."
+                             " Without Hub access, put the model in S3 or a local directory and point QLORA_MODEL"
+                             " there") from None
+        raise
+
+
+# HTTP statuses that say "not now" rather than "no": a request timeout and rate limiting (and every 5xx, the
+# server's own failure).
+TRANSIENT_HTTP_STATUSES = frozenset({408, 429})
+
+
+def hub_unreachable(exc: BaseException) -> str | None:
+    """Why the Hub could not be reached, when `exc` (or anything down its chain) is a network failure or a transient
+    HTTP status; None when the Hub answered. huggingface_hub wraps a failed first request in an error of its own
+    (raised `from` the network error) and falls back to its cache, so the cause is looked for along the chain."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    transport = _transport_errors()
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, OfflineModeIsEnabled):  # a ConnectionError, but the user's choice (HF_HUB_OFFLINE)
+            return None
+        status = _http_status(link)
+        if status is not None and (status in TRANSIENT_HTTP_STATUSES or status >= 500):
+            return f"HTTP {status}"
+        if isinstance(link, transport):
+            return f"{type(link).__name__}: {first_line(link)}"
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Network failures: the operating system's, and those of the HTTP client huggingface_hub uses (httpx2 in
+    huggingface_hub 2, httpx in 1)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx"):
+        try:
+            http = __import__(name)
+        except ImportError:
+            continue
+        found += [http.TimeoutException, http.NetworkError, http.RemoteProtocolError, http.ProxyError]
+    return tuple(found)
 
 
 def check_model_dir(path: Path, allow_pickle: bool) -> None:
@@ -154,11 +251,13 @@ def compute_dtype(cfg: JobConfig, seq2seq: bool = False):
 def load_tokenizer(model_dir: Path, cfg: JobConfig):
     from transformers import AutoTokenizer
 
+    needs = "the model directory needs tokenizer.json, or tokenizer.model with tokenizer_config.json"
+    if not any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise ModelError(f"{model_dir}: no tokenizer files: {needs}")
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{model_dir}: the tokenizer cannot be loaded ({exc}); the model directory needs"
-                         " tokenizer.json or tokenizer.model with tokenizer_config.json") from None
+        raise ModelError(f"{model_dir}: the tokenizer cannot be loaded ({first_line(exc)}); {needs}") from None
 
 
 def quantization_config(cfg: JobConfig, seq2seq: bool = False) -> Any:

@@ -368,24 +368,30 @@ def package_versions() -> dict[str, str]:
 
 
 def write_model_card(stage: Path, cfg: JobConfig, metrics: dict[str, Any], samples: list[dict[str, Any]],
-                     has_merged: bool, seq2seq: bool = False) -> Path:
-    """README.md of the output. `seq2seq`: an encoder-decoder model, whose prompts are plain text (the format is
-    written down, since no chat template saved with the tokenizer carries it)."""
+                     has_merged: bool, adapter: dict[str, Any] | None = None, seq2seq: bool = False) -> Path:
+    """README.md of the output. `adapter`: what save_adapter reports (dtype, parameters, bytes, compute_dtype), stated
+    in the card. `seq2seq`: an encoder-decoder model, whose prompts are plain text (the format is written down, since
+    no chat template saved with the tokenizer carries it)."""
+    name = cfg.base_model_name
     auto_class = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
     lines = [
         "---",
-        f"base_model: {cfg.model}",
+        f"base_model: {name}",
         "library_name: peft",
         f"tags: [qlora, lora, {'seq2seq' if seq2seq else 'sft, trl'}]",
         "---",
         f"# {cfg.run_name or 'QLoRA fine-tune'}",
         "",
         f"A LoRA adapter (r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets `{cfg.lora_target_modules}`) trained with"
-        f" QLoRA ({cfg.quantization}, double quantization {'on' if cfg.double_quant else 'off'}) on top of `{cfg.model}`.",
+        f" QLoRA ({cfg.quantization}, double quantization {'on' if cfg.double_quant else 'off'}) on top of `{name}`.",
         "",
         "## Files",
         "- `adapter/`: the PEFT adapter and tokenizer (`PeftModel.from_pretrained(base, 'adapter')`).",
     ]
+    if adapter:
+        lines.append(f"  Its weights are {adapter['dtype']}: {adapter['parameters']:,} parameters, {adapter['bytes']:,}"
+                     " bytes. LoRA weights are trained in float32 (the master weights; the 4-bit base computes in"
+                     f" {adapter['compute_dtype']}) and saved as trained.")
     if has_merged:
         lines.append("- `merged/`: the adapter merged into the 16-bit base, loadable with"
                      f" `{auto_class}.from_pretrained('merged')` alone.")

@@ -45,11 +45,11 @@ from entrypoints.evaluation import answer_match, evaluate, generate_answers
 from entrypoints.hub import HubTarget, check_token, publish_result, raise_if_failed
 from entrypoints.modeling import (
     cap_gpu_memory,
+    compute_dtype,
     device_kind,
     is_seq2seq,
     load_model,
     load_model_config,
-    load_tokenizer,
     resolve_model,
 )
 from entrypoints.outputs import (
@@ -63,7 +63,7 @@ from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
 from entrypoints.ranks import RankFailed, Ranks, join_ranks, leave_process_group
 from entrypoints.secrets import install_redactor, resolve_secrets
 from entrypoints.sizing import BatchPlan, PlanSettings
-from entrypoints.templating import choose_pad_token, resolve_chat_template
+from entrypoints.templating import load_tokenizer_and_template
 from entrypoints.tracking import NullTracker, WandbTracker, wandb_wanted
 from entrypoints.trainer import build_trainer, check_trained, find_checkpoint, save_adapter, train
 
@@ -225,7 +225,8 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
             publisher = Publisher(stage, target, cfg.s3_endpoint_url, claim)
-            adapter_dir = save_adapter(trainer, tokenizer, stage)
+            adapter_dir, metrics["adapter"] = save_adapter(trainer, tokenizer, stage, cfg.base_model_name,
+                                                           str(compute_dtype(cfg)).removeprefix("torch."))
             for path in storage.iter_tree(adapter_dir):
                 publisher.submit(path)
             del trainer, model  # the merge needs the memory the 4-bit model holds
@@ -285,18 +286,6 @@ def settings_for_model(cfg: JobConfig, model_dir: Path) -> tuple[JobConfig, bool
     log.info("encoder-decoder model: trained as seq2seq on (input, target) pairs%s",
              f"; settings that do not apply to it, ignored at their defaults: {', '.join(ignored)}" if ignored else "")
     return cfg, True
-
-
-def load_tokenizer_and_template(cfg: JobConfig, model_dir: Path, seq2seq: bool = False) -> tuple[Any, str | None]:
-    """The base model's tokenizer with a pad token that is not EOS, and the chat template the data is rendered with
-    (saved with the adapter, so inference formats prompts the same way); no template for plain `text` records, nor
-    for an encoder-decoder model (its prompts are plain text: templating.seq2seq_input)."""
-    tokenizer = load_tokenizer(model_dir, cfg)
-    template = None if cfg.data_format == "text" or seq2seq else resolve_chat_template(tokenizer, cfg.chat_template)
-    tokenizer.pad_token = choose_pad_token(tokenizer)
-    if template is not None:
-        tokenizer.chat_template = template
-    return tokenizer, template
 
 
 def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks) -> tuple[BatchPlan | None, dict]:
@@ -364,9 +353,9 @@ def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, pu
                                       double_quant=cfg.double_quant, on_file_written=publisher.submit)
         metrics["merge"] = {k: v for k, v in merge_summary.items() if isinstance(v, (str, int, float, bool))}
     write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge,
-                     seq2seq)
+                     adapter=metrics.get("adapter"), seq2seq=seq2seq)
     manifest = build_manifest(stage, cfg, {
-        "base_model": {"source": cfg.model, "revision": cfg.model_revision,
+        "base_model": {"source": cfg.model, "name": cfg.base_model_name, "revision": cfg.model_revision,
                        "fingerprint_sha256": inputs.content["model_sha256"]},
         "data": {"source": cfg.data, "eval_source": cfg.eval_data or None,
                  "fingerprint_sha256": inputs.content["data_sha256"],

@@ -356,8 +356,32 @@ def check_trained(model: Any, result: dict[str, Any], cfg: JobConfig) -> None:
                            " the data"])
 
 
-def save_adapter(trainer: Any, tokenizer: Any, stage: Path) -> Path:
+def save_adapter(trainer: Any, tokenizer: Any, stage: Path, base_model_name: str, compute_dtype: str
+                 ) -> tuple[Path, dict[str, Any]]:
+    """Save the adapter and tokenizer to `stage`/adapter, naming the base model by `base_model_name` (where it came
+    from: a Hub id, an s3:// prefix), not by the scratch copy it was loaded from, in adapter_config.json and in
+    peft's own README.md. Returns the directory and what the adapter is: dtype, parameters, bytes."""
+    from safetensors import safe_open
+
+    model = trainer.model
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_model_name
+    base = model.get_base_model()  # peft's README.md names it as base_model and in a base_model:adapter: tag
+    base.name_or_path = base.config.name_or_path = base_model_name
     adapter_dir = stage / "adapter"
-    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    model.save_pretrained(adapter_dir, safe_serialization=True)
     tokenizer.save_pretrained(adapter_dir)
-    return adapter_dir
+    weights = adapter_dir / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        slices = [f.get_slice(key) for key in f.keys()]  # noqa: SIM118 - safe_open has no __iter__
+        dtypes = sorted({str(s.get_dtype()) for s in slices})
+        parameters = sum(math.prod(s.get_shape()) for s in slices)
+    info = {"dtype": ",".join(DTYPE_NAMES.get(d, d) for d in dtypes), "parameters": parameters,
+            "bytes": weights.stat().st_size, "compute_dtype": compute_dtype}
+    # LoRA weights are kept in float32 in training (build_trainer), and peft saves them as they are.
+    log.info("adapter: %s parameters in %s, %s bytes (%s); the 4-bit base computes in %s", f"{parameters:,}",
+             info["dtype"], f"{info['bytes']:,}", weights, compute_dtype)
+    return adapter_dir, info
+
+
+DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' names -> torch's

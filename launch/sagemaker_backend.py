@@ -81,6 +81,9 @@ def job_environment(plan: LaunchPlan, job_name: str) -> tuple[dict[str, str], li
         if uri.startswith("s3://") and uri.endswith("/"):
             channels.append(_s3_channel(channel, uri))
             del env[variable]
+            if variable == "QLORA_MODEL":
+                # Inside the job the model is then /opt/ml/input/data/model: the outputs name it by its source instead.
+                env.setdefault("QLORA_MODEL_NAME", uri)
     return dict(sorted(env.items())), channels
 
 

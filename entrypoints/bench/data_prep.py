@@ -99,11 +99,9 @@ class MemorySampler:
 
 
 def run(rows: int, work: Path, tokenizer_dir: Path, keep: bool = False) -> dict:
-    from transformers import AutoTokenizer
-
     from entrypoints.config import parse_config
     from entrypoints.dataset import prepare_data
-    from entrypoints.templating import choose_pad_token, resolve_chat_template
+    from entrypoints.templating import load_tokenizer_and_template
 
     data = work / "data" / "train.jsonl"
     started = time.monotonic()
@@ -113,9 +111,7 @@ def run(rows: int, work: Path, tokenizer_dir: Path, keep: bool = False) -> dict:
     cfg = parse_config({"QLORA_DATA": str(data), "QLORA_BASE_DIR": str(work / "opt-ml"),
                         "QLORA_EVAL_FRACTION": "0.001", "QLORA_NUM_SAMPLE_GENERATIONS": "2",
                         "QLORA_MAX_SEQ_LENGTH": "512"})
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    template = resolve_chat_template(tokenizer, cfg.chat_template)
-    tokenizer.pad_token = choose_pad_token(tokenizer)
+    tokenizer, template = load_tokenizer_and_template(cfg, tokenizer_dir)  # as the job loads them
     with MemorySampler() as mem:
         started = time.monotonic()
         prepared = prepare_data(cfg, data, None, tokenizer, template)

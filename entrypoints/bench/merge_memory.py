@@ -217,6 +217,18 @@ def plan_peak(shape: ModelShape, rank: int = 16, runtime_bytes: float = 0.0) -> 
             "peft_needs_at_least_bytes": params * 2}
 
 
+def plan_report(plan: dict) -> dict:
+    """`plan_peak` for printing: every byte count in GB (10^9 bytes), its key saying so (`peak_estimate_gb`)."""
+    report: dict = {"units": "GB = 10^9 bytes"}
+    for key, value in plan.items():
+        if key.endswith("_bytes"):
+            report[key.removesuffix("_bytes") + "_gb"] = round(value / GB, 2)
+        else:
+            report[key] = value
+    report["g5_2xlarge_ram_gb"] = round(G5_2XLARGE_RAM_BYTES / GB, 2)  # its 32 GiB
+    return report
+
+
 def _chat_examples(path: Path, tokenizer) -> list[tuple[list[int], int]]:
     """(token ids, number of prompt tokens) per record; the loss is taken on the assistant reply only."""
     examples = []
@@ -332,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--plan-only", action="store_true", help="only compute the memory bound from the shapes")
     p.add_argument("--runtime-gb", type=float, default=0.0,
-                   help="measured runtime overhead (GB) to add in --plan-only (from a 7b run's JSON)")
+                   help="measured runtime overhead in GB (10^9 bytes) to add in --plan-only (from a 7b run's JSON)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--compare-bases", action="store_true",
@@ -359,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     if args.plan_only:
         plan = plan_peak(shape, runtime_bytes=args.runtime_gb * GB)
-        print(json.dumps({k: (round(v / GB, 2) if k.endswith("bytes") else v) for k, v in plan.items()}, indent=2))
+        print(json.dumps(plan_report(plan), indent=2))
         return 0
 
     work = Path(args.work_dir)
@@ -392,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{args.shape} merge, r=16 all-linear adapter, {results['checkpoint']['base_bytes'] / GB:.1f} GB bf16"
           f" checkpoint, {results['cpus']} CPUs")
+    print("(GB = 10^9 bytes; wall time in seconds, process start included)")
     print(f"{'merge':<8}{'peak RSS (GB)':>15}{'wall (s)':>10}{'exit':>6}")
     for r in results["runs"]:
         print(f"{r['which']:<8}{r['peak_rss_bytes'] / GB:>15.2f}{r['seconds']:>10.1f}{r['exit_code']:>6}")

@@ -6,7 +6,8 @@
 2. starts a SeaweedFS S3 server on loopback and puts the model and the shipped sample data there,
 3. runs `python -m entrypoints.train` exactly as the container would (same QLORA_* variables),
    with W&B in offline mode,
-4. prints a summary: outputs in S3, eval loss and held-out answers before/after fine-tuning.
+4. prints a summary: outputs in S3, eval loss and held-out answers before/after fine-tuning, and where the
+   outputs are on this machine (downloaded to <work dir>/outputs) with a command each to load them.
 
 The sample data teaches facts about a fictional country the base model cannot know, and asks them in
 held-out phrasings: the answer-match score before vs after shows what the model learned.
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from pathlib import Path
 from entrypoints import storage
 from entrypoints.demo.assets import smollm2
 from entrypoints.demo.local_s3 import S3Server
+from entrypoints.evaluation import answer_match
 from entrypoints.train import SUMMARY_PREFIX
 
 log = logging.getLogger("qlora.demo")
@@ -95,12 +98,15 @@ def run_job(env: dict[str, str], log_path: Path) -> dict:
     return summary
 
 
-def print_report(summary: dict, endpoint: str, elapsed: float) -> None:
+def print_report(summary: dict, endpoint: str, elapsed: float, local_dir: Path, base_dir: Path) -> None:
+    """The demo's result. The outputs are also downloaded to `local_dir`: the S3 server stops with the demo, so its
+    address is of no use afterwards, and the local copies are what the printed commands load."""
     objects = storage.list_objects(summary["output"].rstrip("/") + "/", endpoint_url=endpoint)
+    outputs = storage.fetch(summary["output"].rstrip("/") + "/", local_dir, endpoint_url=endpoint)
     print("\n" + "=" * 78)
     print("DEMO SUMMARY")
     print("=" * 78)
-    print(f"outputs in S3 ({endpoint}): {summary['output']}")
+    print(f"outputs in S3 ({endpoint}, stopped when the demo ends): {summary['output']}")
     for obj in objects:
         print(f"  {obj.size:>12,d} B  {obj.relative}")
     print(f"eval loss (held-out questions): {summary['eval_loss_before']:.3f} -> {summary['eval_loss_after']:.3f}")
@@ -113,7 +119,45 @@ def print_report(summary: dict, endpoint: str, elapsed: float) -> None:
     for s in summary["samples"][:8]:
         print(f"  Q: {s['prompt']}\n     expected: {s['reference']}")
         print(textwrap.indent(f"before: {s['before'][:90]}\nafter:  {s['after'][:90]}", "     "))
+    # A question the fine-tuned model answered right: the commands below then show what it learned.
+    learned = [s for s in summary["samples"] if answer_match([s["after"]], [s]) == 1.0]
+    question = (learned or summary["samples"] or [{"prompt": "What is the capital of Veloria?"}])[0]["prompt"]
+    print_local_copies(outputs, base_dir, question)
     print("=" * 78)
+
+
+def print_local_copies(outputs: Path, base_dir: Path, question: str) -> None:
+    """Where the outputs are on this machine, and one command each that loads them and answers `question` (given as
+    the command's argument, so the Python code needs no shell quoting)."""
+    merged, adapter, base = _shown(outputs / "merged"), _shown(outputs / "adapter"), _shown(base_dir)
+    python = shlex.quote(_shown(Path(sys.executable)))
+    q = json.dumps  # Python string literals in double quotes, inside the single-quoted shell argument
+    ask = '[{"role": "user", "content": sys.argv[1]}]'
+    print(f"\nlocal copies of the outputs: {_shown(outputs)}")
+    print(f"  merged model: {merged}  (the adapter merged into the base: transformers alone loads it)")
+    print(f"  adapter:      {adapter}  (LoRA weights for the base model {base})")
+    print("ask the merged model:")
+    print(f"  {python} -c " + shlex.quote(
+        f"import sys; from transformers import pipeline; chat = pipeline(\"text-generation\", model={q(merged)});"
+        f" print(chat({ask}, max_new_tokens=20)[0][\"generated_text\"][-1][\"content\"])") + f" {shlex.quote(question)}")
+    print("ask the base model with the adapter:")
+    print(f"  {python} -c " + shlex.quote(
+        "import sys; from peft import PeftModel; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        f" tok = AutoTokenizer.from_pretrained({q(adapter)});"
+        f" model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({q(base)}), {q(adapter)});"
+        f" ids = tok.apply_chat_template({ask}, add_generation_prompt=True, return_tensors=\"pt\","
+        " return_dict=True)[\"input_ids\"];"
+        " print(tok.decode(model.generate(ids, max_new_tokens=20)[0, ids.shape[1]:], skip_special_tokens=True))")
+        + f" {shlex.quote(question)}")
+    print("talk to it (interactive, streamed; add --prompt QUESTION for one JSON answer):")
+    print(f"  {python} -m entrypoints.chat --model {shlex.quote(_shown(outputs))}")
+
+
+def _shown(path: Path) -> str:
+    """A path as a user in this directory types it: relative when it lies below the current directory. Made absolute
+    without resolving links: a virtual environment's python is a link, and the target runs outside the environment."""
+    path = Path(os.path.abspath(path))
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[3/4] running the training job (python -m entrypoints.train), log: {work / 'job.log'}", flush=True)
         summary = run_job(env, work / "job.log")
         print("[4/4] done", flush=True)
-        print_report(summary, server.endpoint, time.monotonic() - started)
+        print_report(summary, server.endpoint, time.monotonic() - started, work / "outputs", model_dir)
     finally:
         server.stop()
     return 0

@@ -33,8 +33,7 @@ def run_merge(adapter_uri: str, base_uri: str, output_uri: str, *, work_dir: Pat
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_output(output_uri, endpoint_url, overwrite)
     for flag, uri in (("--adapter", adapter_uri), ("--base", base_uri)):
-        if not storage.is_s3(uri) and not Path(uri).exists():  # a missing input is the model's problem, not storage's
-            raise ModelError(f"{flag} {uri}: no such directory; pass the directory (or s3:// prefix) that holds it")
+        _check_input(flag, uri, endpoint_url)
     adapter_dir = storage.fetch(adapter_uri, work_dir / "adapter", endpoint_url=endpoint_url)
     fetch_shard = release_shard = None
     if storage.is_s3(base_uri):
@@ -62,6 +61,16 @@ def run_merge(adapter_uri: str, base_uri: str, output_uri: str, *, work_dir: Pat
         summary["output"] = output_uri
         summary["uploaded"] = publisher.uploaded
     return summary
+
+
+def _check_input(flag: str, uri: str, endpoint_url: str) -> None:
+    """A missing adapter or base is a model error (exit 4: fix the argument), not a storage error (exit 5, which says
+    a retry may help): an empty s3:// prefix is named as plainly as a missing local directory. An unreachable or
+    forbidden bucket stays a storage error (raised by the listing)."""
+    missing = not storage.list_objects(uri, endpoint_url=endpoint_url) if storage.is_s3(uri) else not Path(uri).exists()
+    if missing:
+        where = "nothing is stored under this prefix" if storage.is_s3(uri) else "no such directory"
+        raise ModelError(f"{flag} {uri}: {where}; pass the directory (or s3:// prefix) that holds it")
 
 
 def _check_output(output_uri: str, endpoint_url: str, overwrite: bool) -> None:

@@ -225,6 +225,9 @@ def _copy_small_files(base: BaseModel, adapter_dir: Path, out_dir: Path, untied:
     """config.json (without quantization_config; untied if the plan unties), generation config, tokenizer."""
     config = dict(base.config)
     config.pop("quantization_config", None)
+    # Where the base was loaded from (transformers drops it when it saves a config; some configs still carry one):
+    # a path of the machine that made the base, meaningless to whoever loads the merged model.
+    config.pop("_name_or_path", None)
     if untied:
         if config.get("model_type") in SEQ2SEQ_MODEL_TYPES and "scale_decoder_outputs" not in config:
             # T5 derives the scaling of its decoder's output from tie_word_embeddings when the config does not

@@ -33,3 +33,33 @@ def test_inspector_reads_s3_uris(s3_env, tmp_path):
     proc = _inspect(f"s3://{bucket}/nothing/", "--s3-endpoint-url", server.endpoint, env=env)
     assert proc.returncode == EXIT_STORAGE and "the prefix is empty or the key does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_templating_tool_renders_s3_data_with_an_s3_models_tokenizer(s3_env, cache_dir, tmp_path, capsys, caplog):
+    """`python -m entrypoints.templating s3://.../model/ s3://.../data.jsonl`: only the model's tokenizer and config
+    files are downloaded (not its weights), the data is read as the job reads it, errors name the URI."""
+    from entrypoints import storage
+    from entrypoints.demo.assets import tiny_llama2
+    from entrypoints.templating import main
+
+    server, bucket = s3_env
+    storage.upload_tree(tiny_llama2(cache_dir), f"s3://{bucket}/models/tiny", endpoint_url=server.endpoint)
+    record = {"messages": [{"role": "user", "content": "Capital of Veloria?"},
+                           {"role": "assistant", "content": "Quendar."}]}
+    server.client().put_object(Bucket=bucket, Key="data/train.jsonl", Body=(json.dumps(record) + "\n").encode())
+    server.client().put_object(Bucket=bucket, Key="data/bad.jsonl", Body=b'{"messages": []}\n')
+    endpoint = ["--s3-endpoint-url", server.endpoint]
+    assert main([f"s3://{bucket}/models/tiny/", f"s3://{bucket}/data/train.jsonl", *endpoint]) == 0
+    out = capsys.readouterr().out
+    assert "TRAIN  Quendar. </s>" in out.splitlines() and f"record 1 of s3://{bucket}/data/train.jsonl" in out
+
+    assert main([f"s3://{bucket}/models/tiny/", f"s3://{bucket}/data/bad.jsonl", *endpoint]) == EXIT_DATA
+    assert f"data error: s3://{bucket}/data/bad.jsonl:1:" in caplog.text and "qlora-templating-" not in caplog.text
+    assert main([f"s3://{bucket}/nothing/", *endpoint]) == 4
+    assert f"s3://{bucket}/nothing/: no tokenizer or config files under this prefix" in caplog.text
+
+    from entrypoints.modeling import fetch_tokenizer
+
+    fetched = fetch_tokenizer(f"s3://{bucket}/models/tiny", "main", tmp_path / "tok", server.endpoint)
+    assert sorted(p.name for p in fetched.iterdir()) == ["config.json", "generation_config.json", "tokenizer.json",
+                                                         "tokenizer_config.json"]  # no weights

@@ -70,6 +70,22 @@ def test_end_to_end_s3(s3_job):
     assert "config.json" not in [p for p in listed if p.startswith("adapter/")]
     assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
 
+    # The outputs name the base model by its source, as configured, never by the job's scratch copy of it
+    # (<base_dir>/work/base-model), which no consumer has: adapter_config.json, the model card, the manifest.
+    source = f"s3://{bucket}/models/tiny"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == source
+    card = (out / "README.md").read_text()
+    assert f"\nbase_model: {source}\n" in card and manifest["base_model"]["name"] == source
+    scratch = str(tmp / "opt-ml")
+    for rel in listed:
+        if rel.endswith((".json", ".md", ".jinja", ".txt")):
+            assert scratch not in (out / rel).read_text(), rel
+    # The adapter's dtype and size, stated as they are: float32, as trained (LoRA's master weights).
+    size = listed["adapter/adapter_model.safetensors"]["bytes"]
+    assert manifest["metrics"]["adapter"]["dtype"] == "float32" and manifest["metrics"]["adapter"]["bytes"] == size
+    assert f"Its weights are float32: {manifest['metrics']['adapter']['parameters']:,} parameters, {size:,} bytes" in card
+    assert f"in float32, {size:,} bytes" in result.output
+
     # The merged model, loaded with transformers alone, equals the model as trained: the 4-bit (nf4, double
     # quantization) base with the adapter applied by peft.
     from peft import PeftModel

@@ -118,6 +118,8 @@ def check_training_request(req: dict) -> None:
     assert {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in req["InputDataConfig"]} == {
         "train": f"{BUCKET}/data/chat/", "model": f"{BUCKET}/models/llama-2-7b-hf/"}
     assert not {"QLORA_DATA", "QLORA_MODEL"} & set(env)
+    # ... and the adapter's config and the model card name the model by its prefix, not by the channel's local path.
+    assert env["QLORA_MODEL_NAME"] == f"{BUCKET}/models/llama-2-7b-hf/"
     assert env["QLORA_EVAL_DATA"] == f"{BUCKET}/data/eval.jsonl"
     assert env["QLORA_RUN_NAME"] == req["TrainingJobName"]  # W&B, the model card and the resume hint name the job
     assert env["QLORA_OUTPUT"] == f"{BUCKET}/output/run1"

@@ -183,6 +183,19 @@ def test_max_shard_size_and_tokenizer_from_adapter(bases, tmp_path):
         merge_adapter(base_dir, adapter_dir, tmp_path / "one")
 
 
+def test_merged_config_names_no_path_of_the_machine_that_made_the_base(bases, tmp_path):
+    """A base whose config.json carries `_name_or_path` (written by older transformers: the directory it was loaded
+    from) gives a merged config without it, as transformers' own save_pretrained does."""
+    import shutil
+
+    base_dir = shutil.copytree(bases[(torch.float32, False)], tmp_path / "base")
+    config = json.loads((base_dir / "config.json").read_text())
+    (base_dir / "config.json").write_text(json.dumps({**config, "_name_or_path": "/opt/ml/work/base-model"}))
+    adapter_dir = make_adapter(base_dir, tmp_path / "adapter", dtype=torch.float32, target_modules=["q_proj"])
+    merge_adapter(base_dir, adapter_dir, tmp_path / "merged")
+    assert "_name_or_path" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 
@@ -309,3 +322,10 @@ def test_cli_s3_end_to_end(bases, tmp_path, s3_env):
     again = _cli("--adapter", f"s3://{bucket}/run/adapter", "--base", f"s3://{bucket}/models/tiny",
                  "--output", f"s3://{bucket}/run/merged", env=env)
     assert again.returncode == 6 and "already holds a merged model" in again.stderr
+    # A missing s3:// adapter or base is a model error (exit 4), as a missing local one is, not a storage error (5).
+    for flag, args in (("--adapter", (f"s3://{bucket}/run/nope", f"s3://{bucket}/models/tiny")),
+                       ("--base", (f"s3://{bucket}/run/adapter", f"s3://{bucket}/models/nope"))):
+        missing = _cli("--adapter", args[0], "--base", args[1], "--output", str(tmp_path / "m4"), env=env)
+        assert missing.returncode == EXIT_MODEL, missing.stderr
+        assert f"{flag} s3://{bucket}/" in missing.stderr and "nothing is stored under this prefix" in missing.stderr
+        assert "Traceback" not in missing.stderr

@@ -1,6 +1,7 @@
 """The configuration contract: precedence, strict types, all problems at once, docs/SETTINGS.md in sync."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -170,3 +171,27 @@ def test_problems_name_where_the_value_came_from(tmp_path):
     cfg = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_BASE_DIR": str(tmp_path / "ml")}, ["--max-steps", "5"],
                        check_paths=False)
     assert cfg.target_modules == ["q_proj", "v_proj"]  # a JSON list of modules is the list, not its text
+
+
+def test_check_without_data_shows_the_settings_and_names_what_is_missing(tmp_path, monkeypatch, capsys):
+    """`python -m entrypoints.config --check` in an empty environment: the settings it would use, then one clear
+    problem (exit 2); with other problems too, every problem is listed and nothing is printed as valid."""
+    from entrypoints.config import main
+
+    for key in [k for k in os.environ if k.startswith(("QLORA_", "SM_CHANNEL_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("QLORA_BASE_DIR", str(tmp_path / "ml"))
+    assert main(["--check"]) == 2
+    out, err = capsys.readouterr()
+    shown = json.loads(out)
+    assert shown["data"] == "" and shown["lora_r"] == 16 and shown["model"] == FIELDS["model"].default
+    assert err.startswith("configuration error: QLORA_DATA is not set") and "python -m entrypoints.train --help" in err
+
+    monkeypatch.setenv("QLORA_LORA_R", "x")
+    assert main(["--check"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "2 configuration problem(s)" in err and "QLORA_LORA_R='x'" in err and "QLORA_DATA" in err
+    monkeypatch.delenv("QLORA_LORA_R")
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    assert main(["--check", "--data", str(tmp_path / "d.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] == str(tmp_path / "d.jsonl")

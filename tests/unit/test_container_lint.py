@@ -131,3 +131,16 @@ def test_dockerignore_admits_exactly_what_the_dockerfile_copies():
     assert copied <= allowed, f"COPY sources excluded by .dockerignore: {copied - allowed}"
     for path in copied:
         assert (REPO / path).exists(), path
+
+
+def test_the_documented_model_cache_volume_is_where_the_image_caches_hub_downloads():
+    """The job downloads Hub models into huggingface_hub's cache under HF_HOME (entrypoints/modeling.py from_hub):
+    the image's HF_HOME must be the path container/README.md mounts its cache volume at, or the volume caches
+    nothing and every `docker run --rm` downloads the model again."""
+    import re
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    hf_home = re.search(r"^\s*HF_HOME=(\S+)", dockerfile, re.MULTILINE).group(1)
+    mounts = re.findall(r"-v qlora-hf-cache:(\S+)", (REPO / "container" / "README.md").read_text())
+    assert mounts and set(mounts) == {hf_home}, (hf_home, mounts)
+    assert hf_home.startswith("/opt/ml/work/")  # on SageMaker's large ML storage volume, not the small root disk

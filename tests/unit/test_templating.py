@@ -1,4 +1,8 @@
-"""Chat templating and loss masks, checked token by token on the real Llama 2 and SmolLM2 tokenizers."""
+"""Chat templating and loss masks, checked token by token on the real Llama 2 and SmolLM2 tokenizers; the
+`python -m entrypoints.templating` tool as a user runs it."""
+
+import json
+import os
 
 import pytest
 from transformers import AutoTokenizer
@@ -89,3 +93,111 @@ def test_no_template_for_non_llama_tokenizer(smol):
         resolve_chat_template(smol_copy, "auto")
     with pytest.raises(ModelError, match="needs a Llama tokenizer"):
         resolve_chat_template(smol_copy, "llama-2")
+
+
+# ---------------------------------------------------------------------------------- python -m entrypoints.templating
+@pytest.fixture
+def cli(capsys, caplog, monkeypatch):
+    """Run `python -m entrypoints.templating ARGS` in this process: (exit code, stdout, stderr + the log)."""
+    from entrypoints.templating import main
+
+    def run(*argv, env=None):
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        caplog.clear()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse: usage errors and --help
+            code = exc.code
+        out = capsys.readouterr()
+        return code, out.out, out.err + caplog.text
+
+    for key in [k for k in os.environ if k.startswith("QLORA_")]:
+        monkeypatch.delenv(key)
+    return run
+
+
+def _data(tmp_path, records):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+MINE = [{"messages": [{"role": "user", "content": "Capital of Veloria?"}, {"role": "assistant", "content": "Quendar."}]},
+        {"messages": [{"role": "user", "content": "Name the river."}, {"role": "assistant", "content": "The Sallow."}]}]
+
+
+def test_cli_usage_help_and_bad_arguments_exit_cleanly(cli):
+    code, out, err = cli()
+    assert code == 2 and "usage: python -m entrypoints.templating" in err and "MODEL" in err
+    for flag in ("--help", "-h"):
+        code, out, err = cli(flag)
+        assert code == 0 and out.startswith("usage: python -m entrypoints.templating") and "exit codes:" in out
+    code, out, err = cli("/no/such/model/dir")
+    assert code == 4 and "'/no/such/model/dir' is not a local directory, an s3:// prefix or a Hub id" in err
+    code, out, err = cli("x", "--records", "0")
+    assert code == 2 and "--records" in err
+    assert "Traceback" not in out + err
+
+
+def test_cli_directory_without_a_tokenizer_is_a_model_error(cli, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    code, out, err = cli(tmp_path)
+    assert code == 4 and f"model error: {tmp_path}: no tokenizer files" in err and "Traceback" not in err
+
+
+def test_cli_shows_what_the_job_trains_on_in_your_data(cli, cache_dir, tmp_path):
+    code, out, err = cli(llama2_tokenizer(cache_dir), _data(tmp_path, MINE))
+    assert code == 0, err
+    assert "chat template:  the Llama 2 chat format" in out
+    lines = out.splitlines()
+    assert "      <s>[INST] Capital of Veloria? [/INST]" in lines and "TRAIN  Quendar. </s>" in lines
+    assert "      <s>[INST] Name the river. [/INST]" in lines and "TRAIN  The Sallow. </s>" in lines
+    assert "record 2 of" in out and "format messages" in out
+
+    # Forced templates, as QLORA_CHAT_TEMPLATE and its flag; the Llama 2 format is refused for another vocabulary.
+    code, out, err = cli(smollm2(cache_dir), _data(tmp_path, MINE), "--chat-template", "llama-2")
+    assert code == 4 and "QLORA_CHAT_TEMPLATE=llama-2 needs a Llama tokenizer" in err
+    code, out, err = cli(llama2_tokenizer(cache_dir), "--chat-template", "tokenizer")
+    assert code == 4 and "QLORA_CHAT_TEMPLATE=tokenizer needs the tokenizer's own chat template" in err
+
+
+def test_cli_reads_the_jobs_settings_from_the_environment(cli, cache_dir, tmp_path, monkeypatch):
+    code, out, err = cli(smollm2(cache_dir), env={"QLORA_CHAT_TEMPLATE": "llama-2"})
+    assert code == 4 and "QLORA_CHAT_TEMPLATE=llama-2 needs a Llama tokenizer" in err
+    monkeypatch.delenv("QLORA_CHAT_TEMPLATE")
+    code, out, err = cli(llama2_tokenizer(cache_dir), _data(tmp_path, MINE[:1]), "--max-seq-length", "12",
+                          env={"QLORA_ASSISTANT_ONLY_LOSS": "false"})
+    assert code == 0, err
+    assert "--- record 1 of" in out and ": 12 tokens, 12 trained on" in out  # every token, cut at 12
+    assert "[cut at max_seq_length=12:" in out
+    code, out, err = cli(llama2_tokenizer(cache_dir), _data(tmp_path, [{"text": "Plain words."}]),
+                          "--data-format", "text")
+    assert code == 0 and "chat template:  none" in out and "TRAIN <s> Plain words.</s>" in out.replace("  ", " ")
+
+
+def test_cli_bad_record_names_file_and_line(cli, cache_dir, tmp_path):
+    data = _data(tmp_path, [MINE[0], {"messages": [{"role": "user", "content": "no answer"}]}])
+    code, out, err = cli(llama2_tokenizer(cache_dir), data)
+    assert code == 3 and f"{data}:2: no assistant turn" in err and "Traceback" not in err
+    code, out, err = cli(llama2_tokenizer(cache_dir), tmp_path / "missing.jsonl")
+    assert code == 3 and "missing.jsonl: no such file or directory" in err
+
+
+def test_cli_token_view_equals_what_the_job_tokenizes(cli, cache_dir, tmp_path):
+    """The tool and the job share one tokenization: the ids and masks it prints are the job's training rows."""
+    from entrypoints.config import parse_config
+    from entrypoints.dataset import prepare_data
+    from entrypoints.templating import load_tokenizer_and_template
+
+    data = _data(tmp_path, MINE)
+    code, out, err = cli(smollm2(cache_dir), data, "--tokens")
+    assert code == 0, err
+    shown = [(int(line[6:13]), line.startswith("TRAIN")) for line in out.splitlines()
+             if line[:6] in ("TRAIN ", "      ") and line[6:13].strip().isdigit()]
+    cfg = parse_config({"QLORA_DATA": str(data), "QLORA_BASE_DIR": str(tmp_path / "ml"), "QLORA_EVAL_FRACTION": "0",
+                        "QLORA_MODEL": str(smollm2(cache_dir))})
+    tokenizer, template = load_tokenizer_and_template(cfg, smollm2(cache_dir))
+    rows = prepare_data(cfg, data, None, tokenizer, template).train
+    job = [(i, bool(m)) for row in rows for i, m in zip(row["input_ids"], row["assistant_masks"], strict=True)]
+    assert shown == job
