@@ -1,27 +1,61 @@
-"""Evaluation: the eval loss, sample answers to held-out prompts, and how many of them match the reference."""
+"""Evaluation: the eval loss, answers to held-out prompts and to the eval suites, and how they score against their
+references (exact match, contains, token F1, ROUGE-L).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from entrypoints.suites import METRICS, Suite
 
-def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: list[dict[str, Any]],
-                     max_new_tokens: int) -> list[str]:
-    import torch
 
+def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: Sequence[Any],
+                     max_new_tokens: int, batch_size: int = 0) -> list[str]:
+    """Greedy answers to `samples` (dicts or SuiteItems with `messages`, or a plain `prompt` when there is no chat
+    template), in left-padded batches of `batch_size` prompts (0: all at once)."""
     from entrypoints.templating import prompt_ids
 
-    if not samples or template is None:
+    if not samples:
         return []
+    prompts = []
+    for s in samples:
+        messages, prompt = (s.get("messages"), s.get("prompt")) if isinstance(s, dict) else (s.messages, s.prompt)
+        if template is not None and messages is not None:
+            prompts.append(prompt_ids(tokenizer, template, messages))
+        elif template is None and messages is None:
+            prompts.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        else:
+            return []  # the held-out samples of plain-text data: nothing to ask
+    # Longest first, so that each batch holds prompts of similar lengths (less padding) and a batch too large for the
+    # memory fails at once; the answers are returned in the samples' order.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    size = batch_size or len(prompts)
+    answers: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
+    try:
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            for i, answer in zip(chunk, _generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens),
+                                 strict=True):
+                answers[i] = answer
+    finally:
+        if was_training:
+            model.train()
+    return answers
+
+
+def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    import torch
+
     device = next(p.device for p in model.parameters())
-    prompts = [prompt_ids(tokenizer, template, s["messages"]) for s in samples]
-    # All prompts in one left-padded batch: each decoding step dequantizes the 4-bit weights once for
-    # the whole batch instead of once per prompt (on CPU that is most of the cost).
+    # One left-padded batch: each decoding step dequantizes the 4-bit weights once for the whole batch instead of
+    # once per prompt (on CPU that is most of the cost).
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -29,10 +63,21 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    answers = [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-    if was_training:
-        model.train()
-    return answers
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+@contextlib.contextmanager
+def base_model(model: Any) -> Iterator[None]:
+    """The base model's answers: the LoRA adapter switched off (peft) for the duration."""
+    disable = getattr(model, "disable_adapter", None)
+    with disable() if disable is not None else contextlib.nullcontext():
+        yield
+
+
+def answer_suites(model: Any, tokenizer: Any, template: str | None, suites: Sequence[Suite], max_new_tokens: int,
+                  batch_size: int) -> dict[str, list[str]]:
+    """Every suite's answers, by suite name."""
+    return {s.name: generate_answers(model, tokenizer, template, s.items, max_new_tokens, batch_size) for s in suites}
 
 
 def normalize_answer(text: str) -> str:
@@ -58,3 +103,93 @@ def evaluate(trainer: Any, has_eval: bool) -> float | None:
         return None
     loss = trainer.evaluate().get("eval_loss")
     return float(loss) if loss is not None and math.isfinite(loss) else None
+
+
+# ------------------------------------------------------------------------------------------- suite metrics
+def _words(text: str) -> list[str]:
+    """The words an answer is scored on: lower case, punctuation removed (any script: `\\w` is Unicode-aware); a text
+    of punctuation or symbols only is scored on its whitespace-separated pieces instead of on nothing."""
+    return normalize_answer(text).split() or text.lower().split()
+
+
+class _Words:
+    """The tokenizer rouge-score is given: its default drops every non-ASCII character (a Japanese answer scored 0)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _words(text)
+
+
+_ROUGE: Any = None
+
+
+def check_scorers() -> None:
+    """Fail before any training when a metric's library is missing (an image built without the `train` extra)."""
+    from entrypoints.errors import ConfigError
+
+    try:
+        import rouge_score.rouge_scorer  # noqa: F401
+    except ImportError:
+        raise ConfigError(["QLORA_EVAL_SUITE is set, and ROUGE-L needs the rouge-score package, which is not"
+                           " installed: install the job with its `train` extra (pip install 'qlora-job[train]'), or"
+                           " unset QLORA_EVAL_SUITE"]) from None
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence of words), computed by rouge-score."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Words())
+    return float(_ROUGE.score(reference, answer)["rougeL"].fmeasure)
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """F1 of the words answer and reference share (counted with multiplicity, in any order)."""
+    a, r = _words(answer), _words(reference)
+    common = sum((Counter(a) & Counter(r)).values())
+    if not a or not r or not common:
+        return float(a == r)
+    precision, recall = common / len(a), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def contains(answer: str, reference: str) -> float:
+    """1.0 when the reference's words appear in the answer, together and in order, as whole words."""
+    a, r = _words(answer), _words(reference)
+    return float(any(a[i:i + len(r)] == r for i in range(len(a) - len(r) + 1)))
+
+
+def exact_match(answer: str, reference: str) -> float:
+    return float(_words(answer) == _words(reference))
+
+
+SCORERS = {"exact_match": exact_match, "contains": contains, "token_f1": token_f1, "rouge_l": rouge_l}
+assert tuple(SCORERS) == METRICS
+
+
+def score_answer(answer: str, reference: str) -> dict[str, float]:
+    return {name: round(fn(answer, reference), 6) for name, fn in SCORERS.items()}
+
+
+def summarize_scores(scores: Sequence[dict[str, float]], primary: Sequence[str]) -> dict[str, float | int]:
+    """The mean of each metric over the items, `score` (the mean of each item's own metric) and the count."""
+    n = len(scores)
+    out: dict[str, float | int] = {m: round(sum(s[m] for s in scores) / n, 6) if n else 0.0 for m in METRICS}
+    out["score"] = round(sum(s[m] for s, m in zip(scores, primary, strict=True)) / n, 6) if n else 0.0
+    out["count"] = n
+    return out
+
+
+def suite_report(suite: Suite, before: Sequence[str], after: Sequence[str], max_new_tokens: int) -> dict[str, Any]:
+    """One suite's results: where it came from, the summary before and after training, and every item's answers."""
+    primary = [item.metric for item in suite.items]
+    scored_before = [score_answer(a, item.reference) for a, item in zip(before, suite.items, strict=True)]
+    scored_after = [score_answer(a, item.reference) for a, item in zip(after, suite.items, strict=True)]
+    items = [{"source": item.source, "prompt": item.prompt, "reference": item.reference, "metric": item.metric,
+              "before": b, "after": a, "scores_before": sb, "scores_after": sa}
+             for item, b, a, sb, sa in zip(suite.items, before, after, scored_before, scored_after, strict=True)]
+    return {"name": suite.name, "uri": suite.uri, "sha256": suite.sha256, "count": len(items),
+            "max_new_tokens": max_new_tokens, "before": summarize_scores(scored_before, primary),
+            "after": summarize_scores(scored_after, primary), "items": items}
+
