@@ -73,6 +73,8 @@ class JobConfig:
     )
     eval_fraction: float = _f(0.05, "Fraction of the training records held out for eval when `eval_data` is empty; 0 disables eval.", group="inputs")
     max_bad_records: int = _f(0, "How many malformed records may be skipped (and counted) before the job fails; 0 fails on the first.", group="inputs")
+    max_truncated_fraction: float = _f(0.5, "The job fails (exit 3) before loading the model when a larger fraction of the training records is longer than max_seq_length (and would be cut); 1 never fails.", group="inputs")
+    max_duplicate_fraction: float = _f(0.5, "The job fails (exit 3) before loading the model when a larger fraction of the training records repeats the prompt of an earlier record exactly; 1 never fails.", group="inputs")
     chat_template: str = _f(
         "auto",
         "`auto`: the tokenizer's own chat template, or the Llama 2 chat format for Llama tokenizers that have"
@@ -471,6 +473,9 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
             value = getattr(cfg, name)
             if value and not value.startswith("s3://") and not Path(value).exists():
                 bad(name, "no such file or directory")
+    for name in ("max_truncated_fraction", "max_duplicate_fraction"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            bad(name, "must be a fraction between 0 and 1 (1: never fail)")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         bad("eval_fraction", "must be at least 0 and below 1 (0.05 holds out 5%)")
     if cfg.eval_data and cfg.eval_fraction not in (0.0, FIELDS["eval_fraction"].default):

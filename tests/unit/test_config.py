@@ -222,3 +222,10 @@ def test_good_evaluation_settings_parse(tmp_path):
                             QLORA_EARLY_STOPPING_PATIENCE="2", QLORA_OUTPUT_EXISTS="version",
                             QLORA_PROMOTE_METRIC="facts/token_f1", QLORA_PROMOTE_TOLERANCE="0.02"))
     assert cfg.promote_policy == "if-not-worse" and cfg.promote_on == "facts/token_f1"
+
+
+@pytest.mark.parametrize("name", ["QLORA_MAX_TRUNCATED_FRACTION", "QLORA_MAX_DUPLICATE_FRACTION"])
+def test_data_limits_are_fractions(tmp_path, name):
+    assert getattr(parse_config(_env(tmp_path, **{name: "1"})), name[6:].lower()) == 1.0
+    with pytest.raises(ConfigError, match=f"{name}=1.5: must be a fraction between 0 and 1"):
+        parse_config(_env(tmp_path, **{name: "1.5"}))
