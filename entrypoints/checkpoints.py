@@ -39,6 +39,7 @@ FINGERPRINT_FIELDS = (
     "quantization", "double_quant", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "max_seq_length", "micro_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
     "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "packing", "assistant_only_loss", "seed",
+    "eval_steps", "early_stopping_patience", "early_stopping_threshold",
 )
 
 
@@ -195,26 +196,65 @@ def restore_from_uri(uri: str, checkpoint_dir: Path, endpoint_url: str, fingerpr
     objects = storage.list_objects(uri.rstrip("/") + "/", endpoint_url=endpoint_url)
     complete = sorted({o.relative.split("/")[0] for o in objects if o.relative.endswith("/" + MARKER)}, key=_step)
     others = []
-    for name in reversed(complete):
-        if fingerprint is not None:
-            marker = storage.read_text(storage.join(uri, name, MARKER), endpoint_url=endpoint_url) or "{}"
-            saved = json.loads(marker).get("settings")
-            if saved != fingerprint:
-                others.append(name)
-                continue
+
+    def ours(name: str) -> bool:
+        if fingerprint is None:
+            return True
+        marker = storage.read_text(storage.join(uri, name, MARKER), endpoint_url=endpoint_url) or "{}"
+        return json.loads(marker).get("settings") == fingerprint
+
+    def download(name: str) -> Path:
         log.info("restoring checkpoint %s from %s", name, uri)
-        target = checkpoint_dir / name
         # The marker last (S3 lists COMPLETE before the lower-case file names): interrupted, the restore leaves a
         # checkpoint without its marker, which the next run deletes and restores again.
         parts = sorted((o for o in objects if o.relative.startswith(name + "/")), key=lambda o: o.relative.endswith(
             "/" + MARKER))
         for obj in parts:
             storage.download_file(obj.uri, checkpoint_dir / obj.relative, size=obj.size, endpoint_url=endpoint_url)
-        return target if not _missing(target) else None
+        return checkpoint_dir / name
+
+    for name in reversed(complete):
+        if not ours(name):
+            others.append(name)
+            continue
+        target = download(name)
+        if _missing(target):
+            return None
+        # With periodic evaluation the run's result is its best evaluated checkpoint, which rotation keeps: restore
+        # it too, or the resumed run would publish its last adapter instead.
+        best = _best_name(target)
+        if best and best != name and best in complete and ours(best):
+            download(best)
+        return target
     if others:
         log.warning("%s holds %d complete checkpoint(s) (%s) written by runs with other inputs or settings: not"
                     " restored; this run starts from step 0", uri, len(others), ", ".join(others[:3]))
     return None
+
+
+def _best_name(checkpoint: Path) -> str | None:
+    try:
+        named = json.loads((checkpoint / "trainer_state.json").read_text()).get("best_model_checkpoint")
+    except (OSError, ValueError):
+        return None
+    return Path(named).name if named else None
+
+
+def localize_best(checkpoint: Path) -> None:
+    """Point the best checkpoint that `checkpoint`'s trainer_state.json names at this directory: the state holds the
+    path it was saved under, and the Trainer ignores a best checkpoint whose path does not exist (restored on another
+    machine, or under another QLORA_CHECKPOINT_DIR), publishing the last adapter instead of the best."""
+    state_file = checkpoint / "trainer_state.json"
+    name = _best_name(checkpoint)
+    if not name or not (checkpoint.parent / name).is_dir():
+        return
+    state = json.loads(state_file.read_text())
+    here = str(checkpoint.parent / name)
+    if state.get("best_model_checkpoint") != here:
+        state["best_model_checkpoint"] = here
+        tmp = state_file.with_name(state_file.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        tmp.replace(state_file)
 
 
 def clear_checkpoints(checkpoint_dir: Path) -> None:

@@ -89,11 +89,22 @@ class JobConfig:
     )
     eval_fraction: float = _f(0.05, "Fraction of the training records held out for eval when `eval_data` is empty; 0 disables eval.", group="inputs")
     max_bad_records: int = _f(0, "How many malformed records may be skipped (and counted) before the job fails; 0 fails on the first.", group="inputs")
+    max_truncated_fraction: float = _f(0.5, "The job fails (exit 3) before loading the model when a larger fraction of the training records is longer than max_seq_length (and would be cut); 1 never fails.", group="inputs")
+    max_duplicate_fraction: float = _f(0.5, "The job fails (exit 3) before loading the model when a larger fraction of the training records repeats the prompt of an earlier record exactly; 1 never fails.", group="inputs")
     chat_template: str = _f(
         "auto",
         "`auto`: the tokenizer's own chat template, or the Llama 2 chat format for Llama tokenizers that have"
         " none; `tokenizer`: require the tokenizer's own; `llama-2`: force the Llama 2 chat format.",
         choices=("auto", "tokenizer", "llama-2"),
+        group="inputs",
+    )
+    eval_suite: str = _f(
+        "",
+        "Comma-separated evaluation suites (s3:// URIs or local paths of JSON Lines files, one question a line:"
+        " `prompt` or `messages`, a `reference` answer, optionally the `metric` that scores it). Each is answered by"
+        " the base model and by the trained one, scored (exact_match, contains, token_f1, rouge_l, and `score`: the"
+        " mean of each item's own metric, `contains` unless it names another), and reported in the manifest, the"
+        " model card, W&B and the summary. A suite is named by its file name without the extension.",
         group="inputs",
     )
     s3_endpoint_url: str = _f("", "Endpoint of an S3-compatible store (MinIO, SeaweedFS, R2...); empty uses AWS (or AWS_ENDPOINT_URL_S3).", group="inputs")
@@ -107,6 +118,24 @@ class JobConfig:
         choices=("error", "overwrite", "version"),
         group="outputs",
     )
+    promote: str = _f(
+        "auto",
+        "With output_exists=version: whether this run becomes `latest.json`. `if-not-worse`: only when its"
+        " promote_metric is not worse (within promote_tolerance) than that of the run latest.json names, measured on"
+        " the same suite or eval set; otherwise the run is kept complete, not promoted, and the job exits 7."
+        " `always`: every run that completes; `never`: none (a candidate run; exit 0). `auto`: if-not-worse when"
+        " eval_suite or eval_data is set, always otherwise. The first run of a series is always promoted.",
+        choices=("auto", "always", "if-not-worse", "never"),
+        group="outputs",
+    )
+    promote_metric: str = _f(
+        "auto",
+        "What the promotion gate compares: `eval_loss` (lower is better) or `<suite>/<metric>` with metric one of"
+        " exact_match, contains, token_f1, rouge_l, score (higher is better). `auto`: the first suite's score when"
+        " eval_suite is set, else eval_loss.",
+        group="outputs",
+    )
+    promote_tolerance: float = _f(0.0, "How much worse than the promoted run's promote_metric a run may be and still be promoted (in the metric's own units).", group="outputs")
     merge: bool = _f(True, "Also write the merged model: the adapter merged into the 16-bit base weights as the adapter saw them in training (the nf4/fp4 round trip; docs/MERGE.md), loadable without peft.", group="outputs")
     checkpoint_dir: str = _f("", "Local checkpoint directory; a rerun resumes from its newest complete checkpoint. Default: <base_dir>/checkpoints.", group="outputs")
     checkpoint_uri: str = _f("", "Optional s3:// prefix that checkpoints are mirrored to and restored from (Kubernetes; SageMaker syncs checkpoint_dir itself).", group="outputs")
@@ -148,11 +177,14 @@ class JobConfig:
     assistant_only_loss: bool = _f(True, "Train on assistant tokens only (prompts, system and user turns are masked out of the loss).", group="training")
     seed: int = _f(42, "Random seed for data order, LoRA init and dropout.", group="training")
     logging_steps: int = _f(10, "Log loss, learning rate and throughput every N optimizer steps.", group="training")
-    eval_steps: int = _f(0, "Evaluate every N steps; 0: only before and after training.", group="training")
+    eval_steps: int = _f(0, "Evaluate every N steps, and publish the adapter of the evaluation with the lowest eval loss (save_steps must be a multiple of N); 0: evaluate only before and after training and publish the last step's adapter.", group="training")
+    early_stopping_patience: int = _f(0, "Stop training when the eval loss has not improved for this many evaluations in a row (needs eval_steps and eval data); 0: never stop early.", group="training")
+    early_stopping_threshold: float = _f(0.0, "How much lower the eval loss must be than the best so far to count as an improvement for early stopping.", group="training")
     save_steps: int = _f(100, "Save a checkpoint every N optimizer steps.", group="training")
     save_total_limit: int = _f(2, "Checkpoints kept on local disk (oldest deleted first); 0 keeps all, 1 is refused.", group="training")
     num_sample_generations: int = _f(4, "Held-out prompts answered before and after training (logged and put in the model card); 0 disables.", group="training")
-    max_new_tokens: int = _f(128, "Token budget of each sample generation.", group="training")
+    max_new_tokens: int = _f(128, "Token budget of each answer generated for the held-out samples and the eval suites.", group="training")
+    generation_batch_size: int = _f(16, "Prompts answered together in one batch when generating the eval suites' answers (greedy decoding).", group="training")
 
     # --- tracking
     report_to: str = _f("auto", "Experiment tracking; `auto`: W&B when WANDB_API_KEY (from any secret source) or WANDB_MODE is set, else none.", choices=("auto", "wandb", "none"), group="tracking")
@@ -195,6 +227,25 @@ class JobConfig:
         if self.lora_target_modules.strip() == "all-linear":
             return "all-linear"
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def promote_policy(self) -> str:
+        """QLORA_PROMOTE with `auto` decided: if-not-worse where a fixed yardstick exists (a suite, or eval data that
+        does not move with the training data) and the output is versioned; always otherwise."""
+        if self.promote != "auto":
+            return self.promote
+        fixed = bool(self.eval_suite.strip() or self.eval_data)
+        return "if-not-worse" if fixed and self.output_exists == "version" else "always"
+
+    @property
+    def promote_on(self) -> str:
+        """QLORA_PROMOTE_METRIC with `auto` decided: the first suite's score, else eval_loss."""
+        from entrypoints.suites import suite_name, suite_uris
+
+        if self.promote_metric != "auto":
+            return self.promote_metric
+        uris = suite_uris(self.eval_suite)
+        return f"{suite_name(uris[0])}/score" if uris else "eval_loss"
 
     def to_public_dict(self) -> dict[str, Any]:
         """What goes to W&B and the manifest: every setting (none of them is a secret, by construction)."""
@@ -346,7 +397,7 @@ def help_text(command: str) -> str:
              "QLORA_SECRETS_DIR or QLORA_SECRETS_ARN. Settings that do not apply to encoder-decoder models (packing,",
              "chat_template, use_liger...) are ignored when not given and refused when given.",
              "Exit codes: 0 ok, 1 internal, 2 configuration, 3 data, 4 model, 5 storage or network (a rerun may",
-             "help), 6 output exists,",
+             "help), 6 output exists, 7 complete but not promoted (latest.json unchanged),",
              "9 outputs complete but the Hub publish failed (retry it alone: python -m entrypoints.hub),",
              "75 preempted (rerun to resume).", "", "settings:"]
     for group in dict.fromkeys(f.metadata["group"] for f in FIELDS.values()):
@@ -464,6 +515,9 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
             value = getattr(cfg, name)
             if value and not value.startswith("s3://") and not Path(value).exists():
                 bad(name, "no such file or directory")
+    for name in ("max_truncated_fraction", "max_duplicate_fraction"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            bad(name, "must be a fraction between 0 and 1 (1: never fail)")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         bad("eval_fraction", "must be at least 0 and below 1 (0.05 holds out 5%)")
     if cfg.eval_data and cfg.eval_fraction not in (0.0, FIELDS["eval_fraction"].default):
@@ -513,6 +567,52 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
             bad("hub_parts", f"needs the merged model, which {env_name('merge')}=false does not write: publish"
                 f" `adapter`, or set {env_name('merge')}=true")
     p.extend(_overlaps(cfg, check_paths))
+    p.extend(_evaluation_problems(cfg, check_paths, bad))
+    return p
+
+
+def _evaluation_problems(cfg: JobConfig, check_paths: bool, bad: Any) -> list[str]:
+    """Eval suites, early stopping and the promotion gate: what each needs to mean anything."""
+    from entrypoints.suites import SUMMARY_METRICS, check_suite_setting, suite_name, suite_uris
+
+    p = check_suite_setting(cfg.eval_suite)
+    for uri in suite_uris(cfg.eval_suite):
+        if "://" in uri and not uri.startswith("s3://"):
+            p.append(f"{env_name('eval_suite')}: {uri!r}: only s3:// URIs and local paths are supported")
+        elif check_paths and not uri.startswith("s3://") and not Path(uri).is_file():
+            p.append(f"{env_name('eval_suite')}: {uri!r}: no such file")
+    may_eval = bool(cfg.eval_data) or cfg.eval_fraction > 0
+    if cfg.generation_batch_size < 1:
+        bad("generation_batch_size", "must be 1 or more")
+    if cfg.early_stopping_patience < 0:
+        bad("early_stopping_patience", "must be 0 (never stop early) or more")
+    if cfg.early_stopping_threshold < 0:
+        bad("early_stopping_threshold", "must be 0 or more (an improvement of the eval loss)")
+    if cfg.early_stopping_patience > 0 and (not cfg.eval_steps or not may_eval):
+        bad("early_stopping_patience", f"needs {env_name('eval_steps')} (how often the eval loss is measured) and eval"
+            f" data ({env_name('eval_data')}, or {env_name('eval_fraction')} above 0)")
+    if cfg.eval_steps > 0 and cfg.save_steps % cfg.eval_steps:
+        p.append(f"{env_name('save_steps')}={cfg.save_steps} is not a multiple of {env_name('eval_steps')}="
+                 f"{cfg.eval_steps}: the adapter of the best evaluation is published, so every evaluation's step must"
+                 " be saveable; make save_steps a multiple of eval_steps")
+    if cfg.promote in ("if-not-worse", "never") and cfg.output_exists != "version":
+        bad("promote", f"the gate moves `latest.json` of a versioned output: set {env_name('output_exists')}=version"
+            " (each run in its own runs/<id>/), or leave QLORA_PROMOTE unset")
+    if cfg.promote_tolerance < 0:
+        bad("promote_tolerance", "must be 0 or more (how much worse a promoted run may be)")
+    metric = cfg.promote_metric
+    names = [suite_name(u) for u in suite_uris(cfg.eval_suite)]
+    if metric not in ("auto", "eval_loss"):
+        suite, _, name = metric.partition("/")
+        if suite not in names or name not in SUMMARY_METRICS:
+            known = ", ".join(f"{n}/{m}" for n in names[:2] for m in SUMMARY_METRICS[-2:])
+            bad("promote_metric", "expected eval_loss or <suite>/<metric> with a suite of"
+                f" {env_name('eval_suite')} ({', '.join(names) or 'none is set'}) and a metric of"
+                f" {', '.join(SUMMARY_METRICS)}" + (f", e.g. {known}" if known else ""))
+    elif cfg.promote_policy == "if-not-worse" and cfg.promote_on == "eval_loss" and not may_eval:
+        p.append(f"the promotion gate compares eval_loss, and this run has no eval data: set {env_name('eval_data')},"
+                 f" or {env_name('eval_suite')} and {env_name('promote_metric')}=<suite>/<metric>, or"
+                 f" {env_name('promote')}=always")
     return p
 
 

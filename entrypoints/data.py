@@ -1,6 +1,7 @@
 """Training data: read data files, detect the record format per file, normalise to chat messages.
 
     python -m entrypoints.data PATH_OR_S3_URI [--format F] [--max-bad-records N]   # check data without training
+    python -m entrypoints.data PATH_OR_S3_URI --report --tokenizer MODEL_DIR        # ... and what the job trains on
 
 File types, by suffix (any case): JSON Lines (`.jsonl`, `.ndjson`), a JSON array (`.json`), Parquet (`.parquet`),
 CSV/TSV with a header row (`.csv`, `.tsv`); JSON, JSON Lines, CSV and TSV may be compressed (`.gz`, `.bz2`,
@@ -59,6 +60,10 @@ ROLE_ALIASES = {
 
 class RecordError(ValueError):
     """One record is malformed; the message says which field and how."""
+
+
+class EmptyAnswer(RecordError):
+    """An assistant turn with no text: counted apart in the data report (an export that lost its answers)."""
 
 
 @dataclass(frozen=True)
@@ -583,7 +588,7 @@ def check_conversation(messages: list[dict[str, str]]) -> list[dict[str, str]]:
                               " user/assistant (merge duplicate roles into one turn)")
     for i, m in enumerate(body):
         if m["role"] == "assistant" and not m["content"].strip():
-            raise RecordError(f"assistant turn {i + 1} is empty")
+            raise EmptyAnswer(f"assistant turn {i + 1} is empty")
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     return head + body
 
@@ -604,6 +609,7 @@ class LoadStats:
     fmt: str = ""  # the distinct formats of the files, in reading order: "alpaca" or "alpaca,sharegpt"
     files: list[FileStats] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # files under the prefix skipped as not data
+    empty_answers: int = 0  # of `skipped`: records skipped because an answer was empty
 
 
 def load_conversations(path: Path, fmt: str = "auto", max_bad_records: int = 0, stats: LoadStats | None = None,
@@ -641,6 +647,7 @@ def load_conversations(path: Path, fmt: str = "auto", max_bad_records: int = 0, 
             except RecordError as exc:
                 stats.skipped += 1
                 file_stats.skipped += 1
+                stats.empty_answers += isinstance(exc, EmptyAnswer)
                 if stats.skipped > max_bad_records:
                     budget = ("set QLORA_MAX_BAD_RECORDS to skip bad records" if max_bad_records == 0
                               else f"more than QLORA_MAX_BAD_RECORDS={max_bad_records} bad records")
@@ -669,19 +676,26 @@ removed afterwards.
 file types: .jsonl/.ndjson, .json (one array), .parquet, .csv/.tsv (a header row names the fields), in any
 case; all but Parquet may be compressed (.gz, .bz2, .xz; .zst needs the zstandard package). In a directory,
 hidden files, _SUCCESS and other _ markers, *.crc, README* and LICENSE* are ignored (and logged); a file of
-any other type is a data error."""
+any other type is a data error.
+
+--report also tokenizes the records the way the job does (the model's tokenizer and chat template) and adds the
+job's data report: per file, the records read and skipped; token lengths before truncation (percentiles); the
+records and answer tokens max_seq_length cuts; records repeating an earlier prompt exactly; answers skipped as
+empty; the tokens trained on. It fails (exit 3) where the job would, before any GPU time: when more records are cut
+or duplicated than QLORA_MAX_TRUNCATED_FRACTION / QLORA_MAX_DUPLICATE_FRACTION allow."""
 
 EXIT_CODES_HELP = """exit codes:
   0  the data reads cleanly (bad records within the budget)
   2  bad arguments or settings
-  3  data error: the message names the file (and line) and the fix
+  3  data error: the message names the file (and line) and the fix; with --report, also too many records
+     cut or duplicated (the report is printed first)
+  4  with --report: the tokenizer cannot be loaded
   5  storage error: S3 unreachable, access denied, or nothing at the URI"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    from entrypoints import storage
     from entrypoints.config import parse_config
-    from entrypoints.errors import ConfigError, JobError
+    from entrypoints.errors import ConfigError
 
     ap = argparse.ArgumentParser(
         prog="python -m entrypoints.data",
@@ -695,36 +709,98 @@ def main(argv: list[str] | None = None) -> int:
                          " else 0: the first bad record fails)")
     ap.add_argument("--s3-endpoint-url", metavar="URL",
                     help="S3-compatible endpoint for s3:// URIs (default: QLORA_S3_ENDPOINT_URL, else AWS)")
+    ap.add_argument("--report", action="store_true",
+                    help="also tokenize the records and print the job's data report (see above)")
+    ap.add_argument("--tokenizer", metavar="MODEL",
+                    help="with --report: the model whose tokenizer and chat template are used: a local directory, an"
+                         " s3:// prefix (only its tokenizer files are downloaded) or a Hub id (default: QLORA_MODEL)")
+    ap.add_argument("--max-seq-length", metavar="N",
+                    help="with --report: the job's max_seq_length (default: QLORA_MAX_SEQ_LENGTH, else the job's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The job's own parser reads these settings, so the inspector interprets them exactly as the job does.
-    env = {name: os.environ[name] for name in ("QLORA_DATA_FORMAT", "QLORA_MAX_BAD_RECORDS", "QLORA_S3_ENDPOINT_URL")
-           if name in os.environ}
+    names = ("QLORA_DATA_FORMAT", "QLORA_MAX_BAD_RECORDS", "QLORA_S3_ENDPOINT_URL")
+    if args.report:
+        names += ("QLORA_MODEL", "QLORA_MODEL_REVISION", "QLORA_MAX_SEQ_LENGTH", "QLORA_CHAT_TEMPLATE",
+                  "QLORA_ASSISTANT_ONLY_LOSS", "QLORA_TRUST_REMOTE_CODE", "QLORA_MAX_TRUNCATED_FRACTION",
+                  "QLORA_MAX_DUPLICATE_FRACTION")
+    env = {name: os.environ[name] for name in names if name in os.environ}
     flags = [(flag, value) for flag, value in (("--data-format", args.format), ("--max-bad-records", args.max_bad_records),
-                                               ("--s3-endpoint-url", args.s3_endpoint_url)) if value is not None]
-    try:
-        cfg = parse_config({**env, "QLORA_DATA": args.path}, [part for pair in flags for part in pair], check_paths=False)
-    except ConfigError as exc:
-        print(f"{exc.kind}: {exc}", file=sys.stderr)
-        return exc.exit_code
+                                               ("--s3-endpoint-url", args.s3_endpoint_url), ("--model", args.tokenizer),
+                                               ("--max-seq-length", args.max_seq_length)) if value is not None]
+    with tempfile.TemporaryDirectory(prefix="qlora-data-") as tmp:
+        if args.report:  # the report's caches go to a scratch base dir; every record is reported (none held out)
+            flags += [("--base-dir", str(Path(tmp, "job"))), ("--eval-fraction", "0")]
+        try:
+            cfg = parse_config({**env, "QLORA_DATA": args.path}, [part for pair in flags for part in pair],
+                               check_paths=False)
+        except ConfigError as exc:
+            print(f"{exc.kind}: {exc}", file=sys.stderr)
+            return exc.exit_code
+        return _inspect(cfg, args.path, Path(tmp), args.report)
+
+
+def _inspect(cfg: Any, given: str, tmp: Path, report: bool) -> int:
+    from entrypoints import storage
+    from entrypoints.errors import JobError
+
     stats = LoadStats()
     first = None
-    with tempfile.TemporaryDirectory(prefix="qlora-data-") as tmp:
-        local = Path(tmp) if storage.is_s3(args.path) else Path(args.path)
-        try:
-            if storage.is_s3(args.path):
-                local = storage.fetch(args.path, Path(tmp), endpoint_url=cfg.s3_endpoint_url)
-            for item in load_conversations(local, cfg.data_format, cfg.max_bad_records, stats=stats):
-                first = first or item
-        except JobError as exc:
-            # Downloaded files are named by their URI, not by the temporary directory they were read from.
-            print(f"{exc.kind}: {_shown(str(exc), local, args.path)}", file=sys.stderr)
-            return exc.exit_code
-    files = [{"file": _shown(f.file, local, args.path), "type": f.type, "format": f.fmt, "records": f.records,
+    local = tmp / "data" if storage.is_s3(given) else Path(given)
+    try:
+        if storage.is_s3(given):
+            local = storage.fetch(given, tmp / "data", endpoint_url=cfg.s3_endpoint_url)
+        for item in load_conversations(local, cfg.data_format, cfg.max_bad_records, stats=stats):
+            first = first or item
+        tokenized = _tokenized_stats(cfg, local, tmp) if report else None
+    except JobError as exc:
+        # Downloaded files are named by their URI, not by the temporary directory they were read from.
+        print(f"{exc.kind}: {_shown(str(exc), local, given)}", file=sys.stderr)
+        return exc.exit_code
+    files = [{"file": _shown(f.file, local, given), "type": f.type, "format": f.fmt, "records": f.records,
               "skipped": f.skipped} for f in stats.files]
-    print(json.dumps({"format": stats.fmt, "records": stats.records, "skipped": stats.skipped, "files": files,
-                      "ignored": [_shown(p, local, args.path) for p in stats.ignored], "first": first}, indent=2))
+    result = {"format": stats.fmt, "records": stats.records, "skipped": stats.skipped, "files": files,
+              "ignored": [_shown(p, local, given) for p in stats.ignored], "first": first}
+    print(json.dumps({**result, "report": tokenized} if report else result, indent=2, ensure_ascii=False))
+    if tokenized is not None:
+        from entrypoints.dataset import check_data_limits
+
+        try:
+            check_data_limits(tokenized, cfg.max_seq_length, cfg.max_truncated_fraction, cfg.max_duplicate_fraction)
+        except JobError as exc:
+            print(f"{exc.kind}: {exc}", file=sys.stderr)
+            return exc.exit_code
     return 0
+
+
+def _tokenized_stats(cfg: Any, local: Path, tmp: Path) -> dict[str, Any]:
+    """The job's data report: the job's own reading, templating, tokenizing and counting (entrypoints.dataset)."""
+    from entrypoints.dataset import prepare_data
+    from entrypoints.train import load_tokenizer_and_template
+
+    tokenizer, template = load_tokenizer_and_template(cfg, _tokenizer_dir(cfg, tmp / "tokenizer"))
+    return prepare_data(cfg, local, None, tokenizer, template, enforce_limits=False).stats
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "config.json", "vocab.json",
+                   "merges.txt", "generation_config.json")
+
+
+def _tokenizer_dir(cfg: Any, dest: Path) -> Path | str:
+    """A local directory or Hub id as it is; of an s3:// model prefix, only the tokenizer's files (not the weights)."""
+    from entrypoints import storage
+
+    if not storage.is_s3(cfg.model):
+        return cfg.model
+    objects = [o for o in storage.list_objects(cfg.model.rstrip("/") + "/", endpoint_url=cfg.s3_endpoint_url)
+               if o.relative in TOKENIZER_FILES]
+    if not objects:
+        raise DataError(f"{cfg.model}: no tokenizer files found under this prefix ({', '.join(TOKENIZER_FILES[:3])}"
+                        "...): point --tokenizer at the model's directory or prefix")
+    for obj in objects:
+        storage.download_file(obj.uri, dest / obj.relative, size=obj.size, endpoint_url=cfg.s3_endpoint_url)
+    return dest
 
 
 def _shown(text: str, local: Path, given: str) -> str:

@@ -1,6 +1,8 @@
 """Where data becomes tokens: records -> chat template -> token ids and loss masks in Arrow caches, the eval
-split, the held-out samples, and the counts of what is trained on (after truncation). For an encoder-decoder
-(seq2seq) model: records -> (input, target) token ids (`input_ids`, `labels`; templating.tokenize_seq2seq).
+split, the held-out samples, and the data report: what is trained on (after truncation), per source, and the limits
+on truncation and duplicates that fail the job before any GPU time (`python -m entrypoints.data URI --report` prints
+the same report without training). For an encoder-decoder (seq2seq) model: records -> (input, target) token ids
+(`input_ids`, `labels`; templating.tokenize_seq2seq).
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
 
 
 def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: Any, template: str | None,
-                 fresh_cache: bool = True, seq2seq: bool = False) -> TokenizedData:
+                 fresh_cache: bool = True, enforce_limits: bool = True, seq2seq: bool = False) -> TokenizedData:
     """Read, hold out, tokenize and count the data, into Arrow caches in the job's work dir (memory stays flat
-    however large the data is). `fresh_cache=False` (a host's other ranks, after its local rank 0 has built them)
-    reuses the caches of this job instead of starting over. `seq2seq`: (input, target) pairs for an encoder-decoder
-    model instead of token ids with loss masks."""
+    however large the data is), and log the data report. `fresh_cache=False` (a host's other ranks, after its local
+    rank 0 has built them) reuses the caches of this job instead of starting over. `enforce_limits=False` leaves the
+    truncation and duplicate limits to the caller (the inspector prints the report first). `seq2seq`: (input,
+    target) pairs for an encoder-decoder model instead of token ids with loss masks."""
     cache_dir = cfg.paths.work_dir / "datasets-cache"
     if fresh_cache:
         # `datasets` fingerprints a generator by its code, not by the file's content: a cache left by an earlier
@@ -54,11 +57,13 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
     train_stats = LoadStats()
     train_raw = _read(cfg, data, train_stats, cache_dir, check, held_out=False)
     stats: dict[str, Any] = {"format": train_stats.fmt, "train_records_read": train_stats.records,
-                             "bad_records_skipped": train_stats.skipped}
+                             "bad_records_skipped": train_stats.skipped,
+                             "empty_answers_skipped": train_stats.empty_answers, "sources": _sources(data, train_stats)}
     if eval_data is not None:
         eval_stats = LoadStats()
         eval_raw = _read(cfg, eval_data, eval_stats, cache_dir, check, held_out=True)
         stats["bad_records_skipped"] += eval_stats.skipped
+        stats["empty_answers_skipped"] += eval_stats.empty_answers
     else:
         train_raw, eval_raw = _hold_out(cfg, train_raw)
     samples = [s for raw in (eval_raw.select(range(min(len(eval_raw), cfg.num_sample_generations)))["record"]
@@ -71,19 +76,30 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
                   **train_counts, **{k: v for k, v in eval_counts.items() if k.startswith("eval_")},
                   "longest_record_tokens": max(train_counts["longest_record_tokens"],
                                                eval_counts.get("longest_record_tokens", 0))})
-    train_ds = train_ds.remove_columns(["full_tokens", "full_loss_tokens"])
-    eval_ds = eval_ds.remove_columns(["full_tokens", "full_loss_tokens"]) if eval_ds is not None else None
-    check_loss_tokens(stats, cfg.max_seq_length, cfg.assistant_only_loss)
-    if eval_ds is not None and stats["eval_loss_tokens"] == 0:
-        log.warning("no eval record has an answer token within max_seq_length=%d: the eval loss is skipped",
-                    cfg.max_seq_length)
-        eval_ds = None
+    counting = ["full_tokens", "full_loss_tokens", "prompt_key"]
+    train_ds = train_ds.remove_columns(counting)
+    eval_ds = eval_ds.remove_columns(counting) if eval_ds is not None else None
     if fresh_cache or train_stats.records:
         log.info("data: %s", json.dumps(stats))
     else:  # the generator did not run: every split came from the caches local rank 0 built
         log.info("data: reused the Arrow caches in %s (%d train, %d eval records)", cache_dir,
                  stats["train_records"], stats["eval_records"])
+    check_loss_tokens(stats, cfg.max_seq_length, cfg.assistant_only_loss)
+    if enforce_limits:
+        check_data_limits(stats, cfg.max_seq_length, cfg.max_truncated_fraction, cfg.max_duplicate_fraction)
+    if eval_ds is not None and stats["eval_loss_tokens"] == 0:
+        log.warning("no eval record has an answer token within max_seq_length=%d: the eval loss is skipped",
+                    cfg.max_seq_length)
+        eval_ds = None
     return TokenizedData(train_ds, eval_ds, samples, stats)
+
+
+def _sources(path: Path, stats: LoadStats) -> list[dict[str, Any]]:
+    """Records read and skipped per file, named relative to the data setting's root (a download's local directory
+    means nothing to the reader of a report)."""
+    root = path.parent if path.is_file() else path
+    return [{"file": Path(f.file).relative_to(root).as_posix(), "type": f.type, "format": f.fmt, "records": f.records,
+             "skipped": f.skipped} for f in stats.files]
 
 
 def template_check(tokenizer: Any, template: str | None):
@@ -169,9 +185,12 @@ def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: A
     seq = cfg.max_seq_length
 
     def tokenize_pairs(batch):
-        out: dict[str, list] = {"input_ids": [], "labels": [], "full_tokens": [], "full_loss_tokens": []}
+        out: dict[str, list] = {"input_ids": [], "labels": [], "full_tokens": [], "full_loss_tokens": [],
+                                "prompt_key": []}
         for raw in batch["record"]:
-            enc = tokenize_seq2seq(tokenizer, json.loads(raw))
+            conv = json.loads(raw)
+            out["prompt_key"].append(prompt_key(conv))
+            enc = tokenize_seq2seq(tokenizer, conv)
             out["full_tokens"].append(len(enc["input_ids"]) + len(enc["labels"]))
             out["full_loss_tokens"].append(len(enc["labels"]))
             out["input_ids"].append(enc["input_ids"][:seq])
@@ -179,11 +198,14 @@ def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: A
         return out
 
     def tokenize(batch):
-        out: dict[str, list] = {"input_ids": [], "assistant_masks": [], "full_tokens": [], "full_loss_tokens": []}
+        out: dict[str, list] = {"input_ids": [], "assistant_masks": [], "full_tokens": [], "full_loss_tokens": [],
+                                "prompt_key": []}
         for raw in batch["record"]:
-            enc = encode_record(tokenizer, template, json.loads(raw), cfg.assistant_only_loss, cfg.max_seq_length)
-            for key, values in out.items():
-                values.append(enc[key])
+            conv = json.loads(raw)
+            out["prompt_key"].append(prompt_key(conv))
+            enc = encode_record(tokenizer, template, conv, cfg.assistant_only_loss, cfg.max_seq_length)
+            for key in ("input_ids", "assistant_masks", "full_tokens", "full_loss_tokens"):
+                out[key].append(enc[key])
         return out
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -200,20 +222,33 @@ def _tokenize(cfg: JobConfig, train_raw: Any, eval_raw: Any | None, tokenizer: A
     return train_ds, eval_ds
 
 
-def _token_stats(ds: Any, split: str) -> dict[str, int]:
+def prompt_key(conv: list[dict[str, Any]] | str) -> int:
+    """A 64-bit hash of a record's prompt (everything before its last answer; a `text` record's whole text), to count
+    exact duplicates without keeping the prompts."""
+    if isinstance(conv, str):
+        prompt: Any = conv
+    else:
+        last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+        prompt = [[m["role"], m["content"]] for m in conv[:last]]
+    digest = hashlib.blake2b(json.dumps(prompt, ensure_ascii=False).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _token_stats(ds: Any, split: str) -> dict[str, Any]:
     """Token counts by batched iteration over the Arrow table (reading whole columns would load them into RAM):
-    tokens and answer (loss) tokens as trained on, after truncation, and before it. Seq2seq data (a `labels`
-    column): the tokens of input and target, the target's being the loss tokens."""
+    tokens and answer (loss) tokens as trained on, after truncation, and before it; the lengths' percentiles (before
+    truncation) and the records repeating an earlier record's prompt. Seq2seq data (a `labels` column): the tokens
+    of input and target, the target's being the loss tokens."""
     import numpy as np
     import pyarrow.compute as pc
 
     def lengths_of(column) -> Any:
         return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
-    lengths = []  # one int32 per record: 4 MB per million records
+    lengths, keys = [], []  # one int32 and one int64 per record: 12 MB per million records
     tokens = loss_tokens = full_loss_tokens = truncated = no_answer = longest = 0
     seq2seq = "labels" in ds.column_names
-    columns = ["input_ids", "labels" if seq2seq else "assistant_masks", "full_tokens", "full_loss_tokens"]
+    columns = ["input_ids", "labels" if seq2seq else "assistant_masks", "full_tokens", "full_loss_tokens", "prompt_key"]
     # Batches of 1,000 records: the per-record sums below make numpy copies of a batch's masks (8 bytes a token).
     for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=1_000):
         kept = lengths_of(batch["input_ids"])
@@ -228,6 +263,7 @@ def _token_stats(ds: Any, split: str) -> dict[str, int]:
             ends = np.cumsum(lengths_of(masks))
             per_record_loss = running[ends] - running[np.concatenate([[0], ends[:-1]])]
         lengths.append(full.astype(np.int32))
+        keys.append(batch["prompt_key"].to_numpy(zero_copy_only=False))
         tokens += int(kept.sum())
         loss_tokens += int(per_record_loss.sum())
         full_loss_tokens += int(pc.sum(batch["full_loss_tokens"]).as_py() or 0)
@@ -235,9 +271,16 @@ def _token_stats(ds: Any, split: str) -> dict[str, int]:
         no_answer += int((per_record_loss == 0).sum())
         longest = max(longest, int(kept.max()) if len(kept) else 0)
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
+    all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+    percentiles = ({f"p{q}": int(v) for q, v in zip((50, 90, 99), np.percentile(all_lengths, (50, 90, 99),
+                                                                                 method="higher"), strict=True)}
+                   | {"max": int(all_lengths.max())}) if len(all_lengths) else {}
     return {f"{split}_tokens": tokens, f"{split}_loss_tokens": loss_tokens,
             f"{split}_loss_tokens_before_truncation": full_loss_tokens,
+            f"{split}_loss_tokens_truncated": full_loss_tokens - loss_tokens,
             f"{split}_records_truncated": truncated, f"{split}_records_without_answer_tokens": no_answer,
+            f"{split}_record_tokens_before_truncation": percentiles,
+            f"{split}_duplicate_prompts": int(len(all_keys) - len(np.unique(all_keys))),
             "median_tokens_per_record": int(np.sort(all_lengths)[len(all_lengths) // 2]) if len(all_lengths) else 0,
             "longest_record_tokens": longest}
 
@@ -261,3 +304,24 @@ def check_loss_tokens(stats: dict[str, Any], max_seq_length: int, assistant_only
                 " records keep no answer token%s", max_seq_length, removed, before, what, 100 * share,
                 stats["train_records_truncated"], stats["train_records"], stats["train_records_without_answer_tokens"],
                 ": raise QLORA_MAX_SEQ_LENGTH or shorten the prompts" if share > 0.5 else "")
+
+
+def check_data_limits(stats: dict[str, Any], max_seq_length: int, max_truncated: float, max_duplicates: float) -> None:
+    """Fail before any GPU time when more training records than the limits allow are cut by max_seq_length or
+    repeat an earlier record's prompt: both mean the data or the settings are not what was meant."""
+    records = stats["train_records"]
+    truncated, duplicates = stats["train_records_truncated"], stats["train_duplicate_prompts"]
+    if records and truncated / records > max_truncated:
+        lengths = stats["train_record_tokens_before_truncation"]
+        raise DataError(f"{truncated:,} of the {records:,} training records ({truncated / records:.0%}) are longer"
+                        f" than {env_name('max_seq_length')}={max_seq_length} tokens and would be cut (their lengths:"
+                        f" median {lengths.get('p50')}, 90th percentile {lengths.get('p90')}, longest"
+                        f" {lengths.get('max')}), over {env_name('max_truncated_fraction')}={max_truncated}. Raise"
+                        f" {env_name('max_seq_length')}, shorten or drop the long records, or raise"
+                        f" {env_name('max_truncated_fraction')} if cutting them is intended")
+    if records and duplicates / records > max_duplicates:
+        raise DataError(f"{duplicates:,} of the {records:,} training records ({duplicates / records:.0%}) repeat the"
+                        f" prompt of an earlier record exactly, over {env_name('max_duplicate_fraction')}="
+                        f"{max_duplicates}: the data was probably copied twice or merged with itself. Remove the"
+                        " duplicates (python -m entrypoints.data URI --report counts them), or raise"
+                        f" {env_name('max_duplicate_fraction')} if repeating them is intended")

@@ -26,10 +26,14 @@ EXIT_DATA = 3  # the training/eval data cannot be read or normalised
 EXIT_MODEL = 4  # the base model or adapter is missing, unsafe or incompatible
 EXIT_STORAGE = 5  # object storage or the Hugging Face Hub unreachable or failing after retries, access denied
 EXIT_OUTPUT_EXISTS = 6  # the output location already holds a complete result
+EXIT_NOT_PROMOTED = 7  # the run is complete but was not promoted; latest.json still points to the previous run
 # Outputs complete (manifest written, S3/local untouched); only the Hugging Face Hub publish failed: retry only the
 # publish (`python -m entrypoints.hub --output URI`), never the training.
 EXIT_HUB_PUBLISH = 9
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; rerun to resume (EX_TEMPFAIL)
+# What exit 7 means, for the launcher's --wait (SageMaker shows such a job as Failed).
+NOT_PROMOTED_MEANING = ("the run is complete but was not promoted: its result is under runs/<id>/ and latest.json still"
+                        " points to the previous run")
 
 # SageMaker shows the first 1024 characters of /opt/ml/output/failure as FailureReason.
 FAILURE_REASON_LIMIT = 1024
@@ -70,6 +74,13 @@ class StorageError(JobError):
 class OutputExistsError(JobError):
     exit_code = EXIT_OUTPUT_EXISTS
     kind = "output exists"
+
+
+class NotPromoted(JobError):
+    """The run published a complete result under runs/<id>/, but the promotion gate kept latest.json where it was."""
+
+    exit_code = EXIT_NOT_PROMOTED
+    kind = "not promoted"
 
 
 class HubPublishError(JobError):

@@ -1,30 +1,66 @@
-"""Evaluation: the eval loss, sample answers to held-out prompts, and how many of them match the reference."""
+"""Evaluation: the eval loss, answers to held-out prompts and to the eval suites, and how they score against their
+references (exact match, contains, token F1, ROUGE-L).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from entrypoints.suites import METRICS, Suite
 
-def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: list[dict[str, Any]],
-                     max_new_tokens: int, seq2seq: bool = False) -> list[str]:
-    """Greedy answers to the samples' prompts: rendered with the chat template, or (seq2seq) as the encoder's input."""
-    import torch
 
+def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: Sequence[Any],
+                     max_new_tokens: int, batch_size: int = 0, seq2seq: bool = False) -> list[str]:
+    """Greedy answers to `samples` (dicts or SuiteItems with `messages`, or a plain `prompt` when there is no chat
+    template), in batches of `batch_size` prompts (0: all at once). `seq2seq`: an encoder-decoder model, whose
+    prompts are the encoder's plain-text input (templating.seq2seq_input)."""
     from entrypoints.templating import prompt_ids, seq2seq_prompt_ids
 
-    if not samples or (template is None and not seq2seq):
+    if not samples:
         return []
+    prompts = []
+    for s in samples:
+        messages, prompt = (s.get("messages"), s.get("prompt")) if isinstance(s, dict) else (s.messages, s.prompt)
+        if seq2seq:
+            prompts.append(seq2seq_prompt_ids(tokenizer, messages if messages is not None else
+                                              [{"role": "user", "content": prompt}]))
+        elif template is not None and messages is not None:
+            prompts.append(prompt_ids(tokenizer, template, messages))
+        elif template is None and messages is None:
+            prompts.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        else:
+            return []  # the held-out samples of plain-text data: nothing to ask
+    # Longest first, so that each batch holds prompts of similar lengths (less padding) and a batch too large for the
+    # memory fails at once; the answers are returned in the samples' order.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    size = batch_size or len(prompts)
+    answers: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
+    try:
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            batch = _generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, seq2seq)
+            for i, answer in zip(chunk, batch, strict=True):
+                answers[i] = answer
+    finally:
+        if was_training:
+            model.train()
+    return answers
+
+
+def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, seq2seq: bool) -> list[str]:
+    import torch
+
     device = next(p.device for p in model.parameters())
-    prompts = [seq2seq_prompt_ids(tokenizer, s["messages"]) if seq2seq else prompt_ids(tokenizer, template, s["messages"])
-               for s in samples]
-    # All prompts in one padded batch: each decoding step dequantizes the 4-bit weights once for the whole batch
-    # instead of once per prompt (on CPU that is most of the cost). A decoder continues its prompts, so they are
-    # padded on the left and the answer is what follows them; an encoder-decoder's output is the answer alone.
+    # One padded batch: each decoding step dequantizes the 4-bit weights once for the whole batch instead of once per
+    # prompt (on CPU that is most of the cost). A decoder continues its prompts, so they are padded on the left and
+    # the answer is what follows them; an encoder-decoder's prompts are padded on the right, its output is the answer.
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     padded = [(p + [pad] * (width - len(p)), [1] * len(p) + [0] * (width - len(p))) if seq2seq else
@@ -34,10 +70,22 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    answers = [tokenizer.decode(row if seq2seq else row[width:], skip_special_tokens=True).strip() for row in out]
-    if was_training:
-        model.train()
-    return answers
+    return [tokenizer.decode(row if seq2seq else row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+@contextlib.contextmanager
+def base_model(model: Any) -> Iterator[None]:
+    """The base model's answers: the LoRA adapter switched off (peft) for the duration."""
+    disable = getattr(model, "disable_adapter", None)
+    with disable() if disable is not None else contextlib.nullcontext():
+        yield
+
+
+def answer_suites(model: Any, tokenizer: Any, template: str | None, suites: Sequence[Suite], max_new_tokens: int,
+                  batch_size: int, seq2seq: bool = False) -> dict[str, list[str]]:
+    """Every suite's answers, by suite name."""
+    return {s.name: generate_answers(model, tokenizer, template, s.items, max_new_tokens, batch_size, seq2seq)
+            for s in suites}
 
 
 def normalize_answer(text: str) -> str:
@@ -63,3 +111,90 @@ def evaluate(trainer: Any, has_eval: bool) -> float | None:
         return None
     loss = trainer.evaluate().get("eval_loss")
     return float(loss) if loss is not None and math.isfinite(loss) else None
+
+
+# ------------------------------------------------------------------------------------------- suite metrics
+def _words(text: str) -> list[str]:
+    """The words an answer is scored on: lower case, punctuation removed (any script: `\\w` is Unicode-aware); a text
+    of punctuation or symbols only is scored on its whitespace-separated pieces instead of on nothing."""
+    return normalize_answer(text).split() or text.lower().split()
+
+
+def check_scorers() -> None:
+    """Fail before any training when a metric's library is missing (an image built without the `train` extra)."""
+    from entrypoints.errors import ConfigError
+
+    try:
+        import rapidfuzz.distance  # noqa: F401
+    except ImportError:
+        raise ConfigError(["QLORA_EVAL_SUITE is set, and ROUGE-L needs the rapidfuzz package, which is not"
+                           " installed: install the job with its `train` extra (pip install -e '.[train]' in the"
+                           " checkout), or unset QLORA_EVAL_SUITE"]) from None
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure: the longest common subsequence of the two texts' words (computed by rapidfuzz's LCSseq over
+    the same Unicode-aware words as the other metrics), as precision over the answer and recall over the reference.
+    rapidfuzz rather than rouge-score: the latter is published only as a source archive, which the image's
+    wheels-only lock cannot install, and its default tokenizer drops every non-ASCII character."""
+    from rapidfuzz.distance import LCSseq
+
+    got, want = _words(answer), _words(reference)
+    if not got or not want:
+        return 0.0
+    common = LCSseq.similarity(got, want)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(got), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """F1 of the words answer and reference share (counted with multiplicity, in any order)."""
+    a, r = _words(answer), _words(reference)
+    common = sum((Counter(a) & Counter(r)).values())
+    if not a or not r or not common:
+        return float(a == r)
+    precision, recall = common / len(a), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def contains(answer: str, reference: str) -> float:
+    """1.0 when the reference's words appear in the answer, together and in order, as whole words."""
+    a, r = _words(answer), _words(reference)
+    return float(any(a[i:i + len(r)] == r for i in range(len(a) - len(r) + 1)))
+
+
+def exact_match(answer: str, reference: str) -> float:
+    return float(_words(answer) == _words(reference))
+
+
+SCORERS = {"exact_match": exact_match, "contains": contains, "token_f1": token_f1, "rouge_l": rouge_l}
+assert tuple(SCORERS) == METRICS
+
+
+def score_answer(answer: str, reference: str) -> dict[str, float]:
+    return {name: round(fn(answer, reference), 6) for name, fn in SCORERS.items()}
+
+
+def summarize_scores(scores: Sequence[dict[str, float]], primary: Sequence[str]) -> dict[str, float | int]:
+    """The mean of each metric over the items, `score` (the mean of each item's own metric) and the count."""
+    n = len(scores)
+    out: dict[str, float | int] = {m: round(sum(s[m] for s in scores) / n, 6) if n else 0.0 for m in METRICS}
+    out["score"] = round(sum(s[m] for s, m in zip(scores, primary, strict=True)) / n, 6) if n else 0.0
+    out["count"] = n
+    return out
+
+
+def suite_report(suite: Suite, before: Sequence[str], after: Sequence[str], max_new_tokens: int) -> dict[str, Any]:
+    """One suite's results: where it came from, the summary before and after training, and every item's answers."""
+    primary = [item.metric for item in suite.items]
+    scored_before = [score_answer(a, item.reference) for a, item in zip(before, suite.items, strict=True)]
+    scored_after = [score_answer(a, item.reference) for a, item in zip(after, suite.items, strict=True)]
+    items = [{"source": item.source, "prompt": item.prompt, "reference": item.reference, "metric": item.metric,
+              "before": b, "after": a, "scores_before": sb, "scores_after": sa}
+             for item, b, a, sb, sa in zip(suite.items, before, after, scored_before, scored_after, strict=True)]
+    return {"name": suite.name, "uri": suite.uri, "sha256": suite.sha256, "count": len(items),
+            "max_new_tokens": max_new_tokens, "before": summarize_scores(scored_before, primary),
+            "after": summarize_scores(scored_after, primary), "items": items}
+

@@ -48,7 +48,7 @@ PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", 
 HEARTBEAT_SECONDS = 60.0
 LEASE_SECONDS = 600.0
 # What the job writes at an output, below which its own files live: only these are ever deleted there.
-JOB_DIRS = ("adapter/", "merged/")
+JOB_DIRS = ("adapter/", "merged/", "evaluation/")
 JOB_FILES = ("README.md", MANIFEST, CLAIM)
 # The longest relative names the job writes (checked against the file system's and S3's limits up front).
 DEEPEST_FILES = ("merged/model-00001-of-00009.safetensors", "merged/model.safetensors.index.json")
@@ -368,10 +368,12 @@ def package_versions() -> dict[str, str]:
 
 
 def write_model_card(stage: Path, cfg: JobConfig, metrics: dict[str, Any], samples: list[dict[str, Any]],
-                     has_merged: bool, adapter: dict[str, Any] | None = None, seq2seq: bool = False) -> Path:
+                     has_merged: bool, adapter: dict[str, Any] | None = None, seq2seq: bool = False,
+                     suites: list[dict[str, Any]] | None = None, promotion: dict[str, Any] | None = None) -> Path:
     """README.md of the output. `adapter`: what save_adapter reports (dtype, parameters, bytes, compute_dtype), stated
     in the card. `seq2seq`: an encoder-decoder model, whose prompts are plain text (the format is written down, since
-    no chat template saved with the tokenizer carries it)."""
+    no chat template saved with the tokenizer carries it). `suites`, `promotion`: the eval suites' scores and the
+    promotion decision."""
     name = cfg.base_model_name
     auto_class = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
     lines = [
@@ -403,6 +405,17 @@ def write_model_card(stage: Path, cfg: JobConfig, metrics: dict[str, Any], sampl
                   " newlines); a single user turn is its text alone. Give the model its input the same way."]
     lines += ["", "## Metrics", "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    if suites:
+        lines += ["", "## Evaluation suites", "Answered by the base model (before) and by this adapter (after); the"
+                  " answers are in `evaluation/<suite>.jsonl`.", "",
+                  "| suite | items | metric | before | after |", "| --- | --- | --- | --- | --- |"]
+        for suite in suites:
+            for metric in ("score", "exact_match", "contains", "token_f1", "rouge_l"):
+                lines.append(f"| {suite['name']} | {suite['count']} | {metric} | {suite['before'][metric]:.4f} |"
+                             f" {suite['after'][metric]:.4f} |")
+    if promotion:
+        lines += ["", "## Promotion", f"{'Promoted' if promotion['promoted'] else 'Not promoted'} to `latest.json`"
+                  f" ({promotion['policy']}, on {promotion['metric']}): {promotion['reason']}."]
     if samples:
         lines += ["", "## Held-out samples", "| prompt | reference | before | after |", "| --- | --- | --- | --- |"]
         for s in samples:
@@ -490,8 +503,9 @@ class Publisher:
         if self.errors:
             raise self.errors[0]
 
-    def finish(self, manifest: dict[str, Any]) -> str:
-        """Upload what is left, wait, then write the manifest (and the `latest` pointer in version mode)."""
+    def finish(self, manifest: dict[str, Any], promote: bool = True) -> str:
+        """Upload what is left, wait, then write the manifest (and, in version mode when `promote`, the `latest`
+        pointer)."""
         for path in storage.iter_tree(self.stage):
             rel = path.relative_to(self.stage).as_posix()
             if rel != MANIFEST and rel not in self.submitted:
@@ -514,7 +528,7 @@ class Publisher:
                                     " keep that one intact. Rerun if you still need this one") from None
         log.info("published %d file(s) to %s; manifest written last", len(manifest["files"]), self.target.uri)
         remove_unlisted(self.target.uri, {f["path"] for f in manifest["files"]}, self.endpoint)
-        if self.target.versioned:
+        if self.target.versioned and promote:
             advance_latest(self.target, manifest_uri, manifest["created_at"], self.endpoint)
         return manifest_uri
 

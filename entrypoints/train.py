@@ -2,11 +2,13 @@
 
     python -m entrypoints.train [--name value ...]      # what the container's `train` command runs
 
-Steps (main -> run): resolve secrets and the output location -> fetch data and model -> the model's kind (a T5-class
-encoder-decoder is trained as seq2seq: `settings_for_model`, and a few steps branch on it) -> tokenize ->
-load the 4-bit model -> eval + sample answers before -> train (resuming from the newest complete
-checkpoint) -> eval + sample answers after -> save the adapter -> merge -> model card + manifest ->
-publish (manifest last) -> print a summary. Exit codes: entrypoints/errors.py and the README.
+Steps (main -> run): resolve secrets and the output location -> fetch and check the eval suites, then data and
+model -> the model's kind (a T5-class encoder-decoder is trained as seq2seq: `settings_for_model`, and a few steps
+branch on it) -> tokenize -> load the 4-bit model -> eval, sample answers and the suites' answers of the base model
+-> train (resuming from the newest complete checkpoint; with periodic eval, the best evaluation's adapter is kept) ->
+eval and answers after -> save the adapter -> merge -> the promotion gate (versioned outputs) -> model card +
+manifest -> publish (manifest last; latest.json only when promoted) -> (optional) publish to the Hugging Face Hub ->
+print a summary. Exit codes: entrypoints/errors.py and the README.
 """
 
 from __future__ import annotations
@@ -36,12 +38,21 @@ from entrypoints.dataset import TokenizedData, prepare_data
 from entrypoints.errors import (
     ConfigError,
     ModelError,
+    NotPromoted,
     Preempted,
     StorageError,
     disk_space_for,
     run_guarded,
 )
-from entrypoints.evaluation import answer_match, evaluate, generate_answers
+from entrypoints.evaluation import (
+    answer_match,
+    answer_suites,
+    base_model,
+    check_scorers,
+    evaluate,
+    generate_answers,
+    suite_report,
+)
 from entrypoints.hub import HubTarget, check_token, publish_result, raise_if_failed
 from entrypoints.modeling import (
     cap_gpu_memory,
@@ -60,9 +71,11 @@ from entrypoints.outputs import (
     write_model_card,
 )
 from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
+from entrypoints.promotion import Decision, gate
 from entrypoints.ranks import RankFailed, Ranks, join_ranks, leave_process_group
 from entrypoints.secrets import install_redactor, resolve_secrets
 from entrypoints.sizing import BatchPlan, PlanSettings
+from entrypoints.suites import Suite, fetch_suites
 from entrypoints.templating import load_tokenizer_and_template
 from entrypoints.tracking import NullTracker, WandbTracker, wandb_wanted
 from entrypoints.trainer import build_trainer, check_trained, find_checkpoint, save_adapter, train
@@ -79,15 +92,24 @@ class Inputs:
     data_files: list[Path]
     eval_files: list[Path] = field(default_factory=list)
     content: dict[str, str | None] = field(default_factory=dict)  # sha256 of data, eval data and model files
+    suites: list[Suite] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------- steps
 def resolve_inputs(cfg: JobConfig, work: Path, hf_token: str | None) -> Inputs:
     endpoint = cfg.s3_endpoint_url
+    # The suites first: small, and a bad one fails the job in seconds, before the data and model downloads.
+    suites = fetch_suites(cfg.eval_suite, work / "suites", endpoint, chat=cfg.data_format != "text")
+    if suites:
+        check_scorers()
+    for suite in suites:
+        log.info("eval suite %s: %d question(s) from %s (sha256 %s)", suite.name, len(suite.items), suite.uri,
+                 suite.sha256[:12])
     data = storage.fetch(cfg.data, work / "data" / "train", endpoint_url=endpoint)
     eval_data = storage.fetch(cfg.eval_data, work / "data" / "eval", endpoint_url=endpoint) if cfg.eval_data else None
     model_dir = resolve_model(cfg, work, hf_token)
-    inputs = Inputs(data, eval_data, model_dir, list_data_files(data), list_data_files(eval_data) if eval_data else [])
+    inputs = Inputs(data, eval_data, model_dir, list_data_files(data), list_data_files(eval_data) if eval_data else [],
+                    suites=suites)
     inputs.content = content_fingerprints(inputs, work)
     return inputs
 
@@ -213,13 +235,19 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
         model = load_model(inputs.model_dir, cfg, ranks.local_rank, seq2seq)
         trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint, seq2seq)
         stop.check("while the model was loaded")
-        metrics, samples = train_and_evaluate(cfg, trainer, tokenizer, template, data, stop, resume, seq2seq)
+        metrics, samples, suites = train_and_evaluate(cfg, trainer, tokenizer, template, data, stop, resume,
+                                                      inputs.suites, seq2seq)
         stop.check("after training (during eval or the sample answers)")
         if not trainer.is_world_process_zero():
             exit_code = 0
             return {}
         tracker.log_samples("samples", samples)
-        tracker.summary({k: v for k, v in metrics.items() if v is not None})
+        for suite in suites:
+            tracker.log_samples(f"suite/{suite['name']}", [
+                {"source": i["source"], "prompt": i["prompt"], "reference": i["reference"], "metric": i["metric"],
+                 "before": i["before"], "after": i["after"], "score_before": i["scores_before"][i["metric"]],
+                 "score_after": i["scores_after"][i["metric"]]} for i in suite["items"]])
+        tracker.summary({**{k: v for k, v in metrics.items() if v is not None}, **suite_summaries(suites)})
         stage = work / "output"
         with disk_space_for(stage, "writing the outputs"):
             shutil.rmtree(stage, ignore_errors=True)
@@ -231,11 +259,21 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
                 publisher.submit(path)
             del trainer, model  # the merge needs the memory the 4-bit model holds
             _free_memory()
-            manifest_uri = publish(cfg, inputs, data, stage, publisher, adapter_dir, metrics, samples, seq2seq)
-        # The output is complete: a failed Hub publish is reported in the summary, and main() then exits 9.
-        hub = publish_result(HubTarget.of(cfg), stage, secrets.get("HF_TOKEN"), target.uri)
+            manifest_uri, decision = publish(cfg, inputs, data, stage, publisher, adapter_dir, metrics, samples,
+                                             suites, seq2seq)
+        if decision is not None:
+            tracker.summary({f"promotion/{k}": v for k, v in decision.as_dict().items() if v is not None})
+        # The output is complete: a failed Hub publish is reported in the summary, and main() then exits 9. A run the
+        # gate did not promote is not published to the Hub either.
+        hub = None
+        if decision is None or decision.promoted:
+            hub = publish_result(HubTarget.of(cfg), stage, secrets.get("HF_TOKEN"), target.uri)
+        elif cfg.hub_repo:
+            log.info("not published to the Hub (%s): the run was not promoted", cfg.hub_repo)
         exit_code = 0
         return {"output": target.uri, "manifest": manifest_uri, **metrics, "samples": samples,
+                "suites": {s["name"]: {k: s[k] for k in ("count", "before", "after")} for s in suites},
+                "promotion": decision.as_dict() if decision else None,
                 "wall_seconds": round(time.monotonic() - started, 1), **({"hub": hub} if hub else {})}
     finally:
         tracker.finish(exit_code)
@@ -309,24 +347,39 @@ def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks) 
 
 
 def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: str | None, data: TokenizedData,
-                       stop: StopFlag, resume: Path | None, seq2seq: bool = False
-                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Eval loss and sample answers before, training (or the finished checkpoint taken as it is), the check that it
-    trained something, eval loss and sample answers after: the metrics and the samples (world rank 0 answers)."""
-    answers = trainer.is_world_process_zero() and data.samples
+                       stop: StopFlag, resume: Path | None, suites: list[Suite], seq2seq: bool = False
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Eval loss, sample answers and the suites' answers of the base model, training (or the finished checkpoint
+    taken as it is), the check that it trained something, eval loss and answers after: the metrics, the samples and
+    the suites' reports (world rank 0 answers)."""
+    main = trainer.is_world_process_zero()
+    answers = main and data.samples
 
     def answer() -> list[str]:
-        return (generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens, seq2seq)
-                if answers else [])
+        return (generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens,
+                                 cfg.generation_batch_size, seq2seq) if answers else [])
+
+    def ask_suites() -> dict[str, list[str]]:
+        return answer_suites(trainer.model, tokenizer, template, suites, cfg.max_new_tokens,
+                             cfg.generation_batch_size, seq2seq) if main else {}
 
     has_eval = data.eval is not None
     eval_before, before = evaluate(trainer, has_eval), answer()
+    with base_model(trainer.model):  # the adapter is the identity before training; off, whatever it holds
+        suites_before = ask_suites()
     log.info("eval loss before training: %s", eval_before)
     stop.check("before training (during the first eval or sample answers)")
     result = train(trainer, cfg, stop, resume)
     check_trained(trainer.model, result, cfg)
     eval_after, after = evaluate(trainer, has_eval), answer()
+    suites_after = ask_suites()
     log.info("eval loss after training: %s", eval_after)
+    reports = [suite_report(s, suites_before[s.name], suites_after[s.name], cfg.max_new_tokens)
+               for s in suites] if main else []
+    for report in reports:
+        log.info("eval suite %s (%d): %s", report["name"], report["count"], ", ".join(
+            f"{m} {report['before'][m]:.3f} -> {report['after'][m]:.3f}" for m in ("score", "exact_match", "contains",
+                                                                                  "token_f1", "rouge_l")))
     metrics = {"eval_loss_before": eval_before, "eval_loss_after": eval_after,
                "answer_match_before": answer_match(before, data.samples),
                "answer_match_after": answer_match(after, data.samples), **result, "device": device_kind()}
@@ -336,12 +389,29 @@ def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: s
             data.stats["train_tokens"] * cfg.num_epochs * share / result["train_runtime_seconds"], 1)
     samples = [{"prompt": s["prompt"], "reference": s["reference"], "before": b, "after": a}
                for s, b, a in zip(data.samples, before, after, strict=True)] if answers else []
-    return metrics, samples
+    return metrics, samples, reports
+
+
+def suite_summaries(suites: list[dict[str, Any]]) -> dict[str, float]:
+    """`suite/<name>/<metric>_before|after`: the suites' summaries as flat metrics (W&B's summary)."""
+    return {f"suite/{s['name']}/{metric}_{when}": s[when][metric] for s in suites for when in ("before", "after")
+            for metric in s[when]}
 
 
 def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, publisher: Publisher, adapter_dir: Path,
-            metrics: dict[str, Any], samples: list[dict[str, Any]], seq2seq: bool = False) -> str:
-    """Merge, write the model card and the manifest, and publish what is left (the manifest last)."""
+            metrics: dict[str, Any], samples: list[dict[str, Any]], suites: list[dict[str, Any]],
+            seq2seq: bool = False) -> tuple[str, Decision | None]:
+    """Merge, write the suites' answers, decide the promotion (versioned outputs), write the model card and the
+    manifest, and publish what is left (the manifest last; latest.json only when promoted)."""
+    evaluation = {}
+    for suite in suites:
+        answers = stage / "evaluation" / f"{suite['name']}.jsonl"
+        answers.parent.mkdir(parents=True, exist_ok=True)
+        answers.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in suite["items"]),
+                           encoding="utf-8")
+        publisher.submit(answers)
+        evaluation[suite["name"]] = {**{k: v for k, v in suite.items() if k not in ("name", "items")},
+                                     "answers": answers.relative_to(stage).as_posix()}
     if cfg.merge:
         from entrypoints.merge import merge_adapter
 
@@ -352,17 +422,23 @@ def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, pu
         merge_summary = merge_adapter(inputs.model_dir, adapter_dir, stage / "merged", merge_into=merge_into,
                                       double_quant=cfg.double_quant, on_file_written=publisher.submit)
         metrics["merge"] = {k: v for k, v in merge_summary.items() if isinstance(v, (str, int, float, bool))}
-    write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge,
-                     adapter=metrics.get("adapter"), seq2seq=seq2seq)
-    manifest = build_manifest(stage, cfg, {
+    extra: dict[str, Any] = {
         "base_model": {"source": cfg.model, "name": cfg.base_model_name, "revision": cfg.model_revision,
                        "fingerprint_sha256": inputs.content["model_sha256"]},
         "data": {"source": cfg.data, "eval_source": cfg.eval_data or None,
                  "fingerprint_sha256": inputs.content["data_sha256"],
                  "eval_fingerprint_sha256": inputs.content["eval_data_sha256"], **data.stats},
-        "metrics": metrics, "samples": samples,
-    })
-    return publisher.finish(manifest)
+        "metrics": metrics, "samples": samples, "evaluation": {"suites": evaluation},
+    }
+    decision = None
+    if publisher.target.versioned:
+        decision = gate(cfg.promote_policy, cfg.promote_on, cfg.promote_tolerance,
+                        {**extra, "config": cfg.to_public_dict()}, publisher.target.base_uri, cfg.s3_endpoint_url)
+        extra["promotion"] = decision.as_dict()
+    write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge,
+                     adapter=metrics.get("adapter"), seq2seq=seq2seq, suites=suites, promotion=extra.get("promotion"))
+    manifest = build_manifest(stage, cfg, extra)
+    return publisher.finish(manifest, promote=decision is None or decision.promoted), decision
 
 
 def _free_memory() -> None:
@@ -383,6 +459,17 @@ def print_summary(summary: Mapping[str, Any]) -> None:
              f"steps: {summary.get('global_step')}  train loss: "
              f"{'n/a (resumed at the final step)' if summary.get('train_loss') is None else summary.get('train_loss')}"
              f"  train time: {summary.get('train_runtime_seconds')} s  on {summary.get('device')}"]
+    if summary.get("best_step"):
+        lines.append(f"best eval: step {summary['best_step']} (eval loss {summary['best_eval_loss']:.4f}), the"
+                     f" adapter published{'; stopped early' if summary.get('stopped_early') else ''}")
+    for name, suite in (summary.get("suites") or {}).items():
+        lines.append(f"suite {name} ({suite['count']}): " + "  ".join(
+            f"{m} {suite['before'][m]:.3f} -> {suite['after'][m]:.3f}" for m in ("score", "exact_match", "contains",
+                                                                               "token_f1", "rouge_l")))
+    promotion = summary.get("promotion")
+    if promotion:
+        lines.append(f"promotion: {'PROMOTED' if promotion['promoted'] else 'NOT PROMOTED'} ({promotion['policy']},"
+                     f" {promotion['metric']}): {promotion['reason']}")
     print("\n".join(lines), flush=True)
     print(SUMMARY_PREFIX + json.dumps(summary, default=str), flush=True)
 
@@ -465,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if summary:
             print_summary(summary)
             raise_if_failed(summary.get("hub"))
+            promotion = summary.get("promotion") or {}
+            if promotion and not promotion["promoted"] and promotion["policy"] == "if-not-worse":
+                raise NotPromoted(f"the run is complete at {summary['output']}, but latest.json still names"
+                                  f" {promotion['previous_run']}: {promotion['reason']}")
 
     code = run_guarded(job, failure_file, first_failure_wins=distributed)
     if distributed and code == 0:

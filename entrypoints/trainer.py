@@ -19,6 +19,7 @@ from entrypoints.checkpoints import (
     checkpoint_total_steps,
     clear_checkpoints,
     latest_complete,
+    localize_best,
     remove_incomplete,
     restore_from_uri,
     trainer_callback,
@@ -44,6 +45,7 @@ def sft_config(cfg: JobConfig, plan: BatchPlan | None, cuda: bool, precision: st
     memory (sizing.plan_batch; None without packing: padded micro-batches of micro_batch_size samples);
     `precision`: the compute dtype's name."""
     use_compile = compiles(cfg, plan, cuda)
+    best = keeps_best(cfg, has_eval)
     return dict(
         output_dir=str(cfg.checkpoint_path),
         run_name=cfg.run_name or None,
@@ -81,6 +83,15 @@ def sft_config(cfg: JobConfig, plan: BatchPlan | None, cuda: bool, precision: st
         eval_steps=cfg.eval_steps or None,
         save_strategy="steps",
         save_steps=cfg.save_steps,
+        # With periodic evaluation the adapter of the evaluation with the lowest eval loss is the result: the Trainer
+        # keeps its checkpoint through rotation and loads it when training ends (config checks that save_steps is a
+        # multiple of eval_steps, so that every evaluated step has a checkpoint).
+        load_best_model_at_end=best,
+        metric_for_best_model="eval_loss" if best else None,
+        greater_is_better=False if best else None,
+        # Early stopping's count of evaluations without improvement lives in trainer_state.json; without this a
+        # resumed run would start counting again.
+        restore_callback_states_from_checkpoint=True,
         save_total_limit=cfg.save_total_limit or None,  # 0: keep every checkpoint
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -139,6 +150,11 @@ def _seq2seq_trainer(model: Any, kwargs: dict[str, Any], data: TokenizedData, to
                           callbacks=callbacks)
 
 
+def keeps_best(cfg: JobConfig, has_eval: bool) -> bool:
+    """Whether the run publishes its best evaluated adapter (periodic evaluation) rather than its last one."""
+    return has_eval and cfg.eval_steps > 0
+
+
 def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedData, tracker: Any, stop: StopFlag,
                   plan: BatchPlan | None, fingerprint: dict, seq2seq: bool = False):
     import torch
@@ -151,6 +167,12 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
     precision = str(compute_dtype(cfg, seq2seq)).removeprefix("torch.")
     kwargs = sft_config(cfg, plan, cuda, precision, data.eval is not None, tracker.report_to)
     extra_callbacks = []
+    if cfg.eval_steps and data.eval is None:
+        log.warning("%s=%d: there is no eval data to evaluate, so the last step's adapter is published%s",
+                    env_name("eval_steps"), cfg.eval_steps, " and early stopping is off" if cfg.early_stopping_patience
+                    else "")
+    elif keeps_best(cfg, True) and cfg.early_stopping_patience:
+        extra_callbacks.append(early_stopping_callback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
     if plan is not None and plan.gradient_checkpointing and plan.layers_without_checkpointing:
         extra_callbacks.append(perf.partial_checkpointing_callback(plan.layers_without_checkpointing))
     peft_config = LoraConfig(
@@ -197,6 +219,31 @@ def check_lora_targets(model: Any, targets: str | list[str]) -> None:
         raise ConfigError([f"{env_name('lora_target_modules')}={','.join(targets)!r}: {', '.join(unmatched)} match no"
                            f" module of this model; its layers' linear modules are {', '.join(linear)} (or use"
                            " all-linear)"])
+
+
+def early_stopping_callback(patience: int, threshold: float):
+    from transformers import EarlyStoppingCallback
+
+    class EarlyStopping(EarlyStoppingCallback):
+        """transformers' early stopping, which also saves a checkpoint at the evaluation that stops training: the
+        checkpoint then records the stop (its count of evaluations without improvement), and a rerun after a later
+        failure (upload, merge) takes the run as finished instead of training on past the stop."""
+
+        def on_evaluate(self, args, state, control, metrics, **kwargs):
+            ending = control.should_training_stop  # the last step (saved anyway), or the evaluation after training
+            super().on_evaluate(args, state, control, metrics, **kwargs)
+            if not ending and control.should_training_stop and self.stopped:
+                control.should_save = True
+                log.info("early stopping at step %d: the eval loss has not improved on %.6g (step %s) for %d"
+                         " evaluation(s)", state.global_step, state.best_metric, state.best_global_step,
+                         self.early_stopping_patience_counter)
+            return control
+
+        @property
+        def stopped(self) -> bool:
+            return self.early_stopping_patience_counter >= self.early_stopping_patience
+
+    return EarlyStopping(patience, threshold)
 
 
 def _throughput_callback(tracker: Any):
@@ -253,6 +300,8 @@ def find_checkpoint(cfg: JobConfig, fingerprint: dict, ranks: Ranks) -> Path | N
             restore_from_uri(cfg.checkpoint_uri, ckpt_dir, cfg.s3_endpoint_url, fingerprint)
         found = latest_complete(ckpt_dir, fingerprint)
         remove_incomplete(ckpt_dir)
+        if found is not None:
+            localize_best(found)
         return found
 
     # One process per host restores and prunes the (host-local) checkpoint directory; its ranks share the answer.
@@ -284,14 +333,17 @@ def train(trainer: Any, cfg: JobConfig, stop: StopFlag, resume: Path | None) -> 
                                " finished run may be extended: resume it with more steps)"])
         log.warning("extending the finished %d-step run of %s to %d steps: the learning-rate schedule now spans %d"
                     " steps, so it resumes at its step %d", recorded, resume, total, total, resumed_at)
-    if resume and resumed_at == total:
+    if resume and (resumed_at == total or stopped_early(resume)):
         # The checkpoint is the finished run (a rerun after a stop during eval, merge or upload): take its adapter
-        # as it is. The Trainer would run one more step before noticing there is nothing left to do.
-        log.info("resuming from %s: it is this run's last step (%d), nothing is left to train", resume, total)
-        load_adapter_weights(trainer.model, resume)
+        # (its best one, with periodic evaluation) as it is. The Trainer would run one more step before noticing
+        # there is nothing left to do.
+        log.info("resuming from %s: it is this run's last step (%d%s), nothing is left to train", resume, resumed_at,
+                 ", where early stopping ended it" if resumed_at < total else "")
+        best = best_checkpoint(resume)
+        load_adapter_weights(trainer.model, best)
         trainer.state.global_step = resumed_at
         return {"train_loss": None, "global_step": resumed_at, "steps_this_run": 0, "train_runtime_seconds": 0.0,
-                "resumed_from": resume.name}
+                "resumed_from": resume.name, **best_of(saved_state(resume), resumed_at < total)}
     if resume:
         log.info("resuming from %s (step %d of %d)", resume, resumed_at, total)
     stop.training = True
@@ -306,13 +358,55 @@ def train(trainer: Any, cfg: JobConfig, stop: StopFlag, resume: Path | None) -> 
                                                        f" {cfg.checkpoint_uri or cfg.run_name}"
                                                        if cfg.checkpoint_uri or cfg.run_name else
                                                        "run the job again with the same settings"))
-    if int(result.global_step) != total:
+    early = any(getattr(cb, "stopped", False) for cb in trainer.callback_handler.callbacks)
+    if int(result.global_step) != total and not early:
         raise JobError(f"training ended at step {result.global_step}, not at the planned step {total}: the adapter"
                        " is not published. This is a bug; the checkpoints are kept")
+    state = trainer.state
     return {"train_loss": float(result.training_loss), "global_step": int(result.global_step),
             "steps_this_run": int(result.global_step) - resumed_at,
             "train_runtime_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 1),
-            "resumed_from": resume.name if resume else None}
+            "resumed_from": resume.name if resume else None,
+            **best_of({"best_global_step": state.best_global_step, "best_metric": state.best_metric}, early)}
+
+
+def best_of(state: dict[str, Any], early: bool) -> dict[str, Any]:
+    """What the result says about the best evaluation (periodic evaluation only) and early stopping."""
+    if not state.get("best_global_step"):
+        return {}
+    return {"best_step": int(state["best_global_step"]), "best_eval_loss": float(state["best_metric"]),
+            "stopped_early": early}
+
+
+def saved_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json ({} when it cannot be read)."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stopped_early(checkpoint: Path) -> bool:
+    """Whether early stopping ended the run at this checkpoint (its saved count reached the patience)."""
+    saved = saved_state(checkpoint).get("stateful_callbacks", {}).get("EarlyStopping")
+    for entry in saved if isinstance(saved, list) else [saved] if saved else []:
+        args, attributes = entry.get("args", {}), entry.get("attributes", {})
+        if attributes.get("early_stopping_patience_counter", 0) >= args.get("early_stopping_patience", 1):
+            return True
+    return False
+
+
+def best_checkpoint(checkpoint: Path) -> Path:
+    """The checkpoint of the best evaluation that `checkpoint`'s state names (in the same directory), else itself."""
+    named = saved_state(checkpoint).get("best_model_checkpoint")
+    if not named:
+        return checkpoint
+    best = checkpoint.parent / Path(named).name
+    if not (best / "adapter_model.safetensors").is_file():
+        log.warning("%s names %s as its best checkpoint, which is gone: its own adapter is published instead",
+                    checkpoint, best.name)
+        return checkpoint
+    return best
 
 
 def checkpoint_step(path: Path) -> int:

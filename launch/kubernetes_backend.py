@@ -186,9 +186,10 @@ def pod_template(plan: LaunchPlan, k8s: KubernetesOptions) -> dict:
 def pod_failure_policy() -> dict:
     """Retry preemptions, fail fast on errors a retry cannot fix (the job's documented exit codes)."""
     return {"rules": [
+        # Not promoted (7), Hub publish failed (9): the run is complete; a retry would train (and be judged) again.
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [
             errors.EXIT_CONFIG, errors.EXIT_DATA, errors.EXIT_MODEL, errors.EXIT_OUTPUT_EXISTS,
-            errors.EXIT_HUB_PUBLISH]}},  # 9: the output is complete; rerunning would train again
+            errors.EXIT_NOT_PROMOTED, errors.EXIT_HUB_PUBLISH]}},
         # SIGTERM (node drain, spot reclaim): the job saved a checkpoint; not counted against backoffLimit.
         # No rule ignores the DisruptionTarget condition: a pod the kubelet evicts for disk or memory pressure would
         # otherwise be retried uncounted until activeDeadlineSeconds; such evictions count against backoffLimit.
@@ -389,5 +390,9 @@ def wait(name: str, k8s: KubernetesOptions, follow: bool, poll_seconds: float = 
         if "Failed" in conditions:
             cond = conditions["Failed"]
             print(f"[launcher] job {name} failed: {cond.reason}: {cond.message}", file=sys.stderr)
-            return failed_exit_code(pods)
+            code = failed_exit_code(pods)
+            if code == errors.EXIT_NOT_PROMOTED:
+                print(f"[launcher] job {name}: exit {code}: {errors.NOT_PROMOTED_MEANING} (the reason is above)",
+                      file=sys.stderr)
+            return code
         time.sleep(poll_seconds)

@@ -35,7 +35,8 @@ LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 FAILURE_REASON_PREFIXES = ("AlgorithmError:", "ClientError:")
 _EXIT_CODE_AT_END = re.compile(r"exit code:\s*(\d+)\s*$", re.IGNORECASE)
 _DOCUMENTED_CODES = {errors.EXIT_CONFIG, errors.EXIT_DATA, errors.EXIT_MODEL, errors.EXIT_STORAGE,
-                     errors.EXIT_OUTPUT_EXISTS, errors.EXIT_HUB_PUBLISH, errors.EXIT_PREEMPTED}
+                     errors.EXIT_OUTPUT_EXISTS, errors.EXIT_NOT_PROMOTED, errors.EXIT_HUB_PUBLISH,
+                     errors.EXIT_PREEMPTED}
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ def exit_code_for(description: dict) -> int:
             reason = reason[len(prefix):].lstrip()
             break
     for cls in (errors.ConfigError, errors.DataError, errors.ModelError, errors.StorageError,
-                errors.OutputExistsError, errors.Preempted):
+                errors.OutputExistsError, errors.NotPromoted, errors.Preempted):
         if reason.startswith(cls.kind + ":"):
             return cls.exit_code
     trailing = _EXIT_CODE_AT_END.search(reason)
@@ -335,5 +336,10 @@ def wait(job_name: str, sm: SageMakerOptions, follow: bool, poll_seconds: float 
         if description["TrainingJobStatus"] in ("Completed", "Failed", "Stopped"):
             if description.get("FailureReason"):
                 print(f"[launcher] failure reason: {description['FailureReason']}", file=sys.stderr)
-            return exit_code_for(description)
+            code = exit_code_for(description)
+            if code == errors.EXIT_NOT_PROMOTED:
+                # SageMaker shows the job as Failed: say plainly that its result exists and what did not happen.
+                print(f"[launcher] {job_name}: exit {code}: {errors.NOT_PROMOTED_MEANING} (the reason is above)",
+                      file=sys.stderr)
+            return code
         time.sleep(poll_seconds)

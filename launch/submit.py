@@ -34,6 +34,7 @@ from entrypoints.config import env_name  # noqa: E402
 from entrypoints.data import file_type  # noqa: E402
 from entrypoints.errors import EXIT_CONFIG  # noqa: E402
 from entrypoints.sizing import shape_of_model  # noqa: E402
+from entrypoints.suites import suite_uris  # noqa: E402
 from launch import cron, estimate, instances, settings  # noqa: E402
 from launch.kubernetes_backend import KubernetesOptions  # noqa: E402
 from launch.plan import LaunchPlan, base_name, check_name, join_s3, unique_name  # noqa: E402
@@ -251,6 +252,11 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
         value = getattr(cfg, name)
         if value and not value.startswith("s3://"):
             problems.append(f"{env_name(name)}={value!r}: a remote job reads its data from S3; give an s3:// URI")
+    local_suites = [uri for uri in suite_uris(cfg.eval_suite) if not uri.startswith("s3://")]
+    if local_suites:
+        problems.append(f"QLORA_EVAL_SUITE: {', '.join(local_suites)}: a remote job reads its eval suites from S3;"
+                        " upload them (e.g. below the bucket's data/ prefix, which the job's role may read) and give"
+                        " s3:// URIs")
     if not cfg.output.startswith("s3://"):
         problems.append(f"QLORA_OUTPUT={cfg.output!r}: a remote job writes its results to S3; give an s3:// prefix")
     if cfg.base_dir != "/opt/ml":

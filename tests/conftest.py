@@ -36,6 +36,24 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_as_it_was():
+    """A command's main() run in-process configures the root logger (logging.basicConfig) with the stream pytest
+    captured for that test, closed afterwards: later tests' log lines would go to it ("--- Logging error ---") and a
+    later main()'s basicConfig would find handlers and do nothing. Each test gets the root logger back as it was."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("weed")).start()

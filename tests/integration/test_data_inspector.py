@@ -63,3 +63,40 @@ def test_templating_tool_renders_s3_data_with_an_s3_models_tokenizer(s3_env, cac
     fetched = fetch_tokenizer(f"s3://{bucket}/models/tiny", "main", tmp_path / "tok", server.endpoint)
     assert sorted(p.name for p in fetched.iterdir()) == ["config.json", "generation_config.json", "tokenizer.json",
                                                          "tokenizer_config.json"]  # no weights
+
+
+def test_report_counts_what_the_job_trains_on_and_fails_where_the_job_would(s3_env, tmp_path, cache_dir):
+    """--report with the tokenizer of a model prefix on S3 (its weights are not downloaded): per-file counts, length
+    percentiles, truncation, duplicate prompts, empty answers; too many cut records is exit 3 after the report."""
+    from entrypoints import storage
+    from entrypoints.demo.assets import tiny_llama2
+
+    server, bucket = s3_env
+    model = tiny_llama2(cache_dir)
+    storage.upload_tree(model, f"s3://{bucket}/models/tiny", endpoint_url=server.endpoint)
+    rows = [{"instruction": f"What is code {i}?", "output": f"Code {i} is {i * 7 % 13}." + " more" * (10 * i)}
+            for i in range(8)]
+    rows += rows[:2] + [{"instruction": "Empty?", "output": " "}]  # two repeated prompts, one empty answer
+    client = server.client()
+    client.put_object(Bucket=bucket, Key="ds/a.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows[:6]).encode())
+    client.put_object(Bucket=bucket, Key="ds/b.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows[6:]).encode())
+    env = {**server.env(), "QLORA_S3_ENDPOINT_URL": server.endpoint, "QLORA_MODEL": f"s3://{bucket}/models/tiny",
+           "QLORA_MAX_BAD_RECORDS": "1", "HF_HUB_OFFLINE": "1"}
+
+    proc = _inspect(f"s3://{bucket}/ds/", "--report", "--max-seq-length", "64", env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)["report"]
+    assert report["sources"] == [{"file": "a.jsonl", "type": "jsonl", "format": "alpaca", "records": 6, "skipped": 0},
+                                 {"file": "b.jsonl", "type": "jsonl", "format": "alpaca", "records": 4, "skipped": 1}]
+    assert (report["train_records"], report["train_duplicate_prompts"], report["empty_answers_skipped"]) == (10, 2, 1)
+    lengths = report["train_record_tokens_before_truncation"]
+    assert lengths["p50"] <= lengths["p90"] <= lengths["p99"] <= lengths["max"] and lengths["max"] > 64
+    assert report["train_records_truncated"] >= 1 and report["train_loss_tokens_truncated"] > 0
+    assert report["train_tokens"] <= 64 * 10 and report["longest_record_tokens"] == 64
+    assert "model.safetensors" not in proc.stderr  # the tokenizer's files only
+
+    proc = _inspect(f"s3://{bucket}/ds/", "--report", "--max-seq-length", "24", env=env)
+    assert proc.returncode == EXIT_DATA
+    assert json.loads(proc.stdout)["report"]["train_records_truncated"] > 5  # the report first, then the verdict
+    assert "training records" in proc.stderr and "are longer than QLORA_MAX_SEQ_LENGTH=24" in proc.stderr
+    assert "QLORA_MAX_TRUNCATED_FRACTION=0.5" in proc.stderr and "Traceback" not in proc.stderr

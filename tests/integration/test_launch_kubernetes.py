@@ -206,7 +206,7 @@ def test_submit_through_the_official_client(kube, capsys):
                                                                       if k != "metadata"}
     # Read back through the client's typed models: every field we send is one the API knows.
     job = client.BatchV1Api(api).read_namespaced_job("qlora-multi", "ml")
-    assert job.spec.pod_failure_policy.rules[0].on_exit_codes.values == [2, 3, 4, 6]
+    assert job.spec.pod_failure_policy.rules[0].on_exit_codes.values == [2, 3, 4, 6, 7]
     assert job.spec.completion_mode == "Indexed"
     assert api.sanitize_for_serialization(job)["spec"] == docs[0]["spec"]
     svc = client.CoreV1Api(api).read_namespaced_service("qlora-multi", "ml")
@@ -236,7 +236,7 @@ def _finish(api, emulator, name: str, exit_code: int, log_lines: list[str]) -> N
                         "message": f"container train exited with code {exit_code}"}]}})
 
 
-@pytest.mark.parametrize("exit_code", [0, 3])
+@pytest.mark.parametrize("exit_code", [0, 3, 7])
 def test_follow_streams_logs_and_returns_the_jobs_exit_code(kube, capsys, exit_code):
     emulator, api = kube
     docs = dry_run(args("--instance", "g5.2xlarge", "--name", "qlora-follow"), capsys)
@@ -246,6 +246,9 @@ def test_follow_streams_logs_and_returns_the_jobs_exit_code(kube, capsys, exit_c
     lines: list[str] = []
     assert kb.wait("qlora-follow", k8s, follow=True, poll_seconds=0.05, write=lines.append, api=api) == exit_code
     assert lines == ["[launcher] logs of pod qlora-follow-abcde", "step 1 loss 2.0", "step 2 loss 1.5"]
+    # A job the promotion gate refused failed as a Kubernetes Job, but its result is complete: the launcher says so.
+    not_promoted = "exit 7: the run is complete but was not promoted" in capsys.readouterr().err
+    assert not_promoted == (exit_code == 7)
 
 
 def test_a_failed_service_create_rolls_the_job_back(kube, capsys):

@@ -259,6 +259,9 @@ def test_follow_streams_logs_and_exits_with_the_result(aws_env, capsys, files):
     ("Failed", "AlgorithmError: preempted: SIGTERM received: checkpoint saved at step 40, exit code: 75", 75),
     ("Failed", "AlgorithmError: output exists: s3://b/output/run1 already holds a complete result", 6),
     ("Failed", "AlgorithmError: , exit code: 4", 4),
+    ("Failed", "AlgorithmError: not promoted: the run is complete at s3://b/out/runs/20260101T000000Z-abcdef, but"
+               " latest.json still names s3://b/out/runs/x: eval_loss 2.5 is worse than 2.1, exit code: 7", 7),
+    ("Failed", "AlgorithmError: , exit code: 7", 7),
     ("Failed", "AlgorithmError: , exit code: 1", 1),
     ("Failed", "AlgorithmError: Exit Code: 137", 1),
     ("Failed", "AlgorithmError: framework error: Traceback (most recent call last): ...", 1),

@@ -195,3 +195,62 @@ def test_check_without_data_shows_the_settings_and_names_what_is_missing(tmp_pat
     (tmp_path / "d.jsonl").write_text("{}\n")
     assert main(["--check", "--data", str(tmp_path / "d.jsonl")]) == 0
     assert json.loads(capsys.readouterr().out)["data"] == str(tmp_path / "d.jsonl")
+
+
+# ------------------------------------------------------------------------ eval suites, early stopping, promotion
+@pytest.mark.parametrize(("settings", "policy", "metric"), [
+    ({}, "always", "eval_loss"),  # not versioned: latest.json is not written at all
+    ({"QLORA_OUTPUT_EXISTS": "version"}, "always", "eval_loss"),  # a split of moving data is no fixed yardstick
+    ({"QLORA_OUTPUT_EXISTS": "version", "QLORA_EVAL_SUITE": "s3://b/suites/facts.jsonl,s3://b/f.jsonl"},
+     "if-not-worse", "facts/score"),
+    ({"QLORA_OUTPUT_EXISTS": "version", "QLORA_EVAL_DATA": "s3://b/eval/", "QLORA_EVAL_FRACTION": "0"},
+     "if-not-worse", "eval_loss"),
+    ({"QLORA_OUTPUT_EXISTS": "version", "QLORA_EVAL_DATA": "s3://b/eval/", "QLORA_EVAL_FRACTION": "0",
+      "QLORA_PROMOTE": "never"}, "never", "eval_loss"),
+    ({"QLORA_OUTPUT_EXISTS": "version", "QLORA_EVAL_SUITE": "s3://b/facts.jsonl", "QLORA_PROMOTE": "always",
+      "QLORA_PROMOTE_METRIC": "facts/rouge_l"}, "always", "facts/rouge_l"),
+])
+def test_the_promotion_defaults_are_decided_in_one_place(tmp_path, settings, policy, metric):
+    cfg = parse_config(_env(tmp_path, **settings), check_paths=False)
+    assert (cfg.promote_policy, cfg.promote_on) == (policy, metric)
+
+
+@pytest.mark.parametrize(("settings", "problem"), [
+    ({"QLORA_EVAL_SUITE": "s3://b/a/facts.jsonl,s3://b/b/facts.jsonl"}, "are both named 'facts'"),
+    ({"QLORA_EVAL_SUITE": "s3://b/suites/"}, "is not a JSON Lines file"),
+    ({"QLORA_EVAL_SUITE": "gs://b/facts.jsonl"}, "only s3:// URIs and local paths"),
+    ({"QLORA_EVAL_SUITE": "missing/facts.jsonl"}, "'missing/facts.jsonl': no such file"),
+    ({"QLORA_PROMOTE": "if-not-worse"}, "QLORA_PROMOTE='if-not-worse': the gate moves `latest.json` of a versioned"),
+    ({"QLORA_OUTPUT_EXISTS": "version", "QLORA_EVAL_SUITE": "s3://b/facts.jsonl", "QLORA_PROMOTE_METRIC": "fact/score"},
+     "QLORA_PROMOTE_METRIC='fact/score': expected eval_loss or <suite>/<metric> with a suite of QLORA_EVAL_SUITE (facts)"),
+    ({"QLORA_OUTPUT_EXISTS": "version", "QLORA_EVAL_SUITE": "s3://b/facts.jsonl", "QLORA_PROMOTE_METRIC": "facts/bleu"},
+     "and a metric of exact_match, contains, token_f1, rouge_l, score"),
+    ({"QLORA_OUTPUT_EXISTS": "version", "QLORA_PROMOTE": "if-not-worse", "QLORA_EVAL_FRACTION": "0"},
+     "the promotion gate compares eval_loss, and this run has no eval data"),
+    ({"QLORA_PROMOTE_TOLERANCE": "-0.1"}, "QLORA_PROMOTE_TOLERANCE=-0.1: must be 0 or more"),
+    ({"QLORA_EARLY_STOPPING_PATIENCE": "3"}, "QLORA_EARLY_STOPPING_PATIENCE=3: needs QLORA_EVAL_STEPS"),
+    ({"QLORA_EARLY_STOPPING_PATIENCE": "3", "QLORA_EVAL_STEPS": "10", "QLORA_SAVE_STEPS": "20",
+      "QLORA_EVAL_FRACTION": "0"}, "needs QLORA_EVAL_STEPS (how often the eval loss is measured) and eval data"),
+    ({"QLORA_EVAL_STEPS": "30"}, "QLORA_SAVE_STEPS=100 is not a multiple of QLORA_EVAL_STEPS=30"),
+    ({"QLORA_GENERATION_BATCH_SIZE": "0"}, "QLORA_GENERATION_BATCH_SIZE=0: must be 1 or more"),
+])
+def test_eval_suite_early_stopping_and_promotion_problems_name_the_setting(tmp_path, settings, problem):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_env(tmp_path, **settings))
+    assert problem in str(info.value)
+
+
+def test_good_evaluation_settings_parse(tmp_path):
+    suite = tmp_path / "facts.jsonl"
+    suite.write_text('{"prompt": "Q?", "reference": "A"}\n')
+    cfg = parse_config(_env(tmp_path, QLORA_EVAL_SUITE=f" {suite} ", QLORA_EVAL_STEPS="10", QLORA_SAVE_STEPS="20",
+                            QLORA_EARLY_STOPPING_PATIENCE="2", QLORA_OUTPUT_EXISTS="version",
+                            QLORA_PROMOTE_METRIC="facts/token_f1", QLORA_PROMOTE_TOLERANCE="0.02"))
+    assert cfg.promote_policy == "if-not-worse" and cfg.promote_on == "facts/token_f1"
+
+
+@pytest.mark.parametrize("name", ["QLORA_MAX_TRUNCATED_FRACTION", "QLORA_MAX_DUPLICATE_FRACTION"])
+def test_data_limits_are_fractions(tmp_path, name):
+    assert getattr(parse_config(_env(tmp_path, **{name: "1"})), name[6:].lower()) == 1.0
+    with pytest.raises(ConfigError, match=f"{name}=1.5: must be a fraction between 0 and 1"):
+        parse_config(_env(tmp_path, **{name: "1.5"}))

@@ -466,3 +466,30 @@ def test_a_line_longer_than_any_record_is_never_read_whole(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 25 * 2**20  # bounded by the 8 MiB read limit (and its buffers), not by the 54 MiB line
+
+
+def test_the_data_limits_name_the_counts_and_the_settings():
+    from entrypoints.dataset import check_data_limits
+
+    stats = {"train_records": 10, "train_records_truncated": 6, "train_duplicate_prompts": 5,
+             "train_record_tokens_before_truncation": {"p50": 900, "p90": 3000, "p99": 4000, "max": 4100}}
+    with pytest.raises(DataError, match=r"6 of the 10 training records \(60%\) are longer than QLORA_MAX_SEQ_LENGTH=512"
+                                        r" tokens .*median 900, 90th percentile 3000, longest 4100"):
+        check_data_limits(stats, 512, 0.5, 1.0)
+    with pytest.raises(DataError, match=r"5 of the 10 training records \(50%\) repeat the prompt of an earlier record"
+                                        r" exactly, over QLORA_MAX_DUPLICATE_FRACTION=0.4"):
+        check_data_limits(stats, 512, 1.0, 0.4)
+    check_data_limits(stats, 512, 0.6, 0.5)  # at the limit is within it
+
+
+def test_a_prompt_is_everything_before_the_last_answer():
+    from entrypoints.dataset import prompt_key
+
+    def conv(*turns):
+        return [{"role": r, "content": c} for r, c in turns]
+
+    a = conv(("user", "Hi"), ("assistant", "Hello"))
+    assert prompt_key(a) == prompt_key(conv(("user", "Hi"), ("assistant", "Other answer")))
+    assert prompt_key(a) != prompt_key(conv(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")))
+    multi = conv(("user", "Hi"), ("assistant", "Hello"), ("user", "More?"), ("assistant", "Yes"))
+    assert prompt_key(multi) != prompt_key(a) and prompt_key("plain text") == prompt_key("plain text")

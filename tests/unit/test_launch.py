@@ -171,3 +171,16 @@ def test_script_runs_from_the_repo_root_for_every_variant():
                               cwd=REPO, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip()
+
+
+def test_a_remote_job_needs_its_eval_suites_in_s3_and_a_promotion_setting_that_means_something(capsys):
+    base = ["--instance", "g5.2xlarge", "--set", "data=s3://b/data/train.jsonl", "--set", "output=s3://b/output/run",
+            "--dry-run"]
+    assert submit.main([*base, "--set", "eval_suite=s3://b/data/suites/facts.jsonl,suites/local.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "QLORA_EVAL_SUITE: suites/local.jsonl: a remote job reads its eval suites from S3" in err
+    assert submit.main([*base, "--set", "promote=if-not-worse"]) == 2  # the gate needs a versioned output
+    assert "QLORA_PROMOTE='if-not-worse': the gate moves `latest.json` of a versioned output" in capsys.readouterr().err
+    assert submit.main([*base, "--set", "eval_suite=s3://b/data/suites/facts.jsonl", "--set", "output_exists=version",
+                        "--set", "promote_metric=facts/rouge_l"]) == 0
+    capsys.readouterr()
