@@ -275,7 +275,7 @@ CASES = [
          ("model-copy",), "no weight files"),
     Case("tokenizer files missing", EXIT_MODEL,
          lambda c: {**ok_data(c), "QLORA_MODEL": c.model_copy(drop=("tokenizer*", "special_tokens_map.json"))},
-         ("model-copy",), "needs tokenizer.json or tokenizer.model"),
+         ("model-copy",), "needs tokenizer.json, or tokenizer.model with tokenizer_config.json"),
     Case("no chat template, not a Llama tokenizer", EXIT_MODEL, no_template_model, ("chat template",),
          "QLORA_DATA_FORMAT=text"),
     Case("llama-2 template forced on another tokenizer", EXIT_MODEL,

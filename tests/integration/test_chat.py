@@ -320,6 +320,8 @@ def test_an_encoder_decoder_result_loads_with_the_seq2seq_class(tmp_path):
     import torch
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
+    from entrypoints.templating import seq2seq_prompt_ids
+
     stage = tmp_path / "t5-output"
     model_dir = _tiny_t5(stage / "merged")
     finish(stage, JobConfig(model="google/flan-t5-small", run_name="t5"), None)
@@ -330,7 +332,9 @@ def test_an_encoder_decoder_result_loads_with_the_seq2seq_class(tmp_path):
     assert "(AutoModelForSeq2SeqLM, float32)" in out.stderr and got["part"] == "merged"
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer("Translate to German: hello")["input_ids"]
+    # The encoder's input as the job trains it: the question, then EOS (templating.seq2seq_prompt_ids)
+    ids = seq2seq_prompt_ids(tokenizer, [{"role": "user", "content": "Translate to German: hello"}])
+    assert ids[-1] == tokenizer.eos_token_id
     with torch.no_grad():
         ref = T5ForConditionalGeneration.from_pretrained(model_dir).generate(torch.tensor([ids]), max_new_tokens=6,
                                                                              do_sample=False)

@@ -87,7 +87,7 @@ def test_job_manifest_contents(capsys):
     assert spec["activeDeadlineSeconds"] == 7200 and spec["ttlSecondsAfterFinished"] == 3600
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In",
-                                                             "values": [2, 3, 4, 6]}}
+                                                             "values": [2, 3, 4, 6, 7, 9]}}
     assert {"action": "Ignore", "onExitCodes": {"containerName": "train", "operator": "In", "values": [75]}} in rules
     # A kubelet eviction (DisruptionTarget) is counted: ignoring it retried a pod on a too-small disk for 24 h.
     assert not any("onPodConditions" in r for r in rules)
@@ -206,7 +206,7 @@ def test_submit_through_the_official_client(kube, capsys):
                                                                       if k != "metadata"}
     # Read back through the client's typed models: every field we send is one the API knows.
     job = client.BatchV1Api(api).read_namespaced_job("qlora-multi", "ml")
-    assert job.spec.pod_failure_policy.rules[0].on_exit_codes.values == [2, 3, 4, 6, 7]
+    assert job.spec.pod_failure_policy.rules[0].on_exit_codes.values == [2, 3, 4, 6, 7, 9]
     assert job.spec.completion_mode == "Indexed"
     assert api.sanitize_for_serialization(job)["spec"] == docs[0]["spec"]
     svc = client.CoreV1Api(api).read_namespaced_service("qlora-multi", "ml")
