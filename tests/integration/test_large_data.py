@@ -20,7 +20,10 @@ from entrypoints.bench.data_prep import RESULT_PREFIX
 
 from ..jobrun import REPO
 
-SMALL_ROWS, LARGE_ROWS = 2_000, 12_000
+# 18,000 rows: ~19 MiB more data than the small run, so the few MiB the allocator and the sampler vary between runs
+# (seen: +2.6 to +7.1 MiB at 12,000 rows) stay below the bound, while holding the data would cost all of it. Below
+# 20,000 training records, where tokenization starts worker processes (their memory is counted too).
+SMALL_ROWS, LARGE_ROWS = 2_000, 18_000
 
 
 def bench(rows: int, cache_dir, tmp_path) -> dict:
@@ -38,7 +41,7 @@ def test_memory_does_not_grow_with_the_data(cache_dir, tmp_path):
     extra_data_mib = (large["data_bytes"] - small["data_bytes"]) / 2**20
     extra_memory_mib = large["peak_anon_growth_mib"] - small["peak_anon_growth_mib"]
     print(json.dumps({"small": small, "large": large}, indent=1))
-    assert large["train_records"] + 12 == LARGE_ROWS  # 0.1% held out for eval
+    assert large["train_records"] + LARGE_ROWS // 1000 == LARGE_ROWS  # 0.1% held out for eval
     assert extra_data_mib > 10
     # Bounded: the larger run may use at most half of its extra data in extra memory (buffers, noise).
     assert extra_memory_mib < 0.5 * extra_data_mib, (extra_memory_mib, extra_data_mib)
