@@ -88,3 +88,11 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("QLORA_TEST_CACHE", REPO / ".cache"))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_dir) -> Path:
+    """The ~20 MB Llama-2-shaped model with random weights and the real Llama 2 tokenizer (built once, cached)."""
+    from entrypoints.demo.assets import tiny_llama2
+
+    return tiny_llama2(cache_dir)

@@ -23,6 +23,12 @@ class JobResult:
     summary: dict | None
 
 
+def jsonl(path: Path, records: list[dict]) -> Path:
+    """`records` written to `path` as JSON Lines."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def job_env(base_dir: Path, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
     env.update({

@@ -25,7 +25,7 @@ import pytest
 
 from entrypoints import storage
 from entrypoints.config import JobConfig
-from entrypoints.demo.assets import smollm2, tiny_llama2
+from entrypoints.demo.assets import smollm2
 from entrypoints.errors import EXIT_MODEL, EXIT_STORAGE
 from entrypoints.outputs import MANIFEST, OutputTarget, advance_latest
 
@@ -56,11 +56,6 @@ def smol_output(cache_dir, tmp_path_factory) -> Path:
     link_model(smollm2(cache_dir), stage / "merged")
     finish(stage, JobConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", run_name="smol"), None)
     return stage
-
-
-@pytest.fixture(scope="module")
-def tiny_model(cache_dir) -> Path:
-    return tiny_llama2(cache_dir)
 
 
 class Terminal:

@@ -27,7 +27,6 @@ import pytest
 
 from entrypoints import errors, storage
 from entrypoints.checkpoints import StopFlag
-from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_DATA, EXIT_PREEMPTED, DataError
 from entrypoints.ranks import RankFailed, Ranks
 from entrypoints.train import SUMMARY_PREFIX
@@ -109,11 +108,6 @@ def output_format(out: Path) -> dict:
         "steps": manifest["metrics"]["global_step"],
         "records": (manifest["data"]["train_records"], manifest["data"]["eval_records"]),
     }
-
-
-@pytest.fixture(scope="module")
-def tiny_model(cache_dir):
-    return tiny_llama2(cache_dir)
 
 
 def test_two_ranks_on_cpu_write_one_output_of_the_same_format_as_one_process(s3_env, tiny_model, tmp_path):

@@ -11,18 +11,12 @@ import pytest
 import torch
 
 from entrypoints import storage
-from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_CONFIG, EXIT_OUTPUT_EXISTS
 
 from ..jobrun import FAKE_HF_TOKEN, FAKE_WANDB_KEY, job_env, run_job
 from ..wandb_records import summarize
 
 RECORDS = [{"instruction": f"What is code {i}?", "input": "", "output": f"Code {i} is {i * 7 % 13}."} for i in range(24)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(cache_dir):
-    return tiny_llama2(cache_dir)
 
 
 @pytest.fixture

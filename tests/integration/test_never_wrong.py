@@ -22,7 +22,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_CONFIG, EXIT_PREEMPTED, EXIT_STORAGE
 
 from ..jobrun import REPO, job_env, run_job
@@ -40,11 +39,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model(cache_dir):
-    return tiny_llama2(cache_dir)
 
 
 def logged_steps(output: str) -> list[tuple[int, int, dict]]:

@@ -34,7 +34,7 @@ from entrypoints.errors import (
 from entrypoints.outputs import CLAIM, LATEST, MANIFEST, OutputClaim, OutputTarget, Publisher, advance_latest
 from entrypoints.train import SUMMARY_PREFIX
 
-from ..jobrun import REPO, can_unshare, job_env, with_tmpfs
+from ..jobrun import REPO, can_unshare, job_env, jsonl, with_tmpfs
 
 RECORDS = [{"instruction": f"What is code {i}?", "output": f"Code {i} is {i * 7 % 13}."} for i in range(12)]
 OTHER_RECORDS = [{"instruction": f"Name colour {i}.", "output": f"Colour {i} is {'red' if i % 2 else 'blue'}."}
@@ -86,18 +86,6 @@ class Job:
 
     def data_stats(self) -> dict:
         return json.loads(next(line.split(" qlora.dataset: data: ", 1)[1] for line in self.lines if " qlora.dataset: data: {" in line))
-
-
-def jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model(cache_dir):
-    from entrypoints.demo.assets import tiny_llama2
-
-    return tiny_llama2(cache_dir)
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ import torch
 from safetensors.torch import load_file
 
 from entrypoints import storage
-from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_OK, EXIT_PREEMPTED
 from entrypoints.train import SUMMARY_PREFIX
 
@@ -113,11 +112,6 @@ def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 def complete_checkpoints(ckpt_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in ckpt_dir.glob("checkpoint-*") if (p / "COMPLETE").is_file())
-
-
-@pytest.fixture(scope="module")
-def tiny_model(cache_dir):
-    return tiny_llama2(cache_dir)
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from entrypoints import storage, train
-from entrypoints.demo.assets import tiny_llama2
 from entrypoints.errors import EXIT_DATA, EXIT_NOT_PROMOTED, EXIT_OK
 
-from ..jobrun import job_env, run_job
+from ..jobrun import job_env, jsonl, run_job
 from ..wandb_records import summarize
 
 RECORDS = [{"instruction": f"What is code {i}?", "output": f"Code {i} is {i * 7 % 13}."} for i in range(12)]
@@ -34,16 +33,6 @@ SUITE = [{"prompt": "What is code 3?", "reference": "Code 3 is 8."},
 TINY = {"QLORA_MICRO_BATCH_SIZE": "2", "QLORA_GRADIENT_ACCUMULATION_STEPS": "1", "QLORA_MERGE": "false",
         "QLORA_NUM_SAMPLE_GENERATIONS": "0", "QLORA_LORA_R": "4", "QLORA_LORA_ALPHA": "8", "QLORA_LOGGING_STEPS": "1",
         "QLORA_MAX_NEW_TOKENS": "3", "QLORA_WARMUP_RATIO": "0", "QLORA_EVAL_FRACTION": "0"}
-
-
-def jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model(cache_dir):
-    return tiny_llama2(cache_dir)
 
 
 @pytest.fixture
