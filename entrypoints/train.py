@@ -359,22 +359,23 @@ def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: s
         return (generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens,
                                  cfg.generation_batch_size, seq2seq) if answers else [])
 
-    def ask_suites() -> dict[str, list[str]]:
+    def ask_suites(when: str) -> tuple[dict[str, list[str]], dict[str, float]]:
         return answer_suites(trainer.model, tokenizer, template, suites, cfg.max_new_tokens,
-                             cfg.generation_batch_size, seq2seq) if main else {}
+                             cfg.generation_batch_size, seq2seq, when) if main else ({}, {})
 
     has_eval = data.eval is not None
     eval_before, before = evaluate(trainer, has_eval), answer()
     with base_model(trainer.model):  # the adapter is the identity before training; off, whatever it holds
-        suites_before = ask_suites()
+        suites_before, seconds_before = ask_suites("before")
     log.info("eval loss before training: %s", eval_before)
     stop.check("before training (during the first eval or sample answers)")
     result = train(trainer, cfg, stop, resume)
     check_trained(trainer.model, result, cfg)
     eval_after, after = evaluate(trainer, has_eval), answer()
-    suites_after = ask_suites()
+    suites_after, seconds_after = ask_suites("after")
     log.info("eval loss after training: %s", eval_after)
-    reports = [suite_report(s, suites_before[s.name], suites_after[s.name], cfg.max_new_tokens)
+    reports = [suite_report(s, suites_before[s.name], suites_after[s.name], cfg.max_new_tokens,
+                            {"before": seconds_before[s.name], "after": seconds_after[s.name]})
                for s in suites] if main else []
     for report in reports:
         log.info("eval suite %s (%d): %s", report["name"], report["count"], ", ".join(
