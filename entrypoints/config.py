@@ -171,6 +171,7 @@ class JobConfig:
     optim: str = _f("auto", "Optimizer; `auto`: adamw_torch_fused on CUDA, adamw_torch on CPU.", choices=("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit"), group="training")
     gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass to save memory. `auto`: on a GPU with packing, as many decoder layers as the GPU's memory allows keep their activations and the rest are recomputed; on CPU or without packing every layer is recomputed. `true`/`false` (or any boolean) force it.", choices=("auto", "true", "false"), group="training")
     max_gpu_memory_gib: float = _f(0.0, "Cap on the GPU memory the job may use, in GiB: the allocator is limited to it and the batch plan (micro-batch tokens, checkpointed layers) is fitted into it; for a shared GPU or a smaller card's budget. 0: the whole GPU.", group="training")
+    parallelism: str = _f("auto", "How several GPUs (torchrun processes) share the work. `ddp`: every GPU holds the whole 4-bit model and trains on its own micro-batches; `fsdp`: the 4-bit weights, LoRA weights and optimizer state are sharded across the GPUs (FSDP2), each GPU gathering one decoder layer at a time, for models that do not fit one GPU; `auto`: ddp when the model, its LoRA state and the smallest micro-batch fit one GPU (within max_gpu_memory_gib), else fsdp when the sharded estimate fits. One process: neither. FSDP needs CUDA GPUs.", choices=("auto", "ddp", "fsdp"), group="training")
     packing: bool = _f(True, "Pack whole samples into rows of max_seq_length (best-fit, padding-free, per-sample attention); off: each micro-batch is padded to its longest sample.", group="training")
     torch_compile: str = _f("auto", "Compile the decoder layers with torch.compile (regional: a layer whose activations are recomputed is compiled block by block) on CUDA, in place of Liger's kernels. `auto`: on CUDA where Triton can build its launcher (a C compiler; the image ships one), unless the batch plan recomputes some decoder layers and keeps others (Liger's kernels are used there); `true`: asked for (skipped with a warning where it cannot run); `false`: never. A part that fails to compile runs uncompiled, with one warning line.", choices=("auto", "true", "false"), group="training")
     use_liger: bool = _f(True, "Use Liger's fused RMSNorm, SwiGLU and RoPE kernels on CUDA (when liger-kernel is installed).", group="training")
@@ -632,6 +633,7 @@ SEQ2SEQ_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
     "compute_dtype": (("auto", "bfloat16", "float32"), "T5-class models overflow in float16 (use bfloat16 or"
                       " float32)"),
     "attn_implementation": (("sdpa", "eager"), "T5-class models have no flash-attention implementation"),
+    "parallelism": (("auto", "ddp"), "the job shards Llama-class decoders only (T5-class models train with ddp)"),
 }
 
 

@@ -80,10 +80,27 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_toke
               ([pad] * (width - len(p)) + p, [0] * (width - len(p)) + [1] * len(p)) for p in prompts]
     ids = torch.tensor([row for row, _ in padded], device=device)
     mask = torch.tensor([row for _, row in padded], device=device)
+    sharded = _fsdp_generation(model)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                             use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             **({"synced_gpus": True} if sharded else {}))
     return [tokenizer.decode(row if seq2seq else row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def _fsdp_generation(model: Any) -> bool:
+    """Whether `model` is sharded by FSDP2; if so, its `generate` gathers the weights like a forward pass (torch's
+    register_fsdp_forward_method, once), and the caller decodes in step with the other ranks (`synced_gpus`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    except ImportError:
+        return False
+    if not isinstance(model, FSDPModule):
+        return False
+    if not getattr(model, "_qlora_generate_registered", False):
+        register_fsdp_forward_method(model, "generate")
+        model._qlora_generate_registered = True
+    return True
 
 
 @contextlib.contextmanager

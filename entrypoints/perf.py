@@ -5,6 +5,7 @@ Plain functions the job (entrypoints.trainer / entrypoints.modeling) and the ben
 benchmark measures the job's real path. What each lever gave, measured, is in docs/PERF.md; the memory model
 and the plan itself are torch-free, in entrypoints/sizing.py (the launcher uses them too).
 
+- `parallelism_for`: DDP or FSDP for this launch (sizing.choose_parallelism with this process's GPU memory).
 - `plan_for`: sizing.plan_batch for this process's GPU (its memory, capped by max_gpu_memory_gib).
 - `patch_model`: per-sample (varlen) flash attention over packed rows, through PyTorch's own kernel.
 - `liger_available` / `wants_compile` / `compile_layers`: Triton kernels, where a C compiler can build them.
@@ -21,12 +22,12 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from entrypoints.sizing import GIB, BatchPlan, ModelShape, PlanSettings, plan_batch
+from entrypoints.sizing import GIB, BatchPlan, ModelShape, Parallelism, PlanSettings, choose_parallelism, plan_batch
 
 log = logging.getLogger("qlora.perf")
 
 VARLEN_ATTENTION = "qlora_varlen"  # the name registered with transformers' AttentionInterface
-__all__ = ["GIB", "BatchPlan", "PlanSettings", "plan_for", "usable_gpu_bytes", "patch_model", "liger_available",
+__all__ = ["GIB", "BatchPlan", "Parallelism", "PlanSettings", "parallelism_for", "plan_for", "usable_gpu_bytes", "patch_model", "liger_available",
            "wants_compile", "compile_layers", "partial_checkpointing_callback"]
 
 
@@ -43,18 +44,59 @@ def usable_gpu_bytes() -> int | None:
     return int(total * min(fraction, 1.0))
 
 
-def plan_for(settings: PlanSettings, model_config: Any, stats: dict[str, Any]) -> BatchPlan:
+def plan_for(settings: PlanSettings, model_config: Any, stats: dict[str, Any], shards: int = 1) -> BatchPlan:
     """sizing.plan_batch for this process's GPU, a model's config and the job's data statistics (train_tokens,
-    train_records and longest_record_tokens, the longest train or eval record after truncation)."""
+    train_records and longest_record_tokens, the longest train or eval record after truncation); `shards`: the
+    processes FSDP shards the model over (Parallelism.shards)."""
     records = max(int(stats.get("train_records") or 0), 1)
     mean_tokens = float(stats.get("train_tokens") or settings.max_seq_length * records) / records
     memory = usable_gpu_bytes()
     # Without a GPU there is no memory limit to plan for: one micro-batch per optimizer step.
     return plan_batch(settings, memory if memory is not None else 1 << 50, ModelShape.from_config(model_config),
-                      mean_tokens, on_gpu=memory is not None, longest_sample_tokens=stats.get("longest_record_tokens"))
+                      mean_tokens, on_gpu=memory is not None, longest_sample_tokens=stats.get("longest_record_tokens"),
+                      shards=shards)
+
+
+def parallelism_for(settings: PlanSettings, model_config: Any | None, processes: int) -> Parallelism:
+    """How this launch's `processes` share the work (sizing.choose_parallelism on this process's GPU memory, capped
+    by max_gpu_memory_gib); `model_config` None: a model the memory model does not describe (T5-class)."""
+    try:
+        shape = ModelShape.from_config(model_config) if model_config is not None else None
+    except ValueError:
+        shape = None
+    return choose_parallelism(settings.parallelism, shape, settings, processes, usable_gpu_bytes())
 
 
 # ------------------------------------------------------------------------------------------- trainer args
+def fsdp_arguments(layer_classes: list[str]) -> dict[str, Any]:
+    """TrainingArguments for FSDP-QLoRA through transformers' own FSDP support (accelerate's FSDP2 plugin).
+
+    - FSDP2 (`fully_shard`; FSDP1 is deprecated in transformers 5): every parameter is its own DTensor, so there are
+      no flat parameters and nothing like FSDP1's `use_orig_params` to set; accelerate shards the bitsandbytes
+      4-bit weights because their storage dtype is the compute dtype (modeling.quantization_config).
+    - auto-wrap: one unit per decoder layer (`layer_classes`: the model's `_no_split_modules`), gathered one at a
+      time and resharded after its forward pass; the embedding and the LM head are units of their own.
+    - activation checkpointing: the trainer's own (`gradient_checkpointing`, as the plan decides), not FSDP's
+      `activation_checkpointing`, whose checkpoint wrapper renames every decoder layer's parameters
+      (`_checkpoint_wrapped_module`): peft 0.21 then finds no LoRA weights in the state dict, and the adapter of
+      every checkpoint is saved empty. A recomputed layer gathers its 4-bit weights once more in the backward pass.
+    - FULL_STATE_DICT: a checkpoint's adapter is gathered to rank 0 and saved in the format of a single-GPU run's
+      (the optimizer state likewise, by accelerate's save_fsdp_optimizer).
+    """
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": list(layer_classes),
+            "reshard_after_forward": True,
+            "activation_checkpointing": False,
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+        },
+    }
+
+
 def compiler_available() -> bool:
     """Triton (behind Liger's kernels and torch.compile's GPU code) compiles a small C launcher on first use."""
     return any(shutil.which(cc) for cc in (os.environ.get("CC", ""), "cc", "gcc", "clang") if cc)

@@ -6,8 +6,11 @@ GPU memory: the job's own memory model and batch plan (entrypoints/sizing.py), s
 plan the job will make on that GPU: the frozen weights (4-bit linear layers + bf16 embeddings), the LoRA weights
 with their AdamW state, 1 GiB of CUDA context and workspaces, and the activations of the smallest micro-batch (one
 packed row of max_seq_length, every layer recomputed; without packing micro_batch_size padded samples) must fit
-in 80% of one GPU (DDP keeps a full copy per GPU). When it fits, the plan on that GPU is printed: micro-batch
-tokens, accumulation, and how many layers keep their activations.
+in 80% of one GPU (DDP keeps a full copy per GPU). With several GPUs and `parallelism=auto` the job shards the model
+with FSDP when it does not fit one GPU (sizing.choose_parallelism, the same decision the job makes): then the
+weights and LoRA state are divided among the GPUs, plus the largest unit FSDP gathers, and the whole 4-bit model
+must still fit one GPU while it loads. When it fits, the plan on that GPU is printed: DDP or FSDP and why,
+micro-batch tokens, accumulation, and how many layers keep their activations.
 
 Throughput (tokens/s per GPU for a 7B Llama with QLoRA, bf16 compute) is a rough planning number per GPU
 model, scaled by 7B / model size; real numbers depend on sequence length, packing and kernels. Only the H100
@@ -49,28 +52,39 @@ class Fit:
     message: str
 
 
-def check_fit(shape: ModelShape | None, cfg: JobConfig, instance: GpuInstance) -> Fit:
+def check_fit(shape: ModelShape | None, cfg: JobConfig, instance: GpuInstance, instance_count: int = 1) -> Fit:
     if shape is None:
         return Fit(True, True, f"GPU memory check skipped: the size of {cfg.model!r} is unknown (known: Llama 2"
                                " 7B/13B/70B by name, a local model directory, or --model-config FILE)")
     settings = sizing.PlanSettings.of(cfg)
-    need = sizing.minimum_gpu_bytes(shape, settings)
     cap = cfg.max_gpu_memory_gib or float(instance.gpu_memory_gib)  # the job caps itself there too
     have = min(float(instance.gpu_memory_gib), cap) * GIB
     usable = sizing.MEMORY_SHARE * have
-    weights = sizing.weight_bytes(shape, settings.quantization, settings.double_quant)
-    lora = 16.0 * sizing.lora_params(shape, settings.lora_r, settings.lora_targets)
+    # The job decides DDP or FSDP with the same function, from the same memory, for its torchrun processes.
+    parallel = sizing.choose_parallelism(cfg.parallelism, shape, settings, instance.gpu_count * instance_count, have)
+    shards = parallel.shards
+    need = sizing.minimum_gpu_bytes(shape, settings, shards)
+    weights = sizing.weight_bytes(shape, settings.quantization, settings.double_quant) / shards
+    lora = 16.0 * sizing.lora_params(shape, settings.lora_r, settings.lora_targets) / shards
+    gathered = sizing.gathered_bytes(shape, settings) if shards > 1 else 0.0
+    sharded = f" sharded over {shards} GPUs (FSDP), + {gathered / GIB:.1f} gathered at a time" if shards > 1 else ""
     detail = (f"{shape.name} ({shape.total_params / 1e9:.1f}B params): at least {need / GIB:.1f} GiB per GPU (weights"
-              f" {weights / GIB:.1f} + LoRA/optimizer {lora / GIB:.1f} + CUDA context 1.0 + activations of the"
-              f" smallest micro-batch {(need - weights - lora - GIB) / GIB:.1f}) vs {usable / GIB:.1f} GiB usable"
-              f" ({sizing.MEMORY_SHARE:.0%}) of {have / GIB:g} GiB on each {instance.gpu_model} of {instance.name}")
-    if need > usable:
+              f" {weights / GIB:.1f} + LoRA/optimizer {lora / GIB:.1f}{sharded} + CUDA context 1.0 + activations of the"
+              f" smallest micro-batch {(need - weights - lora - gathered - GIB) / GIB:.1f}) vs {usable / GIB:.1f} GiB"
+              f" usable ({sizing.MEMORY_SHARE:.0%}) of {have / GIB:g} GiB on each {instance.gpu_model} of"
+              f" {instance.name}; parallelism: {parallel.mode} ({parallel.reason})")
+    loading = sizing.load_bytes(shape, settings)
+    if need > usable or (shards > 1 and loading > have):
         fix = ("lower QLORA_MAX_SEQ_LENGTH (or QLORA_MICRO_BATCH_SIZE without packing), use a smaller model, or pick an"
-               " instance with more GPU memory")
+               " instance with more GPU memory" + ("" if instance.gpu_count * instance_count > 1 else
+                                                  " (or more GPUs: FSDP shards the model over them)"))
+        if shards > 1 and need <= usable:
+            fix = (f"the whole 4-bit model ({loading / GIB:.1f} GiB) is loaded on every GPU before FSDP shards it;"
+                   " pick GPUs with more memory")
         return Fit(False, True, f"does not fit: {detail}; {fix}")
     if not settings.packing:
         return Fit(True, need > 0.9 * usable, f"fits: {detail}")
-    plan = sizing.plan_batch(settings, int(have), shape, float(cfg.max_seq_length) / 2)
+    plan = sizing.plan_batch(settings, int(have), shape, float(cfg.max_seq_length) / 2, shards=shards)
     planned = (f"; the job's plan there (samples of ~{cfg.max_seq_length // 2} tokens): {plan.micro_batch_tokens}"
                f" tokens per micro-batch x {plan.gradient_accumulation_steps}, {plan.layers_without_checkpointing} of"
                f" {shape.num_hidden_layers} layers keep their activations")
