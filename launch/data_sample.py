@@ -32,9 +32,11 @@ from entrypoints.data import LoadStats, file_type, load_conversations
 SAMPLE_BYTES = 2 * 2**20  # read from the start of each sampled object
 SAMPLE_OBJECTS = 3  # per source
 MAX_LISTED_OBJECTS = 100_000  # per source; the bytes of more are not counted (the estimate says so)
-# Characters per token of English chat text with a Llama-class tokenizer (the Llama 2 tokenizer on the demo's data:
-# docs/PERF.md's way of measuring does not apply here; 3.6 to 4.2 is typical), used when no tokenizer can be loaded.
-CHARS_PER_TOKEN = 4.0
+# Used when no tokenizer can be loaded: characters per token of English chat text with a Llama-class tokenizer (the
+# Llama 2 tokenizer gives 3.5 on the texts of the demo's data, entrypoints/demo/data/train.jsonl), plus the chat
+# template's own tokens per turn (role markers, BOS/EOS: about 4 in the Llama 2 chat format).
+CHARS_PER_TOKEN = 3.5
+TEMPLATE_TOKENS_PER_TURN = 4
 TOKENIZER_TIMEOUT_SECONDS = 120
 
 
@@ -266,16 +268,16 @@ def count_tokens(cfg: JobConfig, conversations: list[list[Any]], tmp: Path) -> t
         why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]
     except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
         why = f"{type(exc).__name__}: {_first_line(exc)}"
-    counted = [[min(cfg.max_seq_length, math.ceil(_characters(c) / CHARS_PER_TOKEN)) for c in source]
-               for source in conversations]
-    return counted, (f"as characters / {CHARS_PER_TOKEN:g} (a typical ratio for English with Llama-class tokenizers),"
-                     f" since {cfg.model}'s tokenizer could not be loaded here: {why}")
+    counted = [[min(cfg.max_seq_length, _rough_tokens(c)) for c in source] for source in conversations]
+    return counted, (f"as characters / {CHARS_PER_TOKEN:g} + {TEMPLATE_TOKENS_PER_TURN} per turn (a typical ratio for"
+                     f" English with Llama-class tokenizers), since {cfg.model}'s tokenizer could not be loaded here:"
+                     f" {why}")
 
 
-def _characters(conversation: Any) -> int:
+def _rough_tokens(conversation: Any) -> int:
     if isinstance(conversation, str):
-        return len(conversation)
-    return sum(len(m["content"]) for m in conversation)
+        return math.ceil(len(conversation) / CHARS_PER_TOKEN)
+    return sum(math.ceil(len(m["content"]) / CHARS_PER_TOKEN) + TEMPLATE_TOKENS_PER_TURN for m in conversation)
 
 
 def _count_in_child(records_file: Path, tokenizer_dir: Path) -> list[list[int]]:

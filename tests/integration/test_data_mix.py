@@ -117,6 +117,11 @@ def test_the_launcher_estimates_tokens_from_a_sample_of_the_s3_data(s3_env, tiny
     # 95% of the new records (5% held out) and as many replay records, each about as long as a new one (+-50%).
     assert 0.95 * new_tokens * 1.5 < mixed < 0.95 * new_tokens * 2.5, line
 
+    # A model whose tokenizer cannot be loaded here (a Hub id, with the Hub unreachable): characters per token, said so.
+    assert submit.main([*base, "--set", "model=meta-llama/Llama-2-7b-hf", "--set", f"data=s3://{bucket}/data/new/"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("data: "))
+    assert "tokens as characters / 3.5 + 4 per turn" in line and "meta-llama/Llama-2-7b-hf's tokenizer could not" in line
+
     # What cannot be sampled is a note, never a failed submission.
     assert submit.main([*base, "--set", f"data=s3://{bucket}-missing/data/"]) == 0
     err = capsys.readouterr().err
