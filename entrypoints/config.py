@@ -71,8 +71,25 @@ class JobConfig:
         "Training data: an s3:// URI or local path of one file or a prefix/directory of them: .jsonl/.ndjson,"
         " .json (an array), .parquet, .csv/.tsv (header row), any case, the text ones optionally compressed"
         " (.gz, .bz2, .xz, .zst). In a prefix, hidden files, _SUCCESS and other `_` markers, *.crc, README* and"
-        " LICENSE* are skipped (and logged); any other file type fails the job. Defaults to the SageMaker `train`"
-        " channel when running there.",
+        " LICENSE* are skipped (and logged); any other file type fails the job. Several sources, comma-separated"
+        " (`s3://b/new/,s3://b/replay/`), are mixed: with `data_weights`, sampled in those proportions; without,"
+        " every record of each. Defaults to the SageMaker `train` channel when running there.",
+        group="inputs",
+    )
+    data_weights: str = _f(
+        "",
+        "With several `data` sources: one positive weight per source, comma-separated, in the same order"
+        " (`0.7,0.3`; relative: `7,3` is the same): the share of the mixed training set drawn from each source,"
+        " sampled by `seed`. Each source is shuffled and its records drawn without repeats until the mix ends"
+        " (`data_mix_stopping`). Empty: no sampling, every record of every source once.",
+        group="inputs",
+    )
+    data_mix_stopping: str = _f(
+        "first_exhausted",
+        "When a weighted mix ends: `first_exhausted` when the first source has given all its records (no record"
+        " repeats; the larger sources are undersampled), `all_exhausted` when every source has given each of its"
+        " records at least once (the smaller sources repeat).",
+        choices=("first_exhausted", "all_exhausted"),
         group="inputs",
     )
     data_format: str = _f(
@@ -224,6 +241,21 @@ class JobConfig:
         return self.model_name or self.model
 
     @property
+    def data_sources(self) -> list[str]:
+        """The training data sources `data` names (one, or several to mix), in order."""
+        return data_sources(self.data)
+
+    @property
+    def data_mix_weights(self) -> list[float] | None:
+        """The mix's weights normalised to sum to 1, one per source; None without weights (or when invalid: parse_config
+        refuses those)."""
+        weights = parse_weights(self.data_weights)
+        if not weights or any(isinstance(w, str) for w in weights) or len(weights) != len(self.data_sources):
+            return None
+        total = sum(weights)
+        return [w / total for w in weights]
+
+    @property
     def target_modules(self) -> str | list[str]:
         if self.lora_target_modules.strip() == "all-linear":
             return "all-linear"
@@ -261,6 +293,58 @@ class JobConfig:
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(JobConfig)}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+
+
+def data_sources(setting: str) -> list[str]:
+    """`s3://b/new/, s3://b/replay/` -> its items, stripped; an empty item stays (as "") for validate to name."""
+    items = [part.strip() for part in setting.split(",")]
+    return [] if items == [""] else items
+
+
+def parse_weights(setting: str) -> list[float | str]:
+    """The items of `data_weights`: each a float, or the text of an item that is not a positive finite number."""
+    out: list[float | str] = []
+    for item in (part.strip() for part in setting.split(",")) if setting.strip() else ():
+        try:
+            value = float(item)
+        except ValueError:
+            out.append(item)
+            continue
+        out.append(value if math.isfinite(value) and value > 0 else item)
+    return out
+
+
+def _data_mix_problems(cfg: JobConfig, where: Any) -> list[str]:
+    """The data sources and their weights: every problem, naming the variable and the item."""
+    p: list[str] = []
+    sources = cfg.data_sources
+    data, weights_name = where("data"), where("data_weights")
+    if len(sources) > 1 or "" in sources:
+        empty = [i for i, s in enumerate(sources, 1) if not s]
+        if empty:
+            p.append(f"{data}={cfg.data!r}: item {', '.join(map(str, empty))} of the comma-separated list is empty:"
+                     " remove the extra comma")
+        seen: dict[str, int] = {}
+        for i, source in enumerate(sources, 1):
+            if source and source in seen:
+                p.append(f"{data}: {source!r} is listed twice (items {seen[source]} and {i}): give it once (with a"
+                         f" larger weight in {env_name('data_weights')} to draw more from it)")
+            seen.setdefault(source, i)
+    if not cfg.data_weights.strip():
+        return p
+    weights = parse_weights(cfg.data_weights)
+    bad = [f"{w!r}" for w in weights if isinstance(w, str)]
+    if bad:
+        p.append(f"{weights_name}={cfg.data_weights!r}: {', '.join(bad)} is not a positive number: give one weight"
+                 " above 0 per source, e.g. 0.7,0.3")
+    if len(sources) < 2:
+        p.append(f"{weights_name}={cfg.data_weights!r}: weights mix several sources, and {data} names"
+                 f" {'none' if not sources else 'one'}: list the sources comma-separated in {data} (s3://b/new/,"
+                 f"s3://b/replay/), or leave {env_name('data_weights')} unset")
+    elif len(weights) != len(sources):
+        p.append(f"{weights_name}={cfg.data_weights!r} gives {len(weights)} weight(s) for the {len(sources)} sources"
+                 f" of {data}: give one weight per source, in the same order")
+    return p
 
 
 def env_name(name: str) -> str:
@@ -501,21 +585,26 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
 
     if not cfg.data and require_data:
         p.append(DATA_NOT_SET)
+    def where(name: str) -> str:
+        return (sources or {}).get(name, env_name(name))
+
     for name in ("model", "data", "eval_data", "output", "checkpoint_uri"):
-        value = getattr(cfg, name)
-        if value.startswith("s3://") and len(value) <= len("s3://"):
-            bad(name, "an s3:// URI needs a bucket, e.g. s3://my-bucket/prefix")
-        elif "://" in value and not value.startswith("s3://"):
-            bad(name, "only s3:// URIs and local paths are supported")
+        for value in cfg.data_sources if name == "data" else [getattr(cfg, name)]:
+            shown = "" if name != "data" or len(cfg.data_sources) == 1 else f" (the source {value!r})"
+            if value.startswith("s3://") and len(value) <= len("s3://"):
+                bad(name, f"an s3:// URI needs a bucket, e.g. s3://my-bucket/prefix{shown}")
+            elif "://" in value and not value.startswith("s3://"):
+                bad(name, f"only s3:// URIs and local paths are supported{shown}")
+    p.extend(_data_mix_problems(cfg, where))
     if cfg.checkpoint_uri and not cfg.checkpoint_uri.startswith("s3://"):
         bad("checkpoint_uri", "must be an s3:// prefix (or empty)")
     if not cfg.model:
         bad("model", "must name a Hub id, a local directory or an s3:// prefix")
     if check_paths:
         for name in ("data", "eval_data"):
-            value = getattr(cfg, name)
-            if value and not value.startswith("s3://") and not Path(value).exists():
-                bad(name, "no such file or directory")
+            for value in cfg.data_sources if name == "data" else [getattr(cfg, name)]:
+                if value and not value.startswith("s3://") and not Path(value).exists():
+                    bad(name, "no such file or directory" + (f": {value}" if value != getattr(cfg, name) else ""))
     for name in ("max_truncated_fraction", "max_duplicate_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             bad(name, "must be a fraction between 0 and 1 (1: never fail)")
@@ -688,12 +777,12 @@ def _location(value: str) -> str:
 def _overlaps(cfg: JobConfig, check_paths: bool = True) -> list[str]:
     """Locations that must not lie inside one another: the outputs would be read back as training data by the next
     run, overwrite the base model, be mixed with checkpoints, or be wiped with the job's scratch space."""
-    places = {"output": cfg.output_uri, "data": cfg.data, "eval_data": cfg.eval_data, "checkpoint_dir":
-              str(cfg.checkpoint_path), "checkpoint_uri": cfg.checkpoint_uri,
-              "base_dir (its work/ scratch)": str(cfg.paths.work_dir)}
+    places = {"output": [cfg.output_uri], "data": [d for d in cfg.data_sources if d], "eval_data": [cfg.eval_data],
+              "checkpoint_dir": [str(cfg.checkpoint_path)], "checkpoint_uri": [cfg.checkpoint_uri],
+              "base_dir (its work/ scratch)": [str(cfg.paths.work_dir)]}
     if cfg.model.startswith("s3://") or cfg.model.startswith(("/", ".", "~")) or (check_paths and Path(cfg.model).exists()):
-        places["model"] = cfg.model  # a local directory, however it is written (modeling.resolve_model's rule)
-    located = {name: _location(value) for name, value in places.items() if value}
+        places["model"] = [cfg.model]  # a local directory, however it is written (modeling.resolve_model's rule)
+    located = {name: [(v, _location(v)) for v in values if v] for name, values in places.items()}
     rules = [("eval_data", "data", "the eval loss and answers would be measured on training data, not held out"),
              ("output", "data", "the next run would read the outputs as training data"),
              ("output", "eval_data", "the next run would read the outputs as eval data"),
@@ -704,12 +793,18 @@ def _overlaps(cfg: JobConfig, check_paths: bool = True) -> list[str]:
              ("output", "checkpoint_uri", "outputs and checkpoints would be mixed"),
              ("output", "base_dir (its work/ scratch)", "the job clears its scratch space, the outputs with it")]
     problems = []
+    label = lambda n: "QLORA_BASE_DIR" if n.startswith("base_dir") else env_name(n)  # noqa: E731
     for inner, outer, why in rules:
-        a, b = located.get(inner), located.get(outer)
-        if a and b and (a.startswith(b) or b.startswith(a)):
-            label = lambda n: "QLORA_BASE_DIR" if n.startswith("base_dir") else env_name(n)  # noqa: E731
-            problems.append(f"{label(inner)}={places[inner]!r} and {label(outer)}={places[outer]!r} overlap (one"
-                            f" lies inside the other): {why}. Give them separate locations")
+        for (shown_a, a), (shown_b, b) in ((x, y) for x in located.get(inner, []) for y in located.get(outer, [])):
+            if a.startswith(b) or b.startswith(a):
+                problems.append(f"{label(inner)}={shown_a!r} and {label(outer)}={shown_b!r} overlap (one lies inside"
+                                f" the other): {why}. Give them separate locations")
+    data = located["data"]
+    for i, (shown_a, a) in enumerate(data):
+        for shown_b, b in data[i + 1:]:
+            if a != b and (a.startswith(b) or b.startswith(a)):
+                problems.append(f"{label('data')}: the sources {shown_a!r} and {shown_b!r} overlap (one lies inside the"
+                                " other): the records of the inner one would be read twice. Give separate prefixes")
     return problems
 
 

@@ -682,7 +682,13 @@ any other type is a data error.
 job's data report: per file, the records read and skipped; token lengths before truncation (percentiles); the
 records and answer tokens max_seq_length cuts; records repeating an earlier prompt exactly; answers skipped as
 empty; the tokens trained on. It fails (exit 3) where the job would, before any GPU time: when more records are cut
-or duplicated than QLORA_MAX_TRUNCATED_FRACTION / QLORA_MAX_DUPLICATE_FRACTION allow."""
+or duplicated than QLORA_MAX_TRUNCATED_FRACTION / QLORA_MAX_DUPLICATE_FRACTION allow.
+
+A mix: several sources, comma-separated (s3://b/new/,s3://b/replay/), with --weights 0.7,0.3 (or
+QLORA_DATA_WEIGHTS). The output adds `sources` (records read and skipped per source) and names each file's source;
+--report adds `mix`: per source its weight, the records read, the records drawn into the training mix and their
+share, drawn as the job draws them (QLORA_DATA_MIX_STOPPING, --seed or QLORA_SEED), from every record (the job first
+holds out eval_fraction of each source, so its counts are that much lower)."""
 
 EXIT_CODES_HELP = """exit codes:
   0  the data reads cleanly (bad records within the budget)
@@ -701,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m entrypoints.data",
         description=INSPECT_HELP,
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", help="a local file or directory, or an s3:// URI of one object or a prefix")
+    ap.add_argument("path", help="a local file or directory, or an s3:// URI of one object or a prefix; several,"
+                                 " comma-separated, for a mix (as QLORA_DATA takes them)")
     ap.add_argument("--format", choices=("auto",) + FORMATS,
                     help="record format of every file (default: QLORA_DATA_FORMAT, else auto: detected per file)")
     ap.add_argument("--max-bad-records", metavar="N",
@@ -709,6 +716,10 @@ def main(argv: list[str] | None = None) -> int:
                          " else 0: the first bad record fails)")
     ap.add_argument("--s3-endpoint-url", metavar="URL",
                     help="S3-compatible endpoint for s3:// URIs (default: QLORA_S3_ENDPOINT_URL, else AWS)")
+    ap.add_argument("--weights", metavar="W1,W2",
+                    help="the mix's weights, one per source (default: QLORA_DATA_WEIGHTS; none: every record of each)")
+    ap.add_argument("--seed", metavar="N", help="with --report: the seed the mix is drawn with (default: QLORA_SEED,"
+                                                " else the job's)")
     ap.add_argument("--report", action="store_true",
                     help="also tokenize the records and print the job's data report (see above)")
     ap.add_argument("--tokenizer", metavar="MODEL",
@@ -719,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The job's own parser reads these settings, so the inspector interprets them exactly as the job does.
-    names = ("QLORA_DATA_FORMAT", "QLORA_MAX_BAD_RECORDS", "QLORA_S3_ENDPOINT_URL")
+    names = ("QLORA_DATA_FORMAT", "QLORA_MAX_BAD_RECORDS", "QLORA_S3_ENDPOINT_URL", "QLORA_DATA_WEIGHTS",
+             "QLORA_DATA_MIX_STOPPING", "QLORA_SEED")
     if args.report:
         names += ("QLORA_MODEL", "QLORA_MODEL_REVISION", "QLORA_MAX_SEQ_LENGTH", "QLORA_CHAT_TEMPLATE",
                   "QLORA_ASSISTANT_ONLY_LOSS", "QLORA_TRUST_REMOTE_CODE", "QLORA_MAX_TRUNCATED_FRACTION",
@@ -727,7 +739,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {name: os.environ[name] for name in names if name in os.environ}
     flags = [(flag, value) for flag, value in (("--data-format", args.format), ("--max-bad-records", args.max_bad_records),
                                                ("--s3-endpoint-url", args.s3_endpoint_url), ("--model", args.tokenizer),
-                                               ("--max-seq-length", args.max_seq_length)) if value is not None]
+                                               ("--max-seq-length", args.max_seq_length),
+                                               ("--data-weights", args.weights), ("--seed", args.seed))
+             if value is not None]
     with tempfile.TemporaryDirectory(prefix="qlora-data-") as tmp:
         if args.report:  # the report's caches go to a scratch base dir; every record is reported (none held out)
             flags += [("--base-dir", str(Path(tmp, "job"))), ("--eval-fraction", "0")]
@@ -744,23 +758,40 @@ def _inspect(cfg: Any, given: str, tmp: Path, report: bool) -> int:
     from entrypoints import storage
     from entrypoints.errors import JobError
 
-    stats = LoadStats()
+    sources = cfg.data_sources  # `given`, or the sources of a mix
+    mixing = len(sources) > 1
+    all_stats = [LoadStats() for _ in sources]
     first = None
-    local = tmp / "data" if storage.is_s3(given) else Path(given)
+    # Each s3:// source is downloaded to a folder of its own; a local one is read where it is.
+    local = [tmp / "data" / str(i) if storage.is_s3(uri) else Path(uri) for i, uri in enumerate(sources)]
+
+    def shown(text: str) -> str:
+        for path, uri in zip(local, sources, strict=True):
+            text = _shown(text, path, uri)
+        return text
+
     try:
-        if storage.is_s3(given):
-            local = storage.fetch(given, tmp / "data", endpoint_url=cfg.s3_endpoint_url)
-        for item in load_conversations(local, cfg.data_format, cfg.max_bad_records, stats=stats):
-            first = first or item
-        tokenized = _tokenized_stats(cfg, local, tmp) if report else None
+        for i, (uri, stats) in enumerate(zip(sources, all_stats, strict=True)):
+            if storage.is_s3(uri):
+                local[i] = storage.fetch(uri, local[i], endpoint_url=cfg.s3_endpoint_url)
+            for item in load_conversations(local[i], cfg.data_format, cfg.max_bad_records, stats=stats):
+                first = first or item
+        tokenized = _tokenized_stats(cfg, local if mixing else local[0], tmp) if report else None
     except JobError as exc:
         # Downloaded files are named by their URI, not by the temporary directory they were read from.
-        print(f"{exc.kind}: {_shown(str(exc), local, given)}", file=sys.stderr)
+        print(f"{exc.kind}: {shown(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    files = [{"file": _shown(f.file, local, given), "type": f.type, "format": f.fmt, "records": f.records,
-              "skipped": f.skipped} for f in stats.files]
-    result = {"format": stats.fmt, "records": stats.records, "skipped": stats.skipped, "files": files,
-              "ignored": [_shown(p, local, given) for p in stats.ignored], "first": first}
+    files = [{**({"source": uri} if mixing else {}), "file": shown(f.file), "type": f.type, "format": f.fmt,
+              "records": f.records, "skipped": f.skipped} for uri, stats in zip(sources, all_stats, strict=True)
+             for f in stats.files]
+    result = {"format": ",".join(dict.fromkeys(f for st in all_stats for f in st.fmt.split(",") if f)),
+              "records": sum(st.records for st in all_stats), "skipped": sum(st.skipped for st in all_stats),
+              "files": files, "ignored": [shown(p) for st in all_stats for p in st.ignored], "first": first}
+    if mixing:
+        weights = cfg.data_mix_weights
+        result["sources"] = [{"source": uri, "weight": round(weights[i], 6) if weights else None,
+                              "records": st.records, "skipped": st.skipped}
+                             for i, (uri, st) in enumerate(zip(sources, all_stats, strict=True))]
     print(json.dumps({**result, "report": tokenized} if report else result, indent=2, ensure_ascii=False))
     if tokenized is not None:
         from entrypoints.dataset import check_data_limits
@@ -773,7 +804,7 @@ def _inspect(cfg: Any, given: str, tmp: Path, report: bool) -> int:
     return 0
 
 
-def _tokenized_stats(cfg: Any, local: Path, tmp: Path) -> dict[str, Any]:
+def _tokenized_stats(cfg: Any, local: Path | list[Path], tmp: Path) -> dict[str, Any]:
     """The job's data report: the job's own reading, templating, tokenizing and counting (entrypoints.dataset)."""
     from entrypoints.dataset import prepare_data
     from entrypoints.train import load_tokenizer_and_template

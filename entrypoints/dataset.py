@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,14 @@ def _split_sample(conv: list[dict[str, str]] | str) -> dict[str, Any] | None:
     return {"messages": conv[:last], "prompt": question, "reference": conv[last]["content"]}
 
 
-def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: Any, template: str | None,
-                 fresh_cache: bool = True, enforce_limits: bool = True, seq2seq: bool = False) -> TokenizedData:
-    """Read, hold out, tokenize and count the data, into Arrow caches in the job's work dir (memory stays flat
-    however large the data is), and log the data report. `fresh_cache=False` (a host's other ranks, after its local
-    rank 0 has built them) reuses the caches of this job instead of starting over. `enforce_limits=False` leaves the
-    truncation and duplicate limits to the caller (the inspector prints the report first). `seq2seq`: (input,
+def prepare_data(cfg: JobConfig, data: Path | Sequence[Path], eval_data: Path | None, tokenizer: Any,
+                 template: str | None, fresh_cache: bool = True, enforce_limits: bool = True,
+                 seq2seq: bool = False) -> TokenizedData:
+    """Read, hold out, mix, tokenize and count the data, into Arrow caches in the job's work dir (memory stays flat
+    however large the data is), and log the data report. `data`: one source, or the local copies of several (in the
+    order of `cfg.data_sources`), mixed as `mix_sources` says. `fresh_cache=False` (a host's other ranks, after its
+    local rank 0 has built them) reuses the caches of this job instead of starting over. `enforce_limits=False` leaves
+    the truncation and duplicate limits to the caller (the inspector prints the report first). `seq2seq`: (input,
     target) pairs for an encoder-decoder model instead of token ids with loss masks."""
     cache_dir = cfg.paths.work_dir / "datasets-cache"
     if fresh_cache:
@@ -54,18 +57,33 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
         # run over changed data at the same path would otherwise be reused silently.
         shutil.rmtree(cache_dir, ignore_errors=True)
     check = _seq2seq_check if seq2seq else template_check(tokenizer, template)
-    train_stats = LoadStats()
-    train_raw = _read(cfg, data, train_stats, cache_dir, check, held_out=False)
-    stats: dict[str, Any] = {"format": train_stats.fmt, "train_records_read": train_stats.records,
-                             "bad_records_skipped": train_stats.skipped,
-                             "empty_answers_skipped": train_stats.empty_answers, "sources": _sources(data, train_stats)}
+    paths = [data] if isinstance(data, Path) else list(data)
+    mixing = len(paths) > 1
+    names = cfg.data_sources if mixing and len(cfg.data_sources) == len(paths) else [str(p) for p in paths]
+    train_stats = [LoadStats() for _ in paths]
+    raws = [_read(cfg, path, st, cache_dir, check, held_out=False, mix_source=i if mixing else None)
+            for i, (path, st) in enumerate(zip(paths, train_stats, strict=True))]
+    files = [{**f, "source": name} if mixing else f
+             for path, st, name in zip(paths, train_stats, names, strict=True) for f in _sources(path, st)]
+    stats: dict[str, Any] = {"format": ",".join(dict.fromkeys(f for st in train_stats for f in st.fmt.split(",") if f)),
+                             "train_records_read": sum(st.records for st in train_stats),
+                             "bad_records_skipped": sum(st.skipped for st in train_stats),
+                             "empty_answers_skipped": sum(st.empty_answers for st in train_stats), "sources": files}
     if eval_data is not None:
         eval_stats = LoadStats()
         eval_raw = _read(cfg, eval_data, eval_stats, cache_dir, check, held_out=True)
         stats["bad_records_skipped"] += eval_stats.skipped
         stats["empty_answers_skipped"] += eval_stats.empty_answers
+        parts = [(raw, None) for raw in raws]
     else:
-        train_raw, eval_raw = _hold_out(cfg, train_raw)
+        parts = [_hold_out(cfg, raw) for raw in raws]
+    if mixing:
+        train_raw, mixed_eval, stats["mix"] = mix_sources(cfg, names, [t for t, _ in parts], [e for _, e in parts],
+                                                          [st.records for st in train_stats])
+        eval_raw = eval_raw if eval_data is not None else mixed_eval
+    else:
+        train_raw = parts[0][0]
+        eval_raw = eval_raw if eval_data is not None else parts[0][1]
     samples = [s for raw in (eval_raw.select(range(min(len(eval_raw), cfg.num_sample_generations)))["record"]
                              if eval_raw is not None and cfg.num_sample_generations else [])
                if (s := _split_sample(json.loads(raw)))]
@@ -79,7 +97,7 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
     counting = ["full_tokens", "full_loss_tokens", "prompt_key"]
     train_ds = train_ds.remove_columns(counting)
     eval_ds = eval_ds.remove_columns(counting) if eval_ds is not None else None
-    if fresh_cache or train_stats.records:
+    if fresh_cache or stats["train_records_read"]:
         log.info("data: %s", json.dumps(stats))
     else:  # the generator did not run: every split came from the caches local rank 0 built
         log.info("data: reused the Arrow caches in %s (%d train, %d eval records)", cache_dir,
@@ -92,6 +110,61 @@ def prepare_data(cfg: JobConfig, data: Path, eval_data: Path | None, tokenizer: 
                     cfg.max_seq_length)
         eval_ds = None
     return TokenizedData(train_ds, eval_ds, samples, stats)
+
+
+MIX_COLUMN = "mix_source"  # which source a record came from: the index in `data`, counted after mixing, then dropped
+
+
+def mix_sources(cfg: JobConfig, names: list[str], trains: list[Any], evals: list[Any | None], read: list[int]
+                ) -> tuple[Any, Any | None, list[dict[str, Any]]]:
+    """The training records of several sources mixed into one set, the held-out records mixed alike, and what each
+    source gave: with `data_weights`, `datasets.interleave_datasets` draws each next record from a source chosen with
+    those probabilities (seeded by `seed`) out of that source's records shuffled by `seed`, until
+    `data_mix_stopping`; without weights every record of every source, once. The held-out records were split off each
+    source before mixing, so no record is both trained on and held out, even when a mix repeats records."""
+    from datasets import concatenate_datasets, interleave_datasets
+
+    weights = cfg.data_mix_weights
+
+    def mix(parts: list[Any], probabilities: list[float] | None) -> Any:
+        if probabilities is None:
+            return concatenate_datasets(parts)
+        # Shuffled first, each source by a seed of its own: a mix that ends before a source is used up draws a random
+        # sample of it, not its first files.
+        shuffled = [part.shuffle(seed=cfg.seed + i) for i, part in enumerate(parts)]
+        return interleave_datasets(shuffled, probabilities=probabilities, seed=cfg.seed,
+                                   stopping_strategy=cfg.data_mix_stopping)
+
+    train = mix(trains, weights)
+    held = [(i, e) for i, e in enumerate(evals) if e is not None]
+    eval_mix = None
+    if held:
+        chosen = [weights[i] for i, _ in held] if weights else None
+        eval_mix = mix([e for _, e in held], [w / sum(chosen) for w in chosen] if chosen else None)
+    train_counts = _count_sources(train, len(names))
+    eval_counts = _count_sources(eval_mix, len(names)) if eval_mix is not None else [0] * len(names)
+    total = max(len(train), 1)
+    report = [{"source": name, "weight": round(weights[i], 6) if weights else None, "records_read": read[i],
+               "train_records": train_counts[i], "train_share": round(train_counts[i] / total, 4),
+               "eval_records": eval_counts[i]} for i, name in enumerate(names)]
+    def described(r: dict[str, Any]) -> str:
+        drawn = "" if r["weight"] is None else f" (weight {r['weight']:.3g}, {r['train_share']:.1%} of the mix)"
+        return f"{r['source']}: {r['train_records']} of {r['records_read']} read{drawn}"
+
+    log.info("data mix (%s): %s", f"weights, until {cfg.data_mix_stopping}, seed {cfg.seed}" if weights else
+             "every record of every source", "; ".join(described(r) for r in report))
+    return (train.remove_columns(MIX_COLUMN),
+            eval_mix.remove_columns(MIX_COLUMN) if eval_mix is not None else None, report)
+
+
+def _count_sources(ds: Any, n: int) -> list[int]:
+    """Records per source in a mix, from its source column (batched: a mix of millions stays a few MB)."""
+    import numpy as np
+
+    counts = np.zeros(n, dtype=np.int64)
+    for batch in ds.select_columns([MIX_COLUMN]).with_format("arrow").iter(batch_size=100_000):
+        counts += np.bincount(batch[MIX_COLUMN].to_numpy(zero_copy_only=False), minlength=n)[:n]
+    return [int(c) for c in counts]
 
 
 def _sources(path: Path, stats: LoadStats) -> list[dict[str, Any]]:
@@ -130,8 +203,10 @@ def _seq2seq_check(conv: list[dict[str, str]] | str) -> None:
                           " a conversation only, so nothing of this one would be trained on")
 
 
-def _read(cfg: JobConfig, path: Path, stats: LoadStats, cache_dir: Path, check: Any, held_out: bool) -> Any:
-    """The normalised records of `path` as an Arrow-backed Dataset of JSON strings (one column, `record`)."""
+def _read(cfg: JobConfig, path: Path, stats: LoadStats, cache_dir: Path, check: Any, held_out: bool,
+          mix_source: int | None = None) -> Any:
+    """The normalised records of `path` as an Arrow-backed Dataset of JSON strings (one column, `record`; with
+    `mix_source`, a second column holding it: the source's index in a mix)."""
     from datasets import Dataset
     from datasets.exceptions import DatasetGenerationError
 
@@ -141,13 +216,14 @@ def _read(cfg: JobConfig, path: Path, stats: LoadStats, cache_dir: Path, check: 
                                                     held_out=held_out, check=check), start=1):
             if n % PROGRESS_RECORDS == 0:
                 log.info("read %d records from %s (%.0f/s)", n, path, n / max(time.monotonic() - started, 1e-9))
-            yield {"record": json.dumps(conv)}
+            yield {"record": json.dumps(conv)} if mix_source is None else {"record": json.dumps(conv),
+                                                                            MIX_COLUMN: mix_source}
 
     # An explicit fingerprint: `datasets` would otherwise hash the generator's closure (the tokenizer with it),
     # which is slow and differs between processes, so a host's other ranks would read the data again instead of
     # reusing the caches its local rank 0 built. The cache folder is this job's own and is emptied at the start of
     # each run, so what names the read within it is enough.
-    key = json.dumps([str(path), held_out, cfg.data_format, cfg.max_bad_records, cfg.chat_template or ""])
+    key = json.dumps([str(path), held_out, cfg.data_format, cfg.max_bad_records, cfg.chat_template or "", mix_source])
     try:
         return Dataset.from_generator(gen, cache_dir=str(cache_dir), keep_in_memory=False,
                                       fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])

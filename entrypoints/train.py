@@ -13,6 +13,7 @@ print a summary. Exit codes: entrypoints/errors.py and the README.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -93,12 +94,13 @@ SUMMARY_PREFIX = "QLORA_SUMMARY "  # the last stdout line: one JSON object a cal
 
 @dataclass
 class Inputs:
-    data: Path
+    data: list[Path]  # one local copy per source of `data` (several: a mix), in its order
     eval_data: Path | None
     model_dir: Path
-    data_files: list[Path]
+    data_files: list[list[Path]]  # the data files of each source
     eval_files: list[Path] = field(default_factory=list)
     content: dict[str, str | None] = field(default_factory=dict)  # sha256 of data, eval data and model files
+    source_sha256s: list[str] = field(default_factory=list)  # sha256 of each data source's files
     suites: list[Suite] = field(default_factory=list)
 
 
@@ -112,25 +114,40 @@ def resolve_inputs(cfg: JobConfig, work: Path, hf_token: str | None) -> Inputs:
     for suite in suites:
         log.info("eval suite %s: %d question(s) from %s (sha256 %s)", suite.name, len(suite.items), suite.uri,
                  suite.sha256[:12])
-    data = storage.fetch(cfg.data, work / "data" / "train", endpoint_url=endpoint)
+    sources = cfg.data_sources
+    # One source keeps the folder it always had; the sources of a mix each get their own.
+    data = [storage.fetch(uri, work / "data" / ("train" if len(sources) == 1 else f"train-{i}"), endpoint_url=endpoint)
+            for i, uri in enumerate(sources, 1)]
     eval_data = storage.fetch(cfg.eval_data, work / "data" / "eval", endpoint_url=endpoint) if cfg.eval_data else None
     model_dir = resolve_model(cfg, work, hf_token)
-    inputs = Inputs(data, eval_data, model_dir, list_data_files(data), list_data_files(eval_data) if eval_data else [],
-                    suites=suites)
-    inputs.content = content_fingerprints(inputs, work)
+    inputs = Inputs(data, eval_data, model_dir, [list_data_files(d) for d in data],
+                    list_data_files(eval_data) if eval_data else [], suites=suites)
+    inputs.content = content_fingerprints(inputs, work, cfg.data_mix_weights, cfg.data_mix_stopping)
     return inputs
 
 
-def content_fingerprints(inputs: Inputs, work: Path) -> dict[str, str | None]:
-    """sha256 of the bytes this run trains on: the training data, the eval data and the base model's files."""
+def content_fingerprints(inputs: Inputs, work: Path, weights: list[float] | None = None,
+                         mix_stopping: str = "") -> dict[str, str | None]:
+    """sha256 of the bytes this run trains on: the training data, the eval data and the base model's files. The data
+    of a mix: over each source's content in order, its weight and how the mix ends, so that a resumed run with other
+    sources or weights does not continue the checkpoints of this one, and the eval set it holds out is named apart."""
     cache = work / "sha256-cache.json"
-    train, held_out = file_sha256s(inputs.data_files, cache), file_sha256s(inputs.eval_files, cache)
+    train = file_sha256s([f for files in inputs.data_files for f in files], cache)
+    held_out = file_sha256s(inputs.eval_files, cache)
     same = sorted(str(p) for p, digest in held_out.items() if digest in set(train.values()))
     if same:
         log.warning("%d eval file(s) hold the same bytes as a training file (%s): the eval loss and the answers are"
                     " measured on training data, not held out", len(same), ", ".join(same[:3]))
+    per_source = [content_sha256(files, _root(path), digests=train)
+                  for path, files in zip(inputs.data, inputs.data_files, strict=True)]
+    inputs.source_sha256s = per_source
+    if len(per_source) == 1:
+        data_sha256 = per_source[0]
+    else:
+        mix = {"sources": per_source, "weights": weights, "stopping": mix_stopping if weights else None}
+        data_sha256 = hashlib.sha256(json.dumps(mix, sort_keys=True).encode()).hexdigest()
     return {
-        "data_sha256": content_sha256(inputs.data_files, _root(inputs.data), digests=train),
+        "data_sha256": data_sha256,
         "eval_data_sha256": content_sha256(inputs.eval_files, _root(inputs.eval_data), digests=held_out)
         if inputs.eval_files else None,
         "model_sha256": content_sha256(model_files(inputs.model_dir), inputs.model_dir, cache),
@@ -256,7 +273,8 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
                 {"source": i["source"], "prompt": i["prompt"], "reference": i["reference"], "metric": i["metric"],
                  "before": i["before"], "after": i["after"], "score_before": i["scores_before"][i["metric"]],
                  "score_after": i["scores_after"][i["metric"]]} for i in suite["items"]])
-        tracker.summary({**{k: v for k, v in metrics.items() if v is not None}, **suite_summaries(suites)})
+        tracker.summary({**{k: v for k, v in metrics.items() if v is not None}, **suite_summaries(suites),
+                         **mix_summary(data.stats.get("mix", []))})
         stage = work / "output"
         with disk_space_for(stage, "writing the outputs"):
             shutil.rmtree(stage, ignore_errors=True)
@@ -434,6 +452,13 @@ def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: s
     return metrics, samples, reports
 
 
+def mix_summary(mix: list[dict[str, Any]]) -> dict[str, Any]:
+    """`data/mix/<n>/...`: what each source of a mix gave (W&B's summary; its config holds the sources and weights)."""
+    return {f"data/mix/{n}/{key}": source[key] for n, source in enumerate(mix, 1)
+            for key in ("source", "weight", "records_read", "train_records", "train_share", "eval_records")
+            if source[key] is not None}
+
+
 def suite_summaries(suites: list[dict[str, Any]]) -> dict[str, float]:
     """`suite/<name>/<metric>_before|after`: the suites' summaries as flat metrics (W&B's summary)."""
     return {f"suite/{s['name']}/{metric}_{when}": s[when][metric] for s in suites for when in ("before", "after")
@@ -469,7 +494,9 @@ def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, pu
                        "fingerprint_sha256": inputs.content["model_sha256"]},
         "data": {"source": cfg.data, "eval_source": cfg.eval_data or None,
                  "fingerprint_sha256": inputs.content["data_sha256"],
-                 "eval_fingerprint_sha256": inputs.content["eval_data_sha256"], **data.stats},
+                 "eval_fingerprint_sha256": inputs.content["eval_data_sha256"], **data.stats,
+                 **({"mix": [{**source, "fingerprint_sha256": digest} for source, digest in
+                             zip(data.stats["mix"], inputs.source_sha256s, strict=True)]} if "mix" in data.stats else {})},
         "metrics": metrics, "samples": samples, "evaluation": {"suites": evaluation},
     }
     decision = None

@@ -121,7 +121,8 @@ class CostEstimate:
 
 
 def time_and_cost(shape: ModelShape | None, cfg: JobConfig, instance: GpuInstance, count: int,
-                  dataset_tokens: int | None) -> CostEstimate:
+                  dataset_tokens: int | None, tokens_from: str = "--dataset-tokens") -> CostEstimate:
+    """`tokens_from`: where `dataset_tokens` came from (the flag, or a sample of the data), for the basis line."""
     gpus = instance.gpu_count * count
     params_b = (shape.total_params / 1e9) if shape else 7.0
     per_gpu = TOKENS_PER_SECOND_7B.get(instance.gpu_model, 1000) * 7.0 / params_b
@@ -132,9 +133,10 @@ def time_and_cost(shape: ModelShape | None, cfg: JobConfig, instance: GpuInstanc
                  f" {cfg.max_seq_length} tokens; with short samples the run is shorter")
     elif dataset_tokens:
         tokens = dataset_tokens * cfg.num_epochs
-        basis = f"the data's {dataset_tokens} tokens (--dataset-tokens) x {cfg.num_epochs:g} epoch(s)"
+        basis = f"the data's {dataset_tokens} tokens ({tokens_from}) x {cfg.num_epochs:g} epoch(s)"
     else:
-        return CostEstimate(None, None, "time/cost estimate needs QLORA_MAX_STEPS or --dataset-tokens N"
+        return CostEstimate(None, None, "time/cost estimate needs QLORA_MAX_STEPS, --dataset-tokens N or data in S3"
+                                        " that can be sampled"
                                         f" (price: {instance.price_per_hour_usd * count:.2f} USD/hour for"
                                         f" {count} x {instance.name})")
     seconds = tokens / (per_gpu * gpus) + FIXED_OVERHEAD_SECONDS

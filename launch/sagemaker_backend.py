@@ -79,7 +79,9 @@ def job_environment(plan: LaunchPlan, job_name: str) -> tuple[dict[str, str], li
         # Only a prefix (the launcher made every non-file URI one, ending in /) becomes a channel: an S3Prefix of one
         # file's key would also take every other key that starts with it (train.jsonl.bak); the job downloads a single
         # file itself, as it does on Kubernetes.
-        if uri.startswith("s3://") and uri.endswith("/"):
+        # Nor does a data mix (several comma-separated sources): the job reads each source from S3 itself, so the
+        # manifest and the data fingerprint name the sources, and the mix is drawn the same way on both backends.
+        if uri.startswith("s3://") and uri.endswith("/") and "," not in uri:
             channels.append(_s3_channel(channel, uri))
             del env[variable]
             if variable == "QLORA_MODEL":

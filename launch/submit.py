@@ -35,7 +35,7 @@ from entrypoints.data import file_type  # noqa: E402
 from entrypoints.errors import EXIT_CONFIG  # noqa: E402
 from entrypoints.sizing import shape_of_model  # noqa: E402
 from entrypoints.suites import suite_uris  # noqa: E402
-from launch import cron, estimate, instances, settings  # noqa: E402
+from launch import cron, data_sample, estimate, instances, settings  # noqa: E402
 from launch.kubernetes_backend import KubernetesOptions  # noqa: E402
 from launch.plan import LaunchPlan, base_name, check_name, join_s3, unique_name  # noqa: E402
 from launch.sagemaker_backend import SageMakerOptions  # noqa: E402
@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="s3:// prefix for checkpoints, one folder per run below it (default s3://<output bucket>/checkpoints)")
     ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                     help="SageMaker tag / Kubernetes label (repeatable)")
-    ap.add_argument("--dataset-tokens", type=int, default=0, help="tokens in the training data, for the estimate")
+    ap.add_argument("--dataset-tokens", type=int, default=0,
+                    help="tokens in the training data, for the estimate (default: estimated from a sample of the S3"
+                         " data when QLORA_MAX_STEPS is not set)")
     ap.add_argument("--model-config", default="", metavar="FILE",
                     help="the model's config.json (any file name), for the memory check of a model the launcher cannot"
                          " read (an s3:// or Hub model other than Llama 2)")
@@ -249,9 +251,9 @@ def make_plan(args: argparse.Namespace, problems: list[str], notes: list[str]) -
         return None
 
     for name in ("data", "eval_data"):
-        value = getattr(cfg, name)
-        if value and not value.startswith("s3://"):
-            problems.append(f"{env_name(name)}={value!r}: a remote job reads its data from S3; give an s3:// URI")
+        for value in cfg.data_sources if name == "data" else [getattr(cfg, name)]:
+            if value and not value.startswith("s3://"):
+                problems.append(f"{env_name(name)}={value!r}: a remote job reads its data from S3; give an s3:// URI")
     local_suites = [uri for uri in suite_uris(cfg.eval_suite) if not uri.startswith("s3://")]
     if local_suites:
         problems.append(f"QLORA_EVAL_SUITE: {', '.join(local_suites)}: a remote job reads its eval suites from S3;"
@@ -341,16 +343,22 @@ def normalise_s3_inputs(cfg, job_settings: dict[str, str], notes: list[str]) -> 
     when nothing is there, the one object `<uri>`; SageMaker's S3Prefix channel takes every key that merely starts
     with `<uri>`: `data/chat` also brings `data/chat-old/*` and `data/chat.jsonl.bak`. So a URI that does not name a
     data file becomes the prefix `<uri>/` on both; a model is always a prefix (a directory); a data file stays one
-    object (and the SageMaker backend lets the job download it itself, see sagemaker_backend.job_environment)."""
+    object (and the SageMaker backend lets the job download it itself, see sagemaker_backend.job_environment). Each
+    source of a data mix is taken the same way."""
     for name in ("data", "eval_data", "model"):
-        uri = getattr(cfg, name)
-        if not uri.startswith("s3://") or uri.endswith("/"):
-            continue
-        if name != "model" and file_type(uri.rsplit("/", 1)[-1]) is not None:
-            continue  # one data file
-        job_settings[env_name(name)] = uri + "/"
-        notes.append(f"{env_name(name)}={uri} is taken as the prefix {uri}/ (every object below it, on both backends;"
-                     f" not other keys that merely start with it){'' if name == 'model' else ': name a data file to read just that one'}")
+        uris = cfg.data_sources if name == "data" else [getattr(cfg, name)]
+        normalised = []
+        for uri in uris:
+            if not uri.startswith("s3://") or uri.endswith("/") or (
+                    name != "model" and file_type(uri.rsplit("/", 1)[-1]) is not None):  # a prefix already, or a file
+                normalised.append(uri)
+                continue
+            normalised.append(uri + "/")
+            notes.append(f"{env_name(name)}={uri} is taken as the prefix {uri}/ (every object below it, on both"
+                         " backends; not other keys that merely start with it)"
+                         f"{'' if name == 'model' else ': name a data file to read just that one'}")
+        if normalised != uris:
+            job_settings[env_name(name)] = ",".join(normalised)
 
 
 def sagemaker_options(args: argparse.Namespace, problems: list[str], notes: list[str]) -> SageMakerOptions:
@@ -421,7 +429,13 @@ def preflight(plan: LaunchPlan, args: argparse.Namespace, problems: list[str]) -
         problems.append(f"GPU memory: {fit.message} (or pass --force to submit anyway)")
     else:
         print(f"GPU memory: {'WARNING: ' if fit.warning else ''}{fit.message}", file=sys.stderr)
-    cost = estimate.time_and_cost(shape, plan.cfg, plan.instance, plan.instance_count, args.dataset_tokens or None)
+    tokens, tokens_from = args.dataset_tokens or None, "--dataset-tokens"
+    if tokens is None and plan.cfg.max_steps <= 0 and plan.cfg.data != PLACEHOLDERS["data"]:
+        # Neither the steps nor the flag size the run: a sample of the data does (a one-line note when it cannot).
+        sample = data_sample.estimate_training_tokens(plan.cfg)
+        print(f"data: {sample.basis}", file=sys.stderr)
+        tokens, tokens_from = sample.tokens, "estimated from a sample of the data, above"
+    cost = estimate.time_and_cost(shape, plan.cfg, plan.instance, plan.instance_count, tokens, tokens_from)
     print(cost.message, file=sys.stderr)
     if cost.seconds is not None and cost.seconds > plan.max_run_seconds:
         stopper = "Kubernetes (activeDeadlineSeconds)" if args.backend == "kubernetes" else "SageMaker"
