@@ -205,3 +205,35 @@ def test_a_part_that_fails_to_compile_runs_uncompiled_with_one_warning_line(capl
     notices = [r for r in caplog.records if "could not compile" in r.getMessage()]
     assert len(notices) == 1 and "RuntimeError: the backend gave up" in notices[0].getMessage()
     assert "second line" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_the_job_refuses_a_memory_budget_too_small_for_its_smallest_plan(monkeypatch):
+    """max_gpu_memory_gib below the smallest plan: a configuration error (exit 2) naming the setting and the least
+    budget that fits, before the model loads, instead of a run that starts and runs out of memory. The GPU's
+    budget (what torch reports on a GPU) is given here; the plan and the message are the job's own."""
+    import pytest
+
+    from entrypoints.errors import EXIT_CONFIG, ConfigError
+
+    seven = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "vocab_size": 32000}
+    stats = {"train_records": 100, "train_tokens": 41200, "longest_record_tokens": 2048}
+    monkeypatch.setattr(perf, "gpu_budget", lambda: (int(4.5 * GIB), True))
+    with pytest.raises(ConfigError) as info:
+        perf.plan_for(_plan(max_gpu_memory_gib=4.5), seven, stats)
+    text = str(info.value)
+    assert info.value.exit_code == EXIT_CONFIG == 2
+    assert "QLORA_MAX_GPU_MEMORY_GIB=4.5 GiB is too small" in text and "at least 5.1" in text
+    assert "offloaded to CPU memory, adamw_8bit optimizer state" in text and "QLORA_MAX_SEQ_LENGTH (now 2048)" in text
+    # The old behaviour forced: the message names the savers that would make it fit.
+    monkeypatch.setattr(perf, "gpu_budget", lambda: (int(5.6 * GIB), True))
+    with pytest.raises(ConfigError, match="QLORA_ACTIVATION_OFFLOAD=auto, QLORA_OPTIM=auto"):
+        perf.plan_for(_plan(activation_offload="false", optim="adamw_torch_fused"), seven, stats)
+    plan = perf.plan_for(_plan(max_gpu_memory_gib=5.6), seven, stats)
+    assert plan.activation_offload and plan.rows == 1
+    record = perf.plan_record(plan, "adamw_torch_fused")
+    assert record["activation_offload"] is True and record["smallest_budget_gib"] == 5.06
+    # A whole GPU too small names the GPU instead, with the CUDA context counted.
+    monkeypatch.setattr(perf, "gpu_budget", lambda: (int(5.6 * GIB), False))
+    with pytest.raises(ConfigError, match=r"this GPU's 5.6 GiB are too small .* at least 6.1 GiB"):
+        perf.plan_for(_plan(), seven, stats)
