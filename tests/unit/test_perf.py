@@ -105,7 +105,37 @@ def test_packed_model_forward_matches_separate_samples(tmp_path):
 
 def test_benchmark_rejects_unknown_runs(capsys):
     assert benchmark.main(["--runs", "baseline,turbo", "--device", "cpu"]) == 2
-    assert "turbo" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "turbo" in err and "trl-best, trl-best-no-ckpt, unsloth" in err
+
+
+def test_benchmark_cli_takes_peers_and_at_memory_of(capsys):
+    args = benchmark.parse_args(["--runs", "trl-best,unsloth", "--at-memory-of", "trl-best,unsloth", "--peer-rows",
+                                 "4", "--unsloth-path", "/tmp/uns"])
+    assert (args.at_memory_of, args.peer_rows, args.unsloth_path) == ("trl-best,unsloth", 4, "/tmp/uns")
+    # A run to compare at must be measured first, in the same invocation.
+    assert benchmark.main(["--runs", "default", "--at-memory-of", "trl-best", "--device", "cpu"]) == 2
+    assert "--at-memory-of: trl-best not in --runs" in capsys.readouterr().err
+    assert benchmark.peer_installed("unsloth", "/nonexistent").startswith("not installed")
+
+
+def test_benchmark_report_compares_each_peer_with_the_job_at_its_memory(capsys):
+    runs = [{"run": "baseline", "tokens_per_second": 2000.0},
+            {"run": "trl-best", "tokens_per_second": 5886.0, "peak_reserved_gib": 8.2},
+            {"run": "unsloth", "skipped": "not installed (no unsloth module on sys.path; see docs/PERF.md)"},
+            {"run": "default@trl-best", "peer": "trl-best", "peer_memory_gib": 8.2, "tokens_per_second": 8829.0},
+            {"run": "default@unsloth", "peer": "unsloth", "peer_memory_gib": None, "error": "unsloth has no measured"
+             " peak memory (a GPU run that finished is needed)"}]
+    benchmark.add_ratios(runs)
+    assert runs[1]["ratio"] == 2.94 and runs[3]["vs_peer"] == 1.5 and "vs_peer" not in runs[4]
+    benchmark.print_table({"runs": runs})
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:5] == ["run", "tokens_per_second", "ratio", "vs_peer", "peer_memory_gib"]
+    row = dict(zip(header, (c.strip() for c in lines[5].strip("|").split("|")), strict=True))
+    assert (row["run"], row["vs_peer"], row["peer_memory_gib"], row["ratio"]) == ("default@trl-best", "1.5", "8.2",
+                                                                                "4.41")
+    assert "not installed" in lines[4]
 
 
 def test_torch_compile_is_on_by_default_on_cuda_where_triton_can_build_and_replaces_liger(monkeypatch):
