@@ -1,6 +1,7 @@
 """Model sizes and the memory model: parameters, bytes, FLOPs, and the batch plan that fits a GPU.
 
     python -m entrypoints.sizing --shape 7b --gpu-mem-gib 24 --mean-tokens 410   # print the batch plan
+    python -m entrypoints.sizing --shape 7b --gpu-mem-gib 5.6 --capped        # under max_gpu_memory_gib=5.6
 
 One answer to "does it fit on this GPU, and how": the job plans its micro-batches with `plan_batch` (from the
 GPU it runs on), and the launcher checks an instance with the same functions before anything is submitted
@@ -422,8 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--gpu-mem-gib", type=float, default=80.0)
     parser.add_argument("--mean-tokens", type=float, default=410.0)
+    parser.add_argument("--capped", action="store_true",
+                        help="the memory is a max_gpu_memory_gib cap (the CUDA context lies outside it)")
     args = parser.parse_args(argv)
-    shape, settings = SHAPES[args.shape], PlanSettings()
+    shape, settings = SHAPES[args.shape], PlanSettings(capped=args.capped)
     plan = plan_batch(settings, int(args.gpu_mem_gib * GIB), shape, args.mean_tokens)
     print(json.dumps({**asdict(plan), "minimum_gpu_gib": round(minimum_gpu_bytes(shape, settings) / GIB, 2),
                       "flops_per_token": train_flops_per_token(shape, settings.lora_r, math.sqrt(args.mean_tokens))}))

@@ -18,8 +18,8 @@ then trains one pass over the same samples with each run named in --runs:
 - the levers in LEVERS: the job's path with one setting changed, for the table in PERF.md;
 - the peers (entrypoints/bench/peers.py), each in a process of its own over the same samples: `trl-best` (TRL's own
   fastest options, checkpointing on; `trl-best-no-ckpt` off) and `unsloth` (skipped, "not installed", without it);
-- `--at-memory-of RUN`: after the runs, the job's default again, capped at RUN's peak reserved memory
-  (`default@RUN`, with its tokens/s over RUN's as `vs_peer`).
+- `LEVER@GIB` (e.g. `default@5.6`): a lever capped at GIB; `LEVER@RUN`: capped at the peak reserved memory of RUN,
+  run before it, with its tokens/s over RUN's as `vs_peer`; `--at-memory-of RUN` adds `default@RUN` after the runs.
 
 Per run it prints and writes to --out: trained (non-padding) tokens per second, seconds per step, peak
 GPU memory allocated and reserved, model-FLOPs utilisation (entrypoints.sizing.train_flops_per_token over
@@ -75,6 +75,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "at-baseline-memory": {"max_gpu_memory_gib": "baseline"},
     "compile-layers": {"torch_compile": "true"},  # torch.compile asked for explicitly (the default where it can run)
     "tokens-16k": {"micro_batch_tokens": "16384"},  # default + 16k-token micro-batches
+    # the small-memory plan's levers switched off: no activation offload, fused 32-bit AdamW (the plan before them)
+    "no-savers": {"activation_offload": "false", "optim": "adamw_torch_fused"},
+    "no-offload": {"activation_offload": "false"},  # 8-bit AdamW still allowed
     "tokens-4k": {"micro_batch_tokens": "4096"},
 }
 
@@ -547,6 +550,29 @@ def print_table(report: dict[str, Any]) -> None:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |", flush=True)
 
 
+def _gib(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def run_name_problem(name: str, earlier: Sequence[str]) -> str | None:
+    """Why a --runs name is not one (None when it is): baseline, a lever, a peer, LEVER@GIB (capped at GIB) or
+    LEVER@RUN (capped at the peak of RUN, named earlier)."""
+    lever, at, where = name.partition("@")
+    if not at:
+        if name == "baseline" or name in LEVERS or name in PEERS:
+            return None
+        return f"unknown run {name!r}; choose from baseline, {', '.join(LEVERS)}, {', '.join(PEERS)}"
+    if lever not in LEVERS:
+        return f"{name!r}: {lever!r} is not a lever of the job ({', '.join(LEVERS)})"
+    if _gib(where) is None and where not in earlier:
+        return f"{name!r}: {where!r} is neither a number of GiB nor a run named before it"
+    return None
+
+
 def peer_installed(name: str, unsloth_path: str) -> str | None:
     """None when the peer can run here, else why not (`not installed ...`), without importing it: Unsloth patches
     transformers on import, so only its own process may import it."""
@@ -599,7 +625,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--runs", default="baseline,default",
                    help=f"comma-separated: baseline, {', '.join(LEVERS)}; peers, each in its own process:"
-                        f" {', '.join(PEERS)}")
+                        f" {', '.join(PEERS)}; LEVER@GIB: a lever capped at GIB (max_gpu_memory_gib); LEVER@RUN: a"
+                        " lever capped at the peak reserved memory of RUN, named before it")
     p.add_argument("--at-memory-of", default="", metavar="RUN[,RUN]",
                    help="after --runs, the job's default (with --set) again, capped at each named run's peak reserved"
                         " memory (max_gpu_memory_gib), as run `default@RUN` with its tokens/s over RUN's (vs_peer)")
@@ -641,16 +668,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         extra[name.strip()] = value.strip()
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = [r for r in runs if r != "baseline" and r not in LEVERS and r not in PEERS]
-    if unknown:
-        print(f"--runs: unknown run(s) {unknown}; choose from baseline, {', '.join(LEVERS)}, {', '.join(PEERS)}",
-              file=sys.stderr)
-        return 2
     at_memory_of = [r.strip() for r in args.at_memory_of.split(",") if r.strip()]
     missing = [r for r in at_memory_of if r not in runs]
     if missing:
         print(f"--at-memory-of: {', '.join(missing)} not in --runs: name runs measured before (e.g. --runs"
               f" trl-best --at-memory-of trl-best)", file=sys.stderr)
+        return 2
+    runs += [f"default@{r}" for r in at_memory_of]
+    problems = [problem for i, r in enumerate(runs) if (problem := run_name_problem(r, runs[:i]))]
+    if problems:
+        print("--runs: " + "; ".join(problems), file=sys.stderr)
         return 2
     peers_in_torchrun = [r for r in runs if r in PEERS]
     rank, world = int(os.environ.get("RANK", "0")), _world_size()
@@ -693,16 +720,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.export_jsonl and rank == 0:
             export_text(data, Path(args.export_jsonl))
         log.info("data: %s", json.dumps(stats))
-        for name in runs + [f"default@{r}" for r in at_memory_of]:
+        for name in runs:
             base = next((r for r in report["runs"] if r["run"] == "baseline" and "peak_reserved_gib" in r), None)
+            lever, _, where = name.partition("@")
             if name in PEERS:
                 result = run_peer(name, model_dir, data, stats, work, args, peak)
-            elif name.startswith("default@"):
-                peer = next(r for r in report["runs"] if r["run"] == name.partition("@")[2])
+            elif where and _gib(where) is not None:  # LEVER@GIB: the lever capped at GIB
+                result = run_one(name, model_dir, data, stats, tokenizer, work, args, peak,
+                                 {**LEVERS[lever], **extra, "max_gpu_memory_gib": where})
+            elif where:  # LEVER@RUN: the lever capped at RUN's peak reserved memory, compared with RUN
+                peer = next(r for r in report["runs"] if r["run"] == where)
                 memory = peer.get("peak_reserved_gib")
                 if memory:
                     result = run_one(name, model_dir, data, stats, tokenizer, work, args, peak,
-                                     {**extra, "max_gpu_memory_gib": str(memory)})
+                                     {**LEVERS[lever], **extra, "max_gpu_memory_gib": str(memory)})
                 else:
                     result = {"run": name, "error": f"{peer['run']} has no measured peak memory (a GPU run that"
                                                     " finished is needed)"}

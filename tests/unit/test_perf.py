@@ -117,6 +117,12 @@ def test_benchmark_cli_takes_peers_and_at_memory_of(capsys):
     assert benchmark.main(["--runs", "default", "--at-memory-of", "trl-best", "--device", "cpu"]) == 2
     assert "--at-memory-of: trl-best not in --runs" in capsys.readouterr().err
     assert benchmark.peer_installed("unsloth", "/nonexistent").startswith("not installed")
+    # LEVER@GIB caps a lever; LEVER@RUN caps it at an earlier run's peak.
+    assert benchmark.run_name_problem("default@5.6", []) is None
+    assert benchmark.run_name_problem("no-savers@trl-best", ["trl-best"]) is None
+    assert "neither a number of GiB nor a run named before it" in benchmark.run_name_problem("default@trl-best", [])
+    assert "'turbo' is not a lever" in benchmark.run_name_problem("turbo@5.6", [])
+    assert benchmark.main(["--runs", "default@unsloth,unsloth", "--device", "cpu"]) == 2
 
 
 def test_benchmark_report_compares_each_peer_with_the_job_at_its_memory(capsys):
