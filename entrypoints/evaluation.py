@@ -5,20 +5,28 @@ references (exact match, contains, token F1, ROUGE-L).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from entrypoints.suites import METRICS, Suite
 
+log = logging.getLogger("qlora.evaluation")
+# A progress line at most this often while answers are generated (a 500-question suite takes minutes on a GPU and
+# much longer on CPU); a batch that ends sooner than this after the previous line prints nothing.
+PROGRESS_SECONDS = 30.0
+
 
 def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: Sequence[Any],
-                     max_new_tokens: int, batch_size: int = 0, seq2seq: bool = False) -> list[str]:
+                     max_new_tokens: int, batch_size: int = 0, seq2seq: bool = False, what: str = "") -> list[str]:
     """Greedy answers to `samples` (dicts or SuiteItems with `messages`, or a plain `prompt` when there is no chat
     template), in batches of `batch_size` prompts (0: all at once). `seq2seq`: an encoder-decoder model, whose
-    prompts are the encoder's plain-text input (templating.seq2seq_input)."""
+    prompts are the encoder's plain-text input (templating.seq2seq_input). `what` names the questions in the
+    progress lines logged every PROGRESS_SECONDS."""
     from entrypoints.templating import prompt_ids, seq2seq_prompt_ids
 
     if not samples:
@@ -42,12 +50,17 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
     answers: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
+    started = last = time.monotonic()
     try:
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
             batch = _generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, seq2seq)
             for i, answer in zip(chunk, batch, strict=True):
                 answers[i] = answer
+            now, done = time.monotonic(), start + len(chunk)
+            if what and done < len(order) and now - last >= PROGRESS_SECONDS:
+                last = now
+                log.info("answering %s: %d/%d in %.0f s", what, done, len(order), now - started)
     finally:
         if was_training:
             model.train()
@@ -67,10 +80,27 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_toke
               ([pad] * (width - len(p)) + p, [0] * (width - len(p)) + [1] * len(p)) for p in prompts]
     ids = torch.tensor([row for row, _ in padded], device=device)
     mask = torch.tensor([row for _, row in padded], device=device)
+    sharded = _fsdp_generation(model)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                             use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             **({"synced_gpus": True} if sharded else {}))
     return [tokenizer.decode(row if seq2seq else row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def _fsdp_generation(model: Any) -> bool:
+    """Whether `model` is sharded by FSDP2; if so, its `generate` gathers the weights like a forward pass (torch's
+    register_fsdp_forward_method, once), and the caller decodes in step with the other ranks (`synced_gpus`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    except ImportError:
+        return False
+    if not isinstance(model, FSDPModule):
+        return False
+    if not getattr(model, "_qlora_generate_registered", False):
+        register_fsdp_forward_method(model, "generate")
+        model._qlora_generate_registered = True
+    return True
 
 
 @contextlib.contextmanager
@@ -82,10 +112,18 @@ def base_model(model: Any) -> Iterator[None]:
 
 
 def answer_suites(model: Any, tokenizer: Any, template: str | None, suites: Sequence[Suite], max_new_tokens: int,
-                  batch_size: int, seq2seq: bool = False) -> dict[str, list[str]]:
-    """Every suite's answers, by suite name."""
-    return {s.name: generate_answers(model, tokenizer, template, s.items, max_new_tokens, batch_size, seq2seq)
-            for s in suites}
+                  batch_size: int, seq2seq: bool = False, when: str = ""
+                  ) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """Every suite's answers and the seconds they took, by suite name. `when` ("before", "after") is for the logs."""
+    answers, seconds = {}, {}
+    for s in suites:
+        started = time.monotonic()
+        what = f"eval suite {s.name}" + (f" ({when} training)" if when else "")
+        answers[s.name] = generate_answers(model, tokenizer, template, s.items, max_new_tokens, batch_size, seq2seq,
+                                           what=what)
+        seconds[s.name] = round(time.monotonic() - started, 2)
+        log.info("%s: %d answers in %.1f s", what, len(s.items), seconds[s.name])
+    return answers, seconds
 
 
 def normalize_answer(text: str) -> str:
@@ -186,8 +224,10 @@ def summarize_scores(scores: Sequence[dict[str, float]], primary: Sequence[str])
     return out
 
 
-def suite_report(suite: Suite, before: Sequence[str], after: Sequence[str], max_new_tokens: int) -> dict[str, Any]:
-    """One suite's results: where it came from, the summary before and after training, and every item's answers."""
+def suite_report(suite: Suite, before: Sequence[str], after: Sequence[str], max_new_tokens: int,
+                 answer_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """One suite's results: where it came from, the summary before and after training, the seconds its answers took
+    (`{"before": s, "after": s}`), and every item's answers."""
     primary = [item.metric for item in suite.items]
     scored_before = [score_answer(a, item.reference) for a, item in zip(before, suite.items, strict=True)]
     scored_after = [score_answer(a, item.reference) for a, item in zip(after, suite.items, strict=True)]
@@ -195,6 +235,7 @@ def suite_report(suite: Suite, before: Sequence[str], after: Sequence[str], max_
               "before": b, "after": a, "scores_before": sb, "scores_after": sa}
              for item, b, a, sb, sa in zip(suite.items, before, after, scored_before, scored_after, strict=True)]
     return {"name": suite.name, "uri": suite.uri, "sha256": suite.sha256, "count": len(items),
-            "max_new_tokens": max_new_tokens, "before": summarize_scores(scored_before, primary),
+            "max_new_tokens": max_new_tokens, "answer_seconds": dict(answer_seconds or {}),
+            "before": summarize_scores(scored_before, primary),
             "after": summarize_scores(scored_after, primary), "items": items}
 

@@ -5,6 +5,7 @@ Plain functions the job (entrypoints.trainer / entrypoints.modeling) and the ben
 benchmark measures the job's real path. What each lever gave, measured, is in docs/PERF.md; the memory model
 and the plan itself are torch-free, in entrypoints/sizing.py (the launcher uses them too).
 
+- `parallelism_for`: DDP or FSDP for this launch (sizing.choose_parallelism with this process's GPU memory).
 - `plan_for`: sizing.plan_batch for this process's GPU (its memory, capped by max_gpu_memory_gib); refuses a budget
   that not even the smallest plan fits (exit 2) instead of starting and running out of memory.
 - `patch_model`: per-sample (varlen) flash attention over packed rows, through PyTorch's own kernel.
@@ -25,12 +26,23 @@ from dataclasses import replace
 from typing import Any
 
 from entrypoints.errors import ConfigError
-from entrypoints.sizing import EIGHT_BIT_OPTIMIZERS, GIB, BatchPlan, ModelShape, PlanSettings, memory_levels, plan_batch
+from entrypoints.sizing import (
+    EIGHT_BIT_OPTIMIZERS,
+    GIB,
+    BatchPlan,
+    ModelShape,
+    Parallelism,
+    PlanSettings,
+    choose_parallelism,
+    memory_levels,
+    plan_batch,
+)
 
 log = logging.getLogger("qlora.perf")
 
 VARLEN_ATTENTION = "qlora_varlen"  # the name registered with transformers' AttentionInterface
-__all__ = ["GIB", "BatchPlan", "PlanSettings", "plan_for", "usable_gpu_bytes", "gpu_budget", "memory_choice", "plan_record", "patch_model", "liger_available",
+__all__ = ["GIB", "BatchPlan", "Parallelism", "PlanSettings", "parallelism_for", "plan_for", "usable_gpu_bytes",
+           "gpu_budget", "memory_choice", "plan_record", "patch_model", "liger_available",
            "wants_compile", "compile_layers", "partial_checkpointing_callback"]
 
 
@@ -55,10 +67,11 @@ def gpu_budget() -> tuple[int, bool] | None:
     return int(total * min(fraction, 1.0)), fraction < 1.0
 
 
-def plan_for(settings: PlanSettings, model_config: Any, stats: dict[str, Any]) -> BatchPlan:
+def plan_for(settings: PlanSettings, model_config: Any, stats: dict[str, Any], shards: int = 1) -> BatchPlan:
     """sizing.plan_batch for this process's GPU, a model's config and the job's data statistics (train_tokens,
-    train_records and longest_record_tokens, the longest train or eval record after truncation). Raises ConfigError
-    (exit 2) when even the smallest plan does not fit: starting would only run out of memory."""
+    train_records and longest_record_tokens, the longest train or eval record after truncation); `shards`: the
+    processes FSDP shards the model over (Parallelism.shards). Raises ConfigError (exit 2) when even the smallest
+    plan does not fit: starting would only run out of memory."""
     records = max(int(stats.get("train_records") or 0), 1)
     mean_tokens = float(stats.get("train_tokens") or settings.max_seq_length * records) / records
     budget = gpu_budget()
@@ -66,7 +79,7 @@ def plan_for(settings: PlanSettings, model_config: Any, stats: dict[str, Any]) -
         settings = replace(settings, capped=budget[1])
     # Without a GPU there is no memory limit to plan for: one micro-batch per optimizer step.
     plan = plan_batch(settings, budget[0] if budget else 1 << 50, ModelShape.from_config(model_config), mean_tokens,
-                      on_gpu=budget is not None, longest_sample_tokens=stats.get("longest_record_tokens"))
+                      on_gpu=budget is not None, longest_sample_tokens=stats.get("longest_record_tokens"), shards=shards)
     if not plan.fits:
         raise ConfigError([does_not_fit_message(settings, plan, budget[0] if budget else 0)])
     log.info("memory plan: %s", memory_choice(plan))
@@ -117,7 +130,46 @@ def does_not_fit_message(settings: PlanSettings, plan: BatchPlan, budget_bytes: 
     return f"{where}{also}, or lower {env_name('max_seq_length')} (now {settings.max_seq_length})"
 
 
+def parallelism_for(settings: PlanSettings, model_config: Any | None, processes: int) -> Parallelism:
+    """How this launch's `processes` share the work (sizing.choose_parallelism on this process's GPU memory, capped
+    by max_gpu_memory_gib); `model_config` None: a model the memory model does not describe (T5-class)."""
+    try:
+        shape = ModelShape.from_config(model_config) if model_config is not None else None
+    except ValueError:
+        shape = None
+    return choose_parallelism(settings.parallelism, shape, settings, processes, usable_gpu_bytes())
+
+
 # ------------------------------------------------------------------------------------------- trainer args
+def fsdp_arguments(layer_classes: list[str]) -> dict[str, Any]:
+    """TrainingArguments for FSDP-QLoRA through transformers' own FSDP support (accelerate's FSDP2 plugin).
+
+    - FSDP2 (`fully_shard`; FSDP1 is deprecated in transformers 5): every parameter is its own DTensor, so there are
+      no flat parameters and nothing like FSDP1's `use_orig_params` to set; accelerate shards the bitsandbytes
+      4-bit weights because their storage dtype is the compute dtype (modeling.quantization_config).
+    - auto-wrap: one unit per decoder layer (`layer_classes`: the model's `_no_split_modules`), gathered one at a
+      time and resharded after its forward pass; the embedding and the LM head are units of their own.
+    - activation checkpointing: the trainer's own (`gradient_checkpointing`, as the plan decides), not FSDP's
+      `activation_checkpointing`, whose checkpoint wrapper renames every decoder layer's parameters
+      (`_checkpoint_wrapped_module`): peft 0.21 then finds no LoRA weights in the state dict, and the adapter of
+      every checkpoint is saved empty. A recomputed layer gathers its 4-bit weights once more in the backward pass.
+    - FULL_STATE_DICT: a checkpoint's adapter is gathered to rank 0 and saved in the format of a single-GPU run's
+      (the optimizer state likewise, by accelerate's save_fsdp_optimizer).
+    """
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": list(layer_classes),
+            "reshard_after_forward": True,
+            "activation_checkpointing": False,
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+        },
+    }
+
+
 def compiler_available() -> bool:
     """Triton (behind Liger's kernels and torch.compile's GPU code) compiles a small C launcher on first use."""
     return any(shutil.which(cc) for cc in (os.environ.get("CC", ""), "cc", "gcc", "clang") if cc)

@@ -1,6 +1,7 @@
 """Model sizes and the memory model: parameters, bytes, FLOPs, and the batch plan that fits a GPU.
 
     python -m entrypoints.sizing --shape 7b --gpu-mem-gib 24 --mean-tokens 410   # print the batch plan
+    python -m entrypoints.sizing --shape 13b --gpu-mem-gib 22 --gpus 2 --parallelism fsdp --mean-tokens 2048
     python -m entrypoints.sizing --shape 7b --gpu-mem-gib 5.6 --capped        # under max_gpu_memory_gib=5.6
 
 One answer to "does it fit on this GPU, and how": the job plans its micro-batches with `plan_batch` (from the
@@ -185,6 +186,7 @@ class PlanSettings:
     lora_r: int = 16
     lora_dropout: float = 0.0
     lora_targets: str | tuple[str, ...] = "all-linear"
+    parallelism: str = "auto"  # auto, ddp, fsdp
     optim: str = "auto"  # `auto`: the plan may pick 8-bit AdamW when memory is short
     activation_offload: str = "auto"  # auto, true, false
     capped: bool = False  # max_gpu_memory_gib is set: the budget is the allocator's, the CUDA context lies outside
@@ -195,7 +197,7 @@ class PlanSettings:
         targets = cfg.target_modules
         return cls(cfg.max_seq_length, cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_tokens,
                    cfg.gradient_checkpointing, cfg.packing, cfg.quantization, cfg.double_quant, cfg.lora_r,
-                   float(cfg.lora_dropout), targets if isinstance(targets, str) else tuple(targets),
+                   float(cfg.lora_dropout), targets if isinstance(targets, str) else tuple(targets), cfg.parallelism,
                    optim=cfg.optim, activation_offload=cfg.activation_offload, capped=bool(cfg.max_gpu_memory_gib))
 
 
@@ -242,18 +244,31 @@ def activation_bytes_per_token(shape: ModelShape, checkpointing: bool, lora_drop
         shape, lora_dropout)
 
 
+def gathered_bytes(shape: ModelShape, s: PlanSettings) -> float:
+    """What FSDP holds unsharded at a time besides the shards: the largest unit it gathers (one decoder layer's 4-bit
+    weights, or the bf16 embedding / LM head, each a unit of its own) twice over, the one computing and the next
+    one prefetched."""
+    bits = 16.0 if s.quantization == "none" else 4.0 + (0.127 if s.double_quant else 0.5)
+    layer = shape.linear_params / shape.num_hidden_layers * bits / 8
+    return 2.0 * max(layer, 2.0 * shape.vocab_size * shape.hidden_size)
+
+
 def adamw_bytes_per_param(optim: str) -> float:
     """Bytes per LoRA parameter of the weight, its gradient and AdamW's two moments: 4 + 4 + 8 in fp32, 4 + 4 + 2
     with bitsandbytes' 8-bit moments (their blockwise scales add ~0.2%)."""
     return 10.0 if optim in EIGHT_BIT_OPTIMIZERS else 16.0
 
 
-def fixed_bytes(shape: ModelShape, s: PlanSettings) -> float:
+def fixed_bytes(shape: ModelShape, s: PlanSettings, shards: int = 1) -> float:
     """Memory that does not grow with the micro-batch: frozen weights, LoRA weights + AdamW state (fp32:
     weight, gradient, two moments = 16 bytes each; 10 with 8-bit moments), and 1 GiB for the CUDA context's share
-    and workspaces."""
-    return (weight_bytes(shape, s.quantization, s.double_quant)
-            + adamw_bytes_per_param(s.optim) * lora_params(shape, s.lora_r, s.lora_targets) + CONTEXT_BYTES)
+    and workspaces. Sharded over `shards` GPUs (FSDP): the weights and LoRA state divided among them, plus
+    `gathered_bytes`."""
+    state = (weight_bytes(shape, s.quantization, s.double_quant)
+             + adamw_bytes_per_param(s.optim) * lora_params(shape, s.lora_r, s.lora_targets))
+    if shards <= 1:
+        return state + CONTEXT_BYTES
+    return state / shards + gathered_bytes(shape, s) + CONTEXT_BYTES
 
 
 def offloaded_bytes_per_token(shape: ModelShape) -> float:
@@ -265,12 +280,67 @@ def offloaded_bytes_per_token(shape: ModelShape) -> float:
     return recomputed_bytes_per_token(shape) - offloaded
 
 
-def minimum_gpu_bytes(shape: ModelShape, s: PlanSettings) -> float:
-    """The least GPU memory the job runs in, before the 80% share: the fixed part plus its smallest micro-batch
-    (one packed row of max_seq_length, or micro_batch_size padded samples without packing) with every layer
-    recomputed (`auto`, `true`) or none (`false`)."""
+def load_bytes(shape: ModelShape, s: PlanSettings) -> float:
+    """GPU memory while the model loads: the whole 4-bit model on every GPU, sharded or not (accelerate's FSDP2
+    shards a 4-bit model only after it is on the GPU: `fsdp2_prepare_model` keeps bitsandbytes weights off its
+    meta-device loading), plus 1 GiB of CUDA context."""
+    return weight_bytes(shape, s.quantization, s.double_quant) + 1.0 * GIB
+
+
+def minimum_gpu_bytes(shape: ModelShape, s: PlanSettings, shards: int = 1) -> float:
+    """The least GPU memory the job runs in, before the 80% share: the fixed part (sharded over `shards` GPUs with
+    FSDP) plus its smallest micro-batch (one packed row of max_seq_length, or micro_batch_size padded samples
+    without packing) with every layer recomputed (`auto`, `true`) or none (`false`)."""
     tokens = s.max_seq_length * (1 if s.packing else s.micro_batch_size)
-    return fixed_bytes(shape, s) + tokens * activation_bytes_per_token(shape, s.gradient_checkpointing != "false")
+    return fixed_bytes(shape, s, shards) + tokens * activation_bytes_per_token(shape, s.gradient_checkpointing != "false")
+
+
+# ------------------------------------------------------------------------------------------- parallelism
+@dataclass(frozen=True)
+class Parallelism:
+    """How the job's processes share the work: `single` (one process), `ddp` (a whole model per GPU) or `fsdp`
+    (weights, LoRA and optimizer state sharded over every process), and why."""
+
+    mode: str
+    processes: int
+    reason: str
+
+    @property
+    def shards(self) -> int:
+        """Over how many GPUs the model's state is divided (1 unless FSDP)."""
+        return self.processes if self.mode == "fsdp" else 1
+
+
+def choose_parallelism(setting: str, shape: ModelShape | None, s: PlanSettings, processes: int,
+                       gpu_mem_bytes: float | None) -> Parallelism:
+    """The `parallelism` setting decided for `processes` processes on GPUs of `gpu_mem_bytes` each (None: no GPU).
+
+    `auto`: DDP when the whole 4-bit model, its LoRA state and the smallest micro-batch fit in 80% of one GPU
+    (`minimum_gpu_bytes`); else FSDP when they fit sharded over the processes and the whole 4-bit model fits one GPU
+    while it loads (`load_bytes`); else DDP, which will not fit either (the launcher refuses such a job).
+    """
+    if processes <= 1:
+        return Parallelism("single", 1, f"one process{' (parallelism=' + setting + ' applies to several)' if setting != 'auto' else ''}")
+    if setting in ("ddp", "fsdp"):
+        return Parallelism(setting, processes, f"parallelism={setting} set")
+    if gpu_mem_bytes is None:
+        return Parallelism("ddp", processes, "no GPU: FSDP needs CUDA GPUs")
+    if shape is None:
+        return Parallelism("ddp", processes, "the model's size is not known to the memory model")
+    usable = MEMORY_SHARE * gpu_mem_bytes
+    whole = minimum_gpu_bytes(shape, s)
+    of = f"{usable / GIB:.1f} GiB usable ({MEMORY_SHARE:.0%} of {gpu_mem_bytes / GIB:.1f})"
+    if whole <= usable:
+        return Parallelism("ddp", processes, f"the model fits one GPU: at least {whole / GIB:.1f} GiB of {of}")
+    sharded = minimum_gpu_bytes(shape, s, processes)
+    loading = load_bytes(shape, s)
+    if sharded <= usable and loading <= gpu_mem_bytes:
+        return Parallelism("fsdp", processes, f"the model does not fit one GPU (at least {whole / GIB:.1f} GiB of"
+                           f" {of}); sharded over {processes} GPUs it needs {sharded / GIB:.1f} GiB each")
+    why = (f"sharded over {processes} GPUs it needs {sharded / GIB:.1f} GiB each" if sharded > usable else
+           f"the whole 4-bit model ({loading / GIB:.1f} GiB with the CUDA context) must fit one GPU while it loads")
+    return Parallelism("ddp", processes, f"the model fits neither one GPU (at least {whole / GIB:.1f} GiB of {of})"
+                       f" nor sharded: {why}")
 
 
 @dataclass(frozen=True)
@@ -306,9 +376,10 @@ def memory_levels(s: PlanSettings) -> list[tuple[bool, str]]:
     return levels
 
 
-def _level_bytes(shape: ModelShape, s: PlanSettings, offload: bool, optim: str) -> tuple[float, float]:
+def _level_bytes(shape: ModelShape, s: PlanSettings, offload: bool, optim: str, shards: int = 1
+                 ) -> tuple[float, float]:
     """Fixed bytes and activation bytes per token of one memory level."""
-    fixed = fixed_bytes(shape, replace(s, optim=optim or s.optim))
+    fixed = fixed_bytes(shape, replace(s, optim=optim or s.optim), shards)
     per_token = (offloaded_bytes_per_token(shape) if offload
                  else activation_bytes_per_token(shape, s.gradient_checkpointing != "false"))
     return fixed, per_token
@@ -323,7 +394,7 @@ def fit_tokens(fixed: float, per_token: float, gpu_mem_bytes: float, capped: boo
     return max(0, int(max(share, allocator / SMALL_END_ACTIVATION_FACTOR) / per_token))
 
 
-def smallest_budget_bytes(shape: ModelShape, s: PlanSettings, tokens: int | None = None) -> float:
+def smallest_budget_bytes(shape: ModelShape, s: PlanSettings, tokens: int | None = None, shards: int = 1) -> float:
     """The least memory budget (GPU, or max_gpu_memory_gib when s.capped) in which the job runs `tokens` per
     micro-batch (default: its smallest micro-batch, one packed row of max_seq_length, or micro_batch_size padded
     samples without packing) with the most memory-saving plan its settings allow (fit_tokens' rules inverted)."""
@@ -331,7 +402,7 @@ def smallest_budget_bytes(shape: ModelShape, s: PlanSettings, tokens: int | None
     levels = memory_levels(s) if s.packing else [(False, "")]
     best = math.inf
     for offload, optim in levels:
-        fixed, per_token = _level_bytes(shape, s, offload, optim)
+        fixed, per_token = _level_bytes(shape, s, offload, optim, shards)
         share = (fixed + tokens * per_token) / MEMORY_SHARE
         small = (fixed - CONTEXT_BYTES + SMALL_END_ACTIVATION_FACTOR * tokens * per_token
                  + (0.0 if s.capped else CONTEXT_BYTES))
@@ -340,7 +411,7 @@ def smallest_budget_bytes(shape: ModelShape, s: PlanSettings, tokens: int | None
 
 
 def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_sample_tokens: float,
-               on_gpu: bool = True, longest_sample_tokens: int | None = None) -> BatchPlan:
+               on_gpu: bool = True, longest_sample_tokens: int | None = None, shards: int = 1) -> BatchPlan:
     """Pick the packed row length, rows per micro-batch, gradient accumulation and checkpointed layers.
 
     Tokens per optimizer step = micro_batch_size x gradient_accumulation_steps x mean sample length, i.e.
@@ -354,6 +425,7 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
     80% of the memory on layers that keep their activations, each costing `layer_bytes_per_token` x the
     micro-batch's tokens, and switches checkpointing off when all of them fit. Recomputation is a third of
     a layer's work, so every layer kept is ~1/3 of its backward saved (docs/PERF.md).
+    `shards` > 1 (FSDP): the weights and LoRA state take 1/shards of each GPU, plus what FSDP gathers (`fixed_bytes`).
     """
     seq = s.max_seq_length
     layers = shape.num_hidden_layers
@@ -364,7 +436,7 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
     step_tokens = max(step_tokens, float(row))
     step_text = (f"one step is ~{int(step_tokens)} tokens ({s.micro_batch_size}x{s.gradient_accumulation_steps}"
                  f" samples of ~{mean_sample_tokens:.0f}{'' if row == seq else f', the longest {longest}'})")
-    fixed = fixed_bytes(shape, s)
+    fixed = fixed_bytes(shape, s, shards)
     # Outside the auto-sized branch below: offload only when asked for (`true`), the default optimizer.
     offload, optim, fits, smallest = on_gpu and s.activation_offload == "true" and mode != "false", "", True, 0.0
     if s.micro_batch_tokens:
@@ -379,7 +451,7 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
         # The first memory level with the most rows (up to one step); when none holds one row, the job refuses.
         choices = []
         for level_offload, level_optim in memory_levels(s):
-            level_fixed, per_token = _level_bytes(shape, s, level_offload, level_optim)
+            level_fixed, per_token = _level_bytes(shape, s, level_offload, level_optim, shards)
             fit = fit_tokens(level_fixed, per_token, gpu_mem_bytes, s.capped)
             choices.append((min(fit, int(step_tokens)) // row, fit, level_offload, level_optim, level_fixed))
         best = max(c[0] for c in choices)
@@ -393,7 +465,7 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
                        + (" the recomputed layers' inputs are offloaded to CPU memory" if offload else "")
                        + (" and" if offload and optim else "")
                        + (f" {optim} keeps AdamW's state in 8 bits" if optim else ""))
-        smallest = smallest_budget_bytes(shape, s, row)
+        smallest = smallest_budget_bytes(shape, s, row, shards)
         fits = rows_fit >= 1
         if not fits:
             reason += f"; DOES NOT FIT: the smallest plan needs {smallest / GIB:.2f} GiB"
@@ -414,6 +486,8 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
         kept = max(0, min(layers, int(spare // per_layer))) if spare > 0 else 0
         reason += (f"; {kept} of {layers} layers keep their activations ({per_layer / GIB:.2f} GiB each at"
                    f" {tokens} tokens, {max(spare, 0) / GIB:.1f} GiB spare in {MEMORY_SHARE:.0%})")
+    if shards > 1:
+        reason += f"; weights and LoRA state sharded over {shards} GPUs"
     return BatchPlan(rows, tokens, accum, kept < layers, kept, reason, row, offload, optim, fits, smallest)
 
 
@@ -423,12 +497,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--gpu-mem-gib", type=float, default=80.0)
     parser.add_argument("--mean-tokens", type=float, default=410.0)
+    parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) of the job")
+    parser.add_argument("--parallelism", choices=("auto", "ddp", "fsdp"), default="auto")
     parser.add_argument("--capped", action="store_true",
                         help="the memory is a max_gpu_memory_gib cap (the CUDA context lies outside it)")
     args = parser.parse_args(argv)
-    shape, settings = SHAPES[args.shape], PlanSettings(capped=args.capped)
-    plan = plan_batch(settings, int(args.gpu_mem_gib * GIB), shape, args.mean_tokens)
-    print(json.dumps({**asdict(plan), "minimum_gpu_gib": round(minimum_gpu_bytes(shape, settings) / GIB, 2),
+    shape, settings = SHAPES[args.shape], PlanSettings(parallelism=args.parallelism, capped=args.capped)
+    memory = int(args.gpu_mem_gib * GIB)
+    parallel = choose_parallelism(args.parallelism, shape, settings, args.gpus, memory)
+    plan = plan_batch(settings, memory, shape, args.mean_tokens, shards=parallel.shards)
+    print(json.dumps({**asdict(plan), "parallelism": asdict(parallel),
+                      "minimum_gpu_gib": round(minimum_gpu_bytes(shape, settings, parallel.shards) / GIB, 2),
                       "flops_per_token": train_flops_per_token(shape, settings.lora_r, math.sqrt(args.mean_tokens))}))
     return 0
 

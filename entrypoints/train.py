@@ -74,11 +74,18 @@ from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
 from entrypoints.promotion import Decision, gate
 from entrypoints.ranks import RankFailed, Ranks, join_ranks, leave_process_group
 from entrypoints.secrets import install_redactor, resolve_secrets
-from entrypoints.sizing import BatchPlan, PlanSettings
+from entrypoints.sizing import BatchPlan, Parallelism, PlanSettings
 from entrypoints.suites import Suite, fetch_suites
 from entrypoints.templating import load_tokenizer_and_template
 from entrypoints.tracking import NullTracker, WandbTracker, wandb_wanted
-from entrypoints.trainer import build_trainer, check_trained, find_checkpoint, save_adapter, train
+from entrypoints.trainer import (
+    build_trainer,
+    check_trained,
+    find_checkpoint,
+    gather_adapter,
+    save_adapter,
+    train,
+)
 
 log = logging.getLogger("qlora")
 SUMMARY_PREFIX = "QLORA_SUMMARY "  # the last stdout line: one JSON object a caller can parse
@@ -225,7 +232,7 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
                                                             fresh_cache=ranks.is_local_main, seq2seq=seq2seq),
                                        "data preparation")
     stop.check("while the data was prepared")
-    plan, fingerprint = plan_run(cfg, inputs, data, ranks)
+    plan, fingerprint, parallel = plan_run(cfg, inputs, data, ranks, seq2seq)
     resume = find_checkpoint(cfg, fingerprint, ranks)
     # One W&B run per job: transformers' WandbCallback logs from world rank 0 only, so only it opens the run.
     tracker = (WandbTracker(cfg.wandb_project, cfg.wandb_entity, cfg.run_name, cfg.to_public_dict(), work / "wandb")
@@ -233,13 +240,15 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
     exit_code = 1
     try:
         model = load_model(inputs.model_dir, cfg, ranks.local_rank, seq2seq)
-        trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint, seq2seq)
+        trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint, seq2seq, parallel)
         stop.check("while the model was loaded")
         metrics, samples, suites = train_and_evaluate(cfg, trainer, tokenizer, template, data, stop, resume,
                                                       inputs.suites, seq2seq)
         if plan is not None:  # in the manifest: how this run fitted its memory
             metrics["batch_plan"] = perf.plan_record(plan, trainer.args.optim)
+        metrics["parallelism"] = {"mode": parallel.mode, "processes": parallel.processes, "reason": parallel.reason}
         stop.check("after training (during eval or the sample answers)")
+        gathered = gather_adapter(trainer)  # sharded: every rank sends its shard of the adapter to rank 0
         if not trainer.is_world_process_zero():
             exit_code = 0
             return {}
@@ -256,7 +265,7 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
             stage.mkdir(parents=True)
             publisher = Publisher(stage, target, cfg.s3_endpoint_url, claim)
             adapter_dir, metrics["adapter"] = save_adapter(trainer, tokenizer, stage, cfg.base_model_name,
-                                                           str(compute_dtype(cfg)).removeprefix("torch."))
+                                                           str(compute_dtype(cfg)).removeprefix("torch."), gathered)
             for path in storage.iter_tree(adapter_dir):
                 publisher.submit(path)
             del trainer, model  # the merge needs the memory the 4-bit model holds
@@ -328,16 +337,27 @@ def settings_for_model(cfg: JobConfig, model_dir: Path) -> tuple[JobConfig, bool
     return cfg, True
 
 
-def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks) -> tuple[BatchPlan | None, dict]:
-    """The batch plan (packed micro-batches sized from the GPU's memory, capped first when max_gpu_memory_gib is set;
-    docs/PERF.md) and the run's fingerprint. Planned from the model's config, before the model is loaded, so that a
-    checkpoint of other inputs or settings is refused before minutes of loading."""
+def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks, seq2seq: bool = False
+             ) -> tuple[BatchPlan | None, dict, Parallelism]:
+    """The parallelism (DDP or FSDP, from the memory model: sizing.choose_parallelism), the batch plan (packed
+    micro-batches sized from the GPU's memory, capped first when max_gpu_memory_gib is set; docs/PERF.md) and the
+    run's fingerprint. Planned from the model's config, before the model is loaded, so that a checkpoint of other
+    inputs or settings is refused before minutes of loading."""
     if device_kind() == "cuda":
         cap_gpu_memory(cfg.max_gpu_memory_gib, ranks.local_rank)
+    model_config = load_model_config(inputs.model_dir, cfg)
+    settings = PlanSettings.of(cfg)
+    parallel = perf.parallelism_for(settings, None if seq2seq else model_config, ranks.world_size)
+    if parallel.mode == "fsdp" and device_kind() != "cuda":
+        raise ConfigError([f"{env_name('parallelism')}=fsdp: FSDP runs on CUDA GPUs only (accelerate does not shard"
+                           f" across CPU processes; it would train DDP instead); use {env_name('parallelism')}=ddp"
+                           " (or auto) here"])
+    if ranks.is_main:
+        log.info("parallelism: %s over %d process(es): %s", parallel.mode, parallel.processes, parallel.reason)
     plan = None
     if cfg.packing:
         try:
-            plan = perf.plan_for(PlanSettings.of(cfg), load_model_config(inputs.model_dir, cfg), data.stats)
+            plan = perf.plan_for(settings, model_config, data.stats, parallel.shards)
         except ValueError as exc:
             raise ModelError(f"{inputs.model_dir}/config.json: {exc}. The job fine-tunes Llama-class causal language"
                              " models (Llama, Mistral, Qwen, SmolLM...): point QLORA_MODEL at one") from None
@@ -347,7 +367,10 @@ def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks) 
              if plan else {"rows": cfg.micro_batch_size, "accumulation": cfg.gradient_accumulation_steps})
     if plan is not None and plan.optim:
         batch["optimizer"] = plan.optim  # the plan's pick for optim=auto: its checkpoints hold that optimizer's state
-    return plan, run_fingerprint(cfg.to_public_dict(), inputs.content, {**batch, "processes": ranks.world_size})
+    # A sharded run's checkpoints hold FSDP's optimizer state: only a run sharded the same way resumes from them.
+    sharding = {"parallelism": "fsdp"} if parallel.mode == "fsdp" else {}
+    return plan, run_fingerprint(cfg.to_public_dict(), inputs.content, {**batch, "processes": ranks.world_size,
+                                                                         **sharding}), parallel
 
 
 def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: str | None, data: TokenizedData,
@@ -357,28 +380,47 @@ def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: s
     taken as it is), the check that it trained something, eval loss and answers after: the metrics, the samples and
     the suites' reports (world rank 0 answers)."""
     main = trainer.is_world_process_zero()
-    answers = main and data.samples
+    fsdp = trainer.is_fsdp_enabled
+
+    def sharded() -> bool:
+        """Whether the Trainer has sharded the model yet (FSDP2 shards it in place when training starts)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return fsdp and isinstance(trainer.model, FSDPModule)
+
+    def generating() -> bool:
+        # A sharded model's forward passes gather weights from every rank: all ranks generate, rank 0 keeps the answers.
+        return main or sharded()
 
     def answer() -> list[str]:
         return (generate_answers(trainer.model, tokenizer, template, data.samples, cfg.max_new_tokens,
-                                 cfg.generation_batch_size, seq2seq) if answers else [])
+                                 cfg.generation_batch_size, seq2seq) if generating() and data.samples else [])
 
-    def ask_suites() -> dict[str, list[str]]:
+    def ask_suites(when: str) -> tuple[dict[str, list[str]], dict[str, float]]:
         return answer_suites(trainer.model, tokenizer, template, suites, cfg.max_new_tokens,
-                             cfg.generation_batch_size, seq2seq) if main else {}
+                             cfg.generation_batch_size, seq2seq, when) if generating() else ({}, {})
 
-    has_eval = data.eval is not None
-    eval_before, before = evaluate(trainer, has_eval), answer()
+    def eval_loss() -> float | None:
+        if fsdp and not sharded() and data.eval is not None:
+            # transformers' evaluate() prepares an unprepared FSDP2 model without its optimizer, which accelerate
+            # refuses; the unsharded model is only there before training, so this eval is left out.
+            log.warning("eval loss before training: not measured under FSDP (transformers cannot evaluate an FSDP2"
+                        " model before training prepares it)")
+            return None
+        return evaluate(trainer, data.eval is not None)
+
+    eval_before, before = eval_loss(), answer()
     with base_model(trainer.model):  # the adapter is the identity before training; off, whatever it holds
-        suites_before = ask_suites()
+        suites_before, seconds_before = ask_suites("before")
     log.info("eval loss before training: %s", eval_before)
     stop.check("before training (during the first eval or sample answers)")
     result = train(trainer, cfg, stop, resume)
     check_trained(trainer.model, result, cfg)
-    eval_after, after = evaluate(trainer, has_eval), answer()
-    suites_after = ask_suites()
+    eval_after, after = eval_loss(), answer()
+    suites_after, seconds_after = ask_suites("after")
     log.info("eval loss after training: %s", eval_after)
-    reports = [suite_report(s, suites_before[s.name], suites_after[s.name], cfg.max_new_tokens)
+    reports = [suite_report(s, suites_before[s.name], suites_after[s.name], cfg.max_new_tokens,
+                            {"before": seconds_before[s.name], "after": seconds_after[s.name]})
                for s in suites] if main else []
     for report in reports:
         log.info("eval suite %s (%d): %s", report["name"], report["count"], ", ".join(
@@ -392,7 +434,7 @@ def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: s
         metrics["approx_tokens_per_second"] = round(
             data.stats["train_tokens"] * cfg.num_epochs * share / result["train_runtime_seconds"], 1)
     samples = [{"prompt": s["prompt"], "reference": s["reference"], "before": b, "after": a}
-               for s, b, a in zip(data.samples, before, after, strict=True)] if answers else []
+               for s, b, a in zip(data.samples, before, after, strict=True)] if main and data.samples else []
     return metrics, samples, reports
 
 

@@ -28,13 +28,16 @@ from entrypoints.config import JobConfig, env_name
 from entrypoints.dataset import TokenizedData
 from entrypoints.errors import ConfigError, JobError, ModelError, Preempted, disk_space_for
 from entrypoints.ranks import Ranks
-from entrypoints.sizing import BatchPlan
+from entrypoints.sizing import BatchPlan, Parallelism
 
 log = logging.getLogger("qlora")
 
 
-def compiles(cfg: JobConfig, plan: BatchPlan | None, cuda: bool) -> bool:
-    """Whether the decoder layers are compiled (perf.wants_compile, with the plan's checkpointing)."""
+def compiles(cfg: JobConfig, plan: BatchPlan | None, cuda: bool, fsdp: bool = False) -> bool:
+    """Whether the decoder layers are compiled (perf.wants_compile, with the plan's checkpointing). Under FSDP only
+    when asked for (`true`): compiled layers inside FSDP2 units have not been measured; `auto` uses Liger there."""
+    if fsdp and cfg.torch_compile == "auto":
+        return False
     partial = plan is not None and plan.gradient_checkpointing and plan.layers_without_checkpointing > 0
     return perf.wants_compile(cfg.torch_compile, cuda, partial)
 
@@ -170,7 +173,9 @@ def keeps_best(cfg: JobConfig, has_eval: bool) -> bool:
 
 
 def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedData, tracker: Any, stop: StopFlag,
-                  plan: BatchPlan | None, fingerprint: dict, seq2seq: bool = False):
+                  plan: BatchPlan | None, fingerprint: dict, seq2seq: bool = False, parallel: Parallelism | None = None):
+    """`parallel`: how the processes share the work (perf.parallelism_for); None or not `fsdp`: DDP (or one
+    process), which the Trainer sets up by itself under torchrun."""
     import torch
     from peft import LoraConfig
 
@@ -180,6 +185,11 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
     cuda = device_kind() == "cuda"
     precision = str(compute_dtype(cfg, seq2seq)).removeprefix("torch.")
     kwargs = sft_config(cfg, plan, cuda, precision, data.eval is not None, tracker.report_to)
+    fsdp = parallel is not None and parallel.mode == "fsdp"
+    if fsdp:
+        kwargs.update(perf.fsdp_arguments(list(getattr(model, "_no_split_modules", None) or [])))
+        kwargs["use_liger_kernel"] = (cfg.use_liger and cuda and not compiles(cfg, plan, cuda, fsdp)
+                                      and perf.liger_available())
     extra_callbacks = []
     if cfg.eval_steps and data.eval is None:
         log.warning("%s=%d: there is no eval data to evaluate, so the last step's adapter is published%s",
@@ -200,6 +210,10 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
     callbacks = [trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url, fingerprint),
                  _throughput_callback(tracker), *extra_callbacks]
     trainer = (_seq2seq_trainer if seq2seq else _sft_trainer)(model, kwargs, data, tokenizer, peft_config, callbacks)
+    if fsdp and not trainer.is_fsdp_enabled:
+        # accelerate turns FSDP on for GPU process groups only; on CPU ranks it would quietly train DDP instead.
+        raise ConfigError([f"{env_name('parallelism')}=fsdp: FSDP runs on CUDA GPUs only (accelerate does not shard"
+                           f" across CPU processes); use {env_name('parallelism')}=ddp (or auto) here"])
     # TRL casts a quantized model's LoRA weights to bfloat16, but a resumed run reloads them through peft, which
     # upcasts adapters to float32: every resume switched the precision and ended with a different adapter than
     # an uninterrupted run. Float32 adapter weights (peft's own default) in both cases; under bf16/fp16 autocast
@@ -207,7 +221,7 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    if compiles(cfg, plan, cuda):
+    if compiles(cfg, plan, cuda, fsdp):
         checkpointing = bool(kwargs.get("activation_checkpointing", kwargs.get("gradient_checkpointing")))
         kept = plan.layers_without_checkpointing if plan is not None else 0
         perf.compile_layers(trainer.model, recomputed=lambda index: checkpointing and index >= kept)
@@ -464,11 +478,25 @@ def check_trained(model: Any, result: dict[str, Any], cfg: JobConfig) -> None:
                            " the data"])
 
 
-def save_adapter(trainer: Any, tokenizer: Any, stage: Path, base_model_name: str, compute_dtype: str
-                 ) -> tuple[Path, dict[str, Any]]:
+def gather_adapter(trainer: Any) -> dict[str, Any] | None:
+    """Under FSDP, the LoRA weights gathered whole from their shards into world rank 0's CPU memory (torch's
+    full state dict without the frozen 4-bit weights); every rank must call it (it is a collective), and the
+    other ranks get an empty dict. None without FSDP: the model holds its whole adapter."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    gathered = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                            ignore_frozen_params=True))
+    return {name: tensor.detach().clone() for name, tensor in gathered.items()}  # owned copies, not views of buffers
+
+
+def save_adapter(trainer: Any, tokenizer: Any, stage: Path, base_model_name: str, compute_dtype: str,
+                 gathered: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Save the adapter and tokenizer to `stage`/adapter, naming the base model by `base_model_name` (where it came
     from: a Hub id, an s3:// prefix), not by the scratch copy it was loaded from, in adapter_config.json and in
-    peft's own README.md. Returns the directory and what the adapter is: dtype, parameters, bytes."""
+    peft's own README.md. `gathered`: the adapter of a sharded model (gather_adapter). Returns the directory and what
+    the adapter is: dtype, parameters, bytes."""
     from safetensors import safe_open
 
     model = trainer.model
@@ -477,7 +505,7 @@ def save_adapter(trainer: Any, tokenizer: Any, stage: Path, base_model_name: str
     base = model.get_base_model()  # peft's README.md names it as base_model and in a base_model:adapter: tag
     base.name_or_path = base.config.name_or_path = base_model_name
     adapter_dir = stage / "adapter"
-    model.save_pretrained(adapter_dir, safe_serialization=True)
+    model.save_pretrained(adapter_dir, safe_serialization=True, **({"state_dict": gathered} if gathered else {}))
     tokenizer.save_pretrained(adapter_dir)
     weights = adapter_dir / "adapter_model.safetensors"
     with safe_open(str(weights), framework="pt") as f:

@@ -416,7 +416,7 @@ def preflight(plan: LaunchPlan, args: argparse.Namespace, problems: list[str]) -
     except ValueError as exc:  # a config.json the memory model does not describe (an encoder-decoder model)
         shape, fit = None, estimate.Fit(True, True, f"GPU memory check skipped for {plan.cfg.model}: {exc}")
     else:
-        fit = estimate.check_fit(shape, plan.cfg, plan.instance)
+        fit = estimate.check_fit(shape, plan.cfg, plan.instance, plan.instance_count)
     if not fit.ok and not args.force:
         problems.append(f"GPU memory: {fit.message} (or pass --force to submit anyway)")
     else:

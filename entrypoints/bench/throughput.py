@@ -374,11 +374,13 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
     if not varlen:  # the lever: packed rows through SDPA's block-diagonal mask instead of per-sample attention
         model.config._attn_implementation = "sdpa"
     data = TokenizedData(dataset, None, [], dict(stats))
-    plan = perf.plan_for(sizing.PlanSettings.of(cfg), model.config, data.stats) if cfg.packing else None
-    trainer = build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), plan, {})
+    settings = sizing.PlanSettings.of(cfg)
+    parallel = perf.parallelism_for(settings, model.config, _world_size())
+    plan = perf.plan_for(settings, model.config, data.stats, parallel.shards) if cfg.packing else None
+    trainer = build_trainer(cfg, model, tokenizer, data, NullTracker(), StopFlag(), plan, {}, parallel=parallel)
     if layers_without:
         trainer.add_callback(perf.partial_checkpointing_callback(layers_without))
-    return trainer, model, cfg
+    return trainer, model, cfg, parallel
 
 
 def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, Any], tokenizer: Any, work: Path,
@@ -409,8 +411,8 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
                     result["error"] = "needs a baseline run on the GPU before it, in the same process"
                     return result
                 settings["max_gpu_memory_gib"] = str(baseline_reserved_gib)
-            trainer, model, cfg = job_trainer(model_dir, dataset, tokenizer, stats, work / name, args.max_length,
-                                              args.seed, settings)
+            trainer, model, cfg, parallel = job_trainer(model_dir, dataset, tokenizer, stats, work / name,
+                                                        args.max_length, args.seed, settings)
             targs, lora_r = trainer.args, cfg.lora_r
             result["settings"] = {k: v for k, v in settings.items()}
             result["plan"] = {"per_device_train_batch_size": targs.per_device_train_batch_size,
@@ -421,7 +423,9 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
                               "attn_implementation": model.config._attn_implementation,
                               "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
                               "layers_without_checkpointing": _layers_kept(trainer),
-                              "max_gpu_memory_gib": cfg.max_gpu_memory_gib or None}
+                              "max_gpu_memory_gib": cfg.max_gpu_memory_gib or None,
+                              "parallelism": {"mode": parallel.mode, "reason": parallel.reason},
+                              "fsdp": bool(trainer.is_fsdp_enabled)}
         result["load_seconds"] = round(time.monotonic() - started, 1)
         train_and_measure(trainer, result, cuda, lora_r, stats, args.shape, peak_flops,
                           profile=args.profile == name)

@@ -416,3 +416,18 @@ def test_first_failure_wins_keeps_a_failure_file_written_during_the_run(tmp_path
     # ... and a single process always writes its own.
     assert errors.run_guarded(other_rank_then_preempted, lambda: failure) == EXIT_PREEMPTED
     assert failure.read_text().startswith("preempted: ")
+
+
+def test_fsdp_on_cpu_ranks_is_refused_before_the_model_loads(tiny_model, tmp_path):
+    """accelerate shards only across GPUs; on CPU ranks it would quietly train DDP. The job says so, exit 2."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    code, output = run_torchrun(job_env(tmp_path, **SETTINGS, QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data),
+                                        QLORA_OUTPUT=str(tmp_path / "out"), QLORA_REPORT_TO="none",
+                                        QLORA_PARALLELISM="fsdp"), timeout=180)
+    assert code != 0 and re.search(r"exitcode\s*:\s*2 ", output), output[-3000:]
+    failure = (tmp_path / "opt-ml" / "output" / "failure").read_text()
+    assert failure.startswith("configuration error: ") and "QLORA_PARALLELISM=fsdp: FSDP runs on CUDA GPUs only" in \
+        failure and "QLORA_PARALLELISM=ddp" in failure, failure
+    assert "loading " not in output  # refused before minutes of model loading
+    assert nothing_published(tmp_path / "out")

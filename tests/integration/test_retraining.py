@@ -70,6 +70,7 @@ def test_a_better_retrain_is_promoted_and_a_worse_one_is_kept_but_not_promoted(s
     assert suite["count"] == 2 and set(suite["after"]) == {"exact_match", "contains", "token_f1", "rouge_l", "score",
                                                            "count"}
     assert suite["sha256"] == hashlib.sha256((tmp_path / "facts.jsonl").read_bytes()).hexdigest()
+    assert set(suite["answer_seconds"]) == {"before", "after"} and all(s > 0 for s in suite["answer_seconds"].values())
     answers = [json.loads(line) for line in storage.read_text(f"{run1}/evaluation/facts.jsonl",
                                                               endpoint_url=server.endpoint).splitlines()]
     assert [a["source"] for a in answers] == [f"s3://{bucket}/suites/facts.jsonl:1", f"s3://{bucket}/suites/facts.jsonl:2"]

@@ -103,3 +103,31 @@ def test_an_empty_suite_and_messages_without_a_chat_template_are_refused(tmp_pat
     assert load_suite(path, str(path), chat=True).items[0].prompt == "Hi"
     with pytest.raises(DataError, match="QLORA_DATA_FORMAT=text"):
         load_suite(path, str(path), chat=False)
+
+
+def test_suite_answers_report_their_time_and_log_progress_on_long_suites(tiny_model, monkeypatch, caplog):
+    """A 500-question suite takes minutes: the job says how far it is and how long each suite took (manifest)."""
+    import logging
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from entrypoints import evaluation
+    from entrypoints.suites import Suite, SuiteItem
+
+    monkeypatch.setattr(evaluation, "PROGRESS_SECONDS", 0.0)  # a progress line after every batch but the last
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.unk_token
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    items = tuple(SuiteItem(f"s.jsonl:{i}", None, f"Question {i}?", "yes", "contains") for i in range(5))
+    suite = Suite("facts", "s.jsonl", "f" * 64, items)
+    with caplog.at_level(logging.INFO, logger="qlora.evaluation"):
+        answers, seconds = evaluation.answer_suites(model, tok, None, [suite], 2, batch_size=2, when="before")
+    assert len(answers["facts"]) == 5 and seconds["facts"] > 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert [m.split(" in ")[0] for m in lines if m.startswith("answering")] == [
+        "answering eval suite facts (before training): 2/5", "answering eval suite facts (before training): 4/5"]
+    assert any(m.startswith("eval suite facts (before training): 5 answers in ") for m in lines)
+    report = evaluation.suite_report(suite, answers["facts"], answers["facts"], 2,
+                                     {"before": seconds["facts"], "after": 1.5})
+    assert report["answer_seconds"] == {"before": seconds["facts"], "after": 1.5}

@@ -63,9 +63,13 @@ def test_fit_check_refuses_with_numbers_and_warns_when_unknown():
     cfg = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf"}, check_paths=False)
     fit = estimate.check_fit(sizing.shape_of_model(cfg.model), cfg, instances.lookup("g5.2xlarge"))
     assert not fit.ok and "GiB per GPU" in fit.message and "vs 24 GiB on each" in fit.message
-    # ~34 GiB of 4-bit weights alone: 70B fits an 80 GiB A100, not a 40 GiB one.
+    # ~34 GiB of 4-bit weights alone: 70B fits an 80 GiB A100 whole, a 40 GiB one only sharded (FSDP over its 8).
     assert estimate.check_fit(sizing.shape_of_model(cfg.model), cfg, instances.lookup("p4de.24xlarge")).ok
-    assert not estimate.check_fit(sizing.shape_of_model(cfg.model), cfg, instances.lookup("p4d.24xlarge")).ok
+    assert "parallelism: fsdp" in estimate.check_fit(sizing.shape_of_model(cfg.model), cfg,
+                                                      instances.lookup("p4d.24xlarge")).message
+    ddp = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf",
+                        "QLORA_PARALLELISM": "ddp"}, check_paths=False)
+    assert not estimate.check_fit(sizing.shape_of_model(cfg.model), ddp, instances.lookup("p4d.24xlarge")).ok
     unknown = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "s3://b/models/mine"}, check_paths=False)
     fit = estimate.check_fit(sizing.shape_of_model(unknown.model), unknown, instances.lookup("g5.xlarge"))
     assert fit.ok and fit.warning and "skipped" in fit.message
@@ -190,3 +194,27 @@ def test_a_remote_job_needs_its_eval_suites_in_s3_and_a_promotion_setting_that_m
     assert submit.main([*base, "--set", "eval_suite=s3://b/data/suites/facts.jsonl", "--set", "output_exists=version",
                         "--set", "promote_metric=facts/rouge_l"]) == 0
     capsys.readouterr()
+
+
+def test_fit_check_shards_a_model_too_large_for_one_gpu_of_a_multi_gpu_instance():
+    cfg = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf"}, check_paths=False)
+    shape = sizing.shape_of_model(cfg.model)
+    fit = estimate.check_fit(shape, cfg, instances.lookup("g6e.12xlarge"))  # 4 x 48 GB
+    assert fit.ok and "parallelism: fsdp" in fit.message and "sharded over 4 GPUs (FSDP)" in fit.message
+    # 4 x 24 GB: the shards would fit, but the whole 4-bit model is loaded on each GPU before it is sharded
+    refused = estimate.check_fit(shape, cfg, instances.lookup("g5.12xlarge"))
+    assert not refused.ok and "while it loads" in refused.message
+    ddp = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf",
+                        "QLORA_PARALLELISM": "ddp"}, check_paths=False)
+    # A whole copy per GPU (34 GiB of 4-bit weights on a 48 GiB GPU): with the small-memory plan's savers
+    # (activation offload; docs/PERF.md); without them only one row of 2048, a tight fit with a warning.
+    whole = estimate.check_fit(shape, ddp, instances.lookup("g6e.12xlarge"))
+    assert whole.ok and "parallelism: ddp" in whole.message and "memory short: activation offload" in whole.message
+    no_savers = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf",
+                              "QLORA_PARALLELISM": "ddp", "QLORA_ACTIVATION_OFFLOAD": "false",
+                              "QLORA_OPTIM": "adamw_torch_fused"}, check_paths=False)
+    tight = estimate.check_fit(shape, no_savers, instances.lookup("g6e.12xlarge"))
+    assert tight.ok and tight.warning and tight.message.startswith("tight fit")
+    thirteen = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-13b-hf"}, check_paths=False)
+    assert "parallelism: ddp (the model fits one GPU" in estimate.check_fit(
+        sizing.shape_of_model(thirteen.model), thirteen, instances.lookup("g5.12xlarge")).message

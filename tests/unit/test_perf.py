@@ -273,3 +273,35 @@ def test_the_job_refuses_a_memory_budget_too_small_for_its_smallest_plan(monkeyp
     monkeypatch.setattr(perf, "gpu_budget", lambda: (int(5.6 * GIB), False))
     with pytest.raises(ConfigError, match=r"this GPU's 5.6 GiB are too small .* at least 6.1 GiB"):
         perf.plan_for(_plan(), seven, stats)
+
+
+def test_fsdp_trainer_arguments_are_transformers_own_fsdp2_with_the_trainers_checkpointing():
+    """The arguments sft_config + perf.fsdp_arguments build, through the real SFTConfig: the plugin accelerate gets."""
+    from trl import SFTConfig
+
+    from entrypoints.trainer import _checkpointing_name
+
+    plan = sizing.BatchPlan(rows=2, micro_batch_tokens=4096, gradient_accumulation_steps=2,
+                            gradient_checkpointing=True, layers_without_checkpointing=0, reason="", row_tokens=2048)
+    kwargs = sft_config(JobConfig(data="x"), plan, cuda=False, precision="bfloat16", has_eval=False, report_to="none")
+    kwargs.update(perf.fsdp_arguments(["LlamaDecoderLayer"]))
+    args = SFTConfig(**_checkpointing_name(kwargs, SFTConfig))
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT" and plugin["reshard_after_forward"] is True
+    # FSDP's own checkpoint wrapper would rename the layers' parameters (peft then saves an empty adapter): the
+    # trainer's own checkpointing recomputes the layers the plan says
+    assert plugin.get("activation_checkpointing") is False
+    assert getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None)) is True
+
+
+def test_the_job_plans_ddp_or_fsdp_with_the_memory_of_this_process(monkeypatch):
+    monkeypatch.setattr(perf, "usable_gpu_bytes", lambda: 10 * GIB)
+    config = sizing.SHAPES["13b"].llama_config()
+    settings = sizing.PlanSettings()
+    assert perf.parallelism_for(settings, config, 2).mode == "fsdp"
+    assert perf.parallelism_for(settings, config, 1).mode == "single"
+    assert perf.parallelism_for(settings, {"model_type": "t5", "is_encoder_decoder": True}, 2).mode == "ddp"
+    monkeypatch.setattr(perf, "usable_gpu_bytes", lambda: None)  # CPU
+    assert perf.parallelism_for(settings, config, 2).mode == "ddp"

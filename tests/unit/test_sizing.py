@@ -214,3 +214,48 @@ def test_the_chosen_memory_savers_reach_the_trainer_arguments():
     roomy = sizing.plan_batch(_plan(), 80 * GIB, seven, 412)
     kwargs = sft_config(_cfg(), roomy, cuda=True, precision="bfloat16", has_eval=False, report_to="none")
     assert kwargs["optim"] == "adamw_torch_fused" and kwargs["activation_offloading"] is False
+
+
+# ------------------------------------------------------------------------------------------- parallelism (FSDP)
+def test_the_sharded_estimate_divides_weights_and_lora_state_and_adds_what_fsdp_gathers():
+    thirteen, s = sizing.SHAPES["13b"], _plan()
+    state = sizing.weight_bytes(thirteen) + 16.0 * sizing.lora_params(thirteen, 16)
+    assert sizing.fixed_bytes(thirteen, s) == pytest.approx(state + GIB)
+    gathered = sizing.gathered_bytes(thirteen, s)
+    assert sizing.fixed_bytes(thirteen, s, 2) == pytest.approx(state / 2 + gathered + GIB)
+    # the largest unit: the bf16 LM head (32000 x 5120 x 2 bytes), above one layer's 4-bit weights, twice (prefetch)
+    assert gathered == pytest.approx(2 * 2 * 32000 * 5120)
+    assert sizing.minimum_gpu_bytes(thirteen, s, 4) < sizing.minimum_gpu_bytes(thirteen, s, 2) < \
+        sizing.minimum_gpu_bytes(thirteen, s)
+    # the load: the whole 4-bit model, sharded or not
+    assert sizing.load_bytes(thirteen, s) == pytest.approx(sizing.weight_bytes(thirteen) + GIB)
+
+
+def test_auto_picks_ddp_when_one_gpu_holds_the_model_and_fsdp_when_only_the_shards_fit():
+    s = _plan()
+    seven, thirteen, seventy = sizing.SHAPES["7b"], sizing.SHAPES["13b"], sizing.SHAPES["70b"]
+    assert sizing.choose_parallelism("auto", seven, s, 2, 24 * GIB).mode == "ddp"
+    assert sizing.choose_parallelism("auto", thirteen, s, 2, 24 * GIB).mode == "ddp"
+    # 13B needs ~10.3 GiB whole: not in 80% of 10 GiB, but sharded over 2 (~7.1 GiB) it is
+    tight = sizing.choose_parallelism("auto", thirteen, s, 2, 10 * GIB)
+    assert tight.mode == "fsdp" and tight.shards == 2 and "does not fit one GPU" in tight.reason
+    # 70B over 4 x 48 GB: sharded; over 4 x 24 GB the shards would fit, but not the whole 4-bit model while it loads
+    assert sizing.choose_parallelism("auto", seventy, s, 4, 48 * GIB).mode == "fsdp"
+    assert sizing.minimum_gpu_bytes(seventy, s, 4) < 0.8 * 24 * GIB
+    refused = sizing.choose_parallelism("auto", seventy, s, 4, 24 * GIB)
+    assert refused.mode == "ddp" and "while it loads" in refused.reason
+    # one process, no GPU, an unknown shape, an explicit choice
+    assert sizing.choose_parallelism("fsdp", thirteen, s, 1, 10 * GIB).mode == "single"
+    assert sizing.choose_parallelism("auto", thirteen, s, 2, None).mode == "ddp"
+    assert sizing.choose_parallelism("auto", None, s, 2, 10 * GIB).mode == "ddp"
+    assert sizing.choose_parallelism("fsdp", seven, s, 2, 80 * GIB).mode == "fsdp"
+    assert sizing.choose_parallelism("ddp", thirteen, s, 2, 10 * GIB).mode == "ddp"
+
+
+def test_a_sharded_plan_spends_the_memory_fsdp_frees_on_larger_micro_batches():
+    # Without activation offload, which would add rows to both (the small-memory plan's own tests cover it).
+    thirteen, s = sizing.SHAPES["13b"], _plan(activation_offload="false")
+    whole = sizing.plan_batch(s, 22 * GIB, thirteen, mean_sample_tokens=2048)
+    sharded = sizing.plan_batch(s, 22 * GIB, thirteen, mean_sample_tokens=2048, shards=2)
+    assert (whole.rows, sharded.rows) == (5, 7)
+    assert "sharded over 2 GPUs" in sharded.reason and "sharded" not in whole.reason
