@@ -185,9 +185,10 @@ class JobConfig:
     warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming the learning rate up.", group="training")
     weight_decay: float = _f(0.0, "AdamW weight decay.", group="training")
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (0.3 as in the QLoRA paper).", group="training")
-    optim: str = _f("auto", "Optimizer; `auto`: adamw_torch_fused on CUDA, adamw_torch on CPU.", choices=("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit"), group="training")
+    optim: str = _f("auto", "Optimizer; `auto`: adamw_torch_fused on CUDA, adamw_torch on CPU, or bitsandbytes' adamw_8bit (8-bit moments) when the batch plan finds memory short even with activation offload.", choices=("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit"), group="training")
     gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass to save memory. `auto`: on a GPU with packing, as many decoder layers as the GPU's memory allows keep their activations and the rest are recomputed; on CPU or without packing every layer is recomputed. `true`/`false` (or any boolean) force it.", choices=("auto", "true", "false"), group="training")
     max_gpu_memory_gib: float = _f(0.0, "Cap on the GPU memory the job may use, in GiB: the allocator is limited to it and the batch plan (micro-batch tokens, checkpointed layers) is fitted into it; for a shared GPU or a smaller card's budget. 0: the whole GPU.", group="training")
+    activation_offload: str = _f("auto", "Offload the inputs of recomputed decoder layers to CPU memory during the forward pass (TRL's activation offloading, overlapped on a side stream), so larger packed micro-batches fit. `auto`: when the batch plan finds memory short (fewer tokens per micro-batch than one step's fit without it, or not even one row); with it every layer is recomputed. `true`: always, on CUDA with packing; `false`: never.", choices=("auto", "true", "false"), group="training")
     parallelism: str = _f("auto", "How several GPUs (torchrun processes) share the work. `ddp`: every GPU holds the whole 4-bit model and trains on its own micro-batches; `fsdp`: the 4-bit weights, LoRA weights and optimizer state are sharded across the GPUs (FSDP2), each GPU gathering one decoder layer at a time, for models that do not fit one GPU; `auto`: ddp when the model, its LoRA state and the smallest micro-batch fit one GPU (within max_gpu_memory_gib), else fsdp when the sharded estimate fits. One process: neither. FSDP needs CUDA GPUs.", choices=("auto", "ddp", "fsdp"), group="training")
     packing: bool = _f(True, "Pack whole samples into rows of max_seq_length (best-fit, padding-free, per-sample attention); off: each micro-batch is padded to its longest sample.", group="training")
     torch_compile: str = _f("auto", "Compile the decoder layers with torch.compile (regional: a layer whose activations are recomputed is compiled block by block) on CUDA, in place of Liger's kernels. `auto`: on CUDA where Triton can build its launcher (a C compiler; the image ships one), unless the batch plan recomputes some decoder layers and keeps others (Liger's kernels are used there); `true`: asked for (skipped with a warning where it cannot run); `false`: never. A part that fails to compile runs uncompiled, with one warning line.", choices=("auto", "true", "false"), group="training")
@@ -629,6 +630,12 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
     if isinstance(cfg.target_modules, list) and "lm_head" in cfg.target_modules:
         bad("lora_target_modules", "the output head (lm_head) cannot be adapted here (TRL refuses it): name the"
             " blocks' linear layers, e.g. q_proj,k_proj,v_proj,o_proj, or all-linear")
+    if cfg.activation_offload == "true" and cfg.gradient_checkpointing == "false":
+        bad("activation_offload", "offloads the inputs of recomputed layers, and gradient_checkpointing=false"
+            " recomputes none: set gradient_checkpointing to auto or true, or activation_offload to auto")
+    if cfg.activation_offload == "true" and not cfg.packing:
+        bad("activation_offload", "is part of the packed batch plan, and packing is off: set packing=true, or"
+            " activation_offload to auto")
     if cfg.max_gpu_memory_gib < 0:
         bad("max_gpu_memory_gib", "must be 0 (the whole GPU) or a number of GiB, e.g. 22 for a 24 GB card")
     if not 0.0 <= cfg.lora_dropout < 1.0:
@@ -719,6 +726,8 @@ SEQ2SEQ_SETTINGS: dict[str, tuple[tuple[Any, ...], str]] = {
                     "plain `text` records have no prompt and answer to train an encoder-decoder model on"),
     "use_liger": ((False,), "Liger's kernels are written for Llama-class decoders"),
     "torch_compile": (("false",), "the job compiles the decoder layers of Llama-class models only"),
+    "activation_offload": (("auto", "false"), "the job offloads activations in the packed plan of Llama-class"
+                           " decoders only"),
     "compute_dtype": (("auto", "bfloat16", "float32"), "T5-class models overflow in float16 (use bfloat16 or"
                       " float32)"),
     "attn_implementation": (("sdpa", "eager"), "T5-class models have no flash-attention implementation"),

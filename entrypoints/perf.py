@@ -6,7 +6,8 @@ benchmark measures the job's real path. What each lever gave, measured, is in do
 and the plan itself are torch-free, in entrypoints/sizing.py (the launcher uses them too).
 
 - `parallelism_for`: DDP or FSDP for this launch (sizing.choose_parallelism with this process's GPU memory).
-- `plan_for`: sizing.plan_batch for this process's GPU (its memory, capped by max_gpu_memory_gib).
+- `plan_for`: sizing.plan_batch for this process's GPU (its memory, capped by max_gpu_memory_gib); refuses a budget
+  that not even the smallest plan fits (exit 2) instead of starting and running out of memory.
 - `patch_model`: per-sample (varlen) flash attention over packed rows, through PyTorch's own kernel.
 - `liger_available` / `wants_compile` / `compile_layers`: Triton kernels, where a C compiler can build them.
 - `partial_checkpointing_callback`: recompute only the layers the plan could not keep in memory.
@@ -17,22 +18,44 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from entrypoints.sizing import GIB, BatchPlan, ModelShape, Parallelism, PlanSettings, choose_parallelism, plan_batch
+from entrypoints.errors import ConfigError
+from entrypoints.sizing import (
+    EIGHT_BIT_OPTIMIZERS,
+    GIB,
+    BatchPlan,
+    ModelShape,
+    Parallelism,
+    PlanSettings,
+    choose_parallelism,
+    memory_levels,
+    plan_batch,
+)
 
 log = logging.getLogger("qlora.perf")
 
 VARLEN_ATTENTION = "qlora_varlen"  # the name registered with transformers' AttentionInterface
-__all__ = ["GIB", "BatchPlan", "Parallelism", "PlanSettings", "parallelism_for", "plan_for", "usable_gpu_bytes", "patch_model", "liger_available",
+__all__ = ["GIB", "BatchPlan", "Parallelism", "PlanSettings", "parallelism_for", "plan_for", "usable_gpu_bytes",
+           "gpu_budget", "memory_choice", "plan_record", "patch_model", "liger_available",
            "wants_compile", "compile_layers", "partial_checkpointing_callback"]
 
 
 def usable_gpu_bytes() -> int | None:
     """This process's share of the current GPU's memory (honours set_per_process_memory_fraction); None on CPU."""
+    budget = gpu_budget()
+    return budget[0] if budget else None
+
+
+def gpu_budget() -> tuple[int, bool] | None:
+    """(bytes, capped): this process's share of the current GPU's memory, and whether set_per_process_memory_fraction
+    capped it below the whole GPU (max_gpu_memory_gib: the cap is the allocator's, the CUDA context lies outside it);
+    None on CPU."""
     import torch
 
     if not torch.cuda.is_available():
@@ -41,20 +64,70 @@ def usable_gpu_bytes() -> int | None:
     total = torch.cuda.get_device_properties(device).total_memory
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     fraction = get_fraction(device) if get_fraction else 1.0
-    return int(total * min(fraction, 1.0))
+    return int(total * min(fraction, 1.0)), fraction < 1.0
 
 
 def plan_for(settings: PlanSettings, model_config: Any, stats: dict[str, Any], shards: int = 1) -> BatchPlan:
     """sizing.plan_batch for this process's GPU, a model's config and the job's data statistics (train_tokens,
     train_records and longest_record_tokens, the longest train or eval record after truncation); `shards`: the
-    processes FSDP shards the model over (Parallelism.shards)."""
+    processes FSDP shards the model over (Parallelism.shards). Raises ConfigError (exit 2) when even the smallest
+    plan does not fit: starting would only run out of memory."""
     records = max(int(stats.get("train_records") or 0), 1)
     mean_tokens = float(stats.get("train_tokens") or settings.max_seq_length * records) / records
-    memory = usable_gpu_bytes()
+    budget = gpu_budget()
+    if budget is not None:
+        settings = replace(settings, capped=budget[1])
     # Without a GPU there is no memory limit to plan for: one micro-batch per optimizer step.
-    return plan_batch(settings, memory if memory is not None else 1 << 50, ModelShape.from_config(model_config),
-                      mean_tokens, on_gpu=memory is not None, longest_sample_tokens=stats.get("longest_record_tokens"),
-                      shards=shards)
+    plan = plan_batch(settings, budget[0] if budget else 1 << 50, ModelShape.from_config(model_config), mean_tokens,
+                      on_gpu=budget is not None, longest_sample_tokens=stats.get("longest_record_tokens"), shards=shards)
+    if not plan.fits:
+        raise ConfigError([does_not_fit_message(settings, plan, budget[0] if budget else 0)])
+    log.info("memory plan: %s", memory_choice(plan))
+    return plan
+
+
+def memory_choice(plan: BatchPlan) -> str:
+    """The plan's memory levers in words (for the log and the manifest)."""
+    return (f"{plan.rows} row(s) of {plan.row_tokens} tokens x {plan.gradient_accumulation_steps} accumulation,"
+            f" {plan.layers_without_checkpointing} layer(s) keep their activations, activation offload"
+            f" {'on' if plan.activation_offload else 'off'}, optimizer {plan.optim or 'the default'}")
+
+
+def plan_record(plan: BatchPlan, optim: Any) -> dict[str, Any]:
+    """The plan as the manifest records it, with the optimizer the trainer ran (`optim`: its name or enum)."""
+    return {"rows": plan.rows, "row_tokens": plan.row_tokens, "micro_batch_tokens": plan.micro_batch_tokens,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "gradient_checkpointing": plan.gradient_checkpointing,
+            "layers_without_checkpointing": plan.layers_without_checkpointing,
+            "activation_offload": plan.activation_offload, "optim": str(getattr(optim, "value", optim)),
+            "smallest_budget_gib": round(plan.smallest_budget_bytes / GIB, 2) or None, "reason": plan.reason}
+
+
+def does_not_fit_message(settings: PlanSettings, plan: BatchPlan, budget_bytes: int) -> str:
+    """Why the job refuses to start, naming the budget, the smallest that fits and what else would help."""
+    from entrypoints.config import env_name
+
+    need = math.ceil(plan.smallest_budget_bytes / GIB * 10) / 10
+    offload, optim = memory_levels(settings)[-1]
+    smallest = (f"one packed row of {plan.row_tokens} tokens, every decoder layer recomputed"
+                + (" with its input offloaded to CPU memory" if offload else "")
+                + (f", {optim} optimizer state" if optim else ""))
+    levers = []
+    if not offload and settings.gradient_checkpointing != "false":
+        levers.append(f"{env_name('activation_offload')}=auto")
+    if not optim and settings.optim not in EIGHT_BIT_OPTIMIZERS:
+        levers.append(f"{env_name('optim')}=auto")
+    if settings.gradient_checkpointing == "false":
+        levers.append(f"{env_name('gradient_checkpointing')}=auto")
+    also = f", allow the memory savers ({', '.join(levers)})" if levers else ""
+    if settings.capped:
+        where = (f"{env_name('max_gpu_memory_gib')}={budget_bytes / GIB:.4g} GiB is too small for this model: even"
+                 f" the smallest batch plan ({smallest}) needs {need:.1f} GiB. Set {env_name('max_gpu_memory_gib')} to"
+                 f" at least {need:.1f}")
+    else:
+        where = (f"this GPU's {budget_bytes / GIB:.1f} GiB are too small for this model: even the smallest batch plan"
+                 f" ({smallest}) needs {need:.1f} GiB. Use a GPU with at least {need:.1f} GiB")
+    return f"{where}{also}, or lower {env_name('max_seq_length')} (now {settings.max_seq_length})"
 
 
 def parallelism_for(settings: PlanSettings, model_config: Any | None, processes: int) -> Parallelism:

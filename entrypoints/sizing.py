@@ -2,6 +2,7 @@
 
     python -m entrypoints.sizing --shape 7b --gpu-mem-gib 24 --mean-tokens 410   # print the batch plan
     python -m entrypoints.sizing --shape 13b --gpu-mem-gib 22 --gpus 2 --parallelism fsdp --mean-tokens 2048
+    python -m entrypoints.sizing --shape 7b --gpu-mem-gib 5.6 --capped        # under max_gpu_memory_gib=5.6
 
 One answer to "does it fit on this GPU, and how": the job plans its micro-batches with `plan_batch` (from the
 GPU it runs on), and the launcher checks an instance with the same functions before anything is submitted
@@ -16,7 +17,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,21 @@ GIB = 1024**3
 # Share of the GPU's memory the plan fills with its estimates; the rest absorbs allocator fragmentation
 # (peak reserved was 1.5-2 GiB above peak allocated on 7B/13B) and estimate error.
 MEMORY_SHARE = 0.80
+# The CUDA context's share and workspaces, counted in fixed_bytes. It lies outside PyTorch's allocator, so outside a
+# max_gpu_memory_gib cap (set_per_process_memory_fraction limits the allocator only).
+CONTEXT_BYTES = 1.0 * GIB
+# The small end (every layer recomputed, a few GiB for activations): peak RESERVED memory above the fixed part was
+# 1.46-1.64x the activation estimate on the 7B shape (H200, 2026-11-28/30, docs/PERF.md: 1, 2 and 3 rows of 2048
+# tokens reserved 5.80, 7.64 and 8.81 GiB against 4.20 fixed); the plan counts 1.7x. Above ~12 GiB the 80% share
+# is the tighter rule (fragmentation does not grow with the activations there: 2.5-3.1 GiB at 25-37 GiB of them).
+SMALL_END_ACTIVATION_FACTOR = 1.7
+# bitsandbytes' 8-bit AdamW (blockwise-quantized moments): the optimizer the plan switches to when memory is short
+# and optim is `auto`.
+SMALL_MEMORY_OPTIMIZER = "adamw_8bit"
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+# With activation offload, checkpointed layer inputs still on the GPU at once: TRL's forward stash of 5 (its default
+# `max_fwd_stash_size`) and the one being brought back for the backward pass.
+OFFLOAD_LAYERS_ON_GPU = 6
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The encoder-decoder architectures the job trains (seq2seq): T5's layout, whose linear layers are q, k, v, o in
 # every attention block and wi (T5 v1.0) or wi_0 + wi_1 (v1.1, Flan-T5, mT5, umT5) and wo in every feed-forward.
@@ -171,6 +187,9 @@ class PlanSettings:
     lora_dropout: float = 0.0
     lora_targets: str | tuple[str, ...] = "all-linear"
     parallelism: str = "auto"  # auto, ddp, fsdp
+    optim: str = "auto"  # `auto`: the plan may pick 8-bit AdamW when memory is short
+    activation_offload: str = "auto"  # auto, true, false
+    capped: bool = False  # max_gpu_memory_gib is set: the budget is the allocator's, the CUDA context lies outside
 
     @classmethod
     def of(cls, cfg: Any) -> PlanSettings:
@@ -178,7 +197,8 @@ class PlanSettings:
         targets = cfg.target_modules
         return cls(cfg.max_seq_length, cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_tokens,
                    cfg.gradient_checkpointing, cfg.packing, cfg.quantization, cfg.double_quant, cfg.lora_r,
-                   float(cfg.lora_dropout), targets if isinstance(targets, str) else tuple(targets), cfg.parallelism)
+                   float(cfg.lora_dropout), targets if isinstance(targets, str) else tuple(targets), cfg.parallelism,
+                   optim=cfg.optim, activation_offload=cfg.activation_offload, capped=bool(cfg.max_gpu_memory_gib))
 
 
 def weight_bytes(shape: ModelShape, quantization: str = "nf4", double_quant: bool = True) -> float:
@@ -233,14 +253,31 @@ def gathered_bytes(shape: ModelShape, s: PlanSettings) -> float:
     return 2.0 * max(layer, 2.0 * shape.vocab_size * shape.hidden_size)
 
 
+def adamw_bytes_per_param(optim: str) -> float:
+    """Bytes per LoRA parameter of the weight, its gradient and AdamW's two moments: 4 + 4 + 8 in fp32, 4 + 4 + 2
+    with bitsandbytes' 8-bit moments (their blockwise scales add ~0.2%)."""
+    return 10.0 if optim in EIGHT_BIT_OPTIMIZERS else 16.0
+
+
 def fixed_bytes(shape: ModelShape, s: PlanSettings, shards: int = 1) -> float:
     """Memory that does not grow with the micro-batch: frozen weights, LoRA weights + AdamW state (fp32:
-    weight, gradient, two moments = 16 bytes each), and 1 GiB for the CUDA context's share and workspaces.
-    Sharded over `shards` GPUs (FSDP): the weights and LoRA state divided among them, plus `gathered_bytes`."""
-    state = weight_bytes(shape, s.quantization, s.double_quant) + 16.0 * lora_params(shape, s.lora_r, s.lora_targets)
+    weight, gradient, two moments = 16 bytes each; 10 with 8-bit moments), and 1 GiB for the CUDA context's share
+    and workspaces. Sharded over `shards` GPUs (FSDP): the weights and LoRA state divided among them, plus
+    `gathered_bytes`."""
+    state = (weight_bytes(shape, s.quantization, s.double_quant)
+             + adamw_bytes_per_param(s.optim) * lora_params(shape, s.lora_r, s.lora_targets))
     if shards <= 1:
-        return state + 1.0 * GIB
-    return state / shards + gathered_bytes(shape, s) + 1.0 * GIB
+        return state + CONTEXT_BYTES
+    return state / shards + gathered_bytes(shape, s) + CONTEXT_BYTES
+
+
+def offloaded_bytes_per_token(shape: ModelShape) -> float:
+    """Peak activation bytes per token with every layer recomputed and the recomputed layers' inputs (the bf16
+    hidden state each checkpoint saves, 2 x hidden bytes per token and layer) offloaded to CPU memory: all but the
+    OFFLOAD_LAYERS_ON_GPU in flight leave the GPU; one layer's recompute, the LM head and loss stay. 0.34 MB per
+    token on the Llama-2-7B shape, against 0.55 without offload."""
+    offloaded = max(0, shape.num_hidden_layers - OFFLOAD_LAYERS_ON_GPU) * 2.0 * shape.hidden_size
+    return recomputed_bytes_per_token(shape) - offloaded
 
 
 def load_bytes(shape: ModelShape, s: PlanSettings) -> float:
@@ -317,6 +354,60 @@ class BatchPlan:
     # Tokens per packed row: max_seq_length, or less when one optimizer step holds fewer tokens than that (never
     # less than the longest sample, so packing truncates nothing that max_seq_length keeps).
     row_tokens: int = 0
+    # Memory short: the recomputed layers' inputs wait in CPU memory (TRL's activation offloading), and/or the
+    # optimizer the plan picked for optim=auto ("": the job's default).
+    activation_offload: bool = False
+    optim: str = ""
+    fits: bool = True  # False: even the smallest plan exceeds the budget (the job refuses to start)
+    smallest_budget_bytes: float = 0.0  # the least budget the smallest plan of these settings needs (0: not planned)
+
+
+def memory_levels(s: PlanSettings) -> list[tuple[bool, str]]:
+    """(activation offload, optimizer) combinations the plan tries, in order: the first gives up nothing, offload
+    costs transfers to CPU memory (overlapped on a side stream), 8-bit AdamW changes the numerics slightly. Offload
+    needs recomputation (it moves the checkpointed layer inputs); `activation_offload` true/false forces it."""
+    if s.gradient_checkpointing == "false" or s.activation_offload == "false":
+        offload = [False]
+    else:
+        offload = [True] if s.activation_offload == "true" else [False, True]
+    levels = [(o, "") for o in offload]
+    if s.optim == "auto":
+        levels.append((offload[-1], SMALL_MEMORY_OPTIMIZER))
+    return levels
+
+
+def _level_bytes(shape: ModelShape, s: PlanSettings, offload: bool, optim: str, shards: int = 1
+                 ) -> tuple[float, float]:
+    """Fixed bytes and activation bytes per token of one memory level."""
+    fixed = fixed_bytes(shape, replace(s, optim=optim or s.optim), shards)
+    per_token = (offloaded_bytes_per_token(shape) if offload
+                 else activation_bytes_per_token(shape, s.gradient_checkpointing != "false"))
+    return fixed, per_token
+
+
+def fit_tokens(fixed: float, per_token: float, gpu_mem_bytes: float, capped: bool) -> int:
+    """Micro-batch tokens that fit: the larger of two rules. The 80% share of the budget after the fixed part
+    (MEMORY_SHARE), and the small-end rule: the allocator's budget (the cap, or the GPU less the CUDA context) after
+    the fixed part, for SMALL_END_ACTIVATION_FACTOR x the activations (measured peak reserved at the small end)."""
+    share = MEMORY_SHARE * gpu_mem_bytes - fixed
+    allocator = gpu_mem_bytes - (0.0 if capped else CONTEXT_BYTES) - (fixed - CONTEXT_BYTES)
+    return max(0, int(max(share, allocator / SMALL_END_ACTIVATION_FACTOR) / per_token))
+
+
+def smallest_budget_bytes(shape: ModelShape, s: PlanSettings, tokens: int | None = None, shards: int = 1) -> float:
+    """The least memory budget (GPU, or max_gpu_memory_gib when s.capped) in which the job runs `tokens` per
+    micro-batch (default: its smallest micro-batch, one packed row of max_seq_length, or micro_batch_size padded
+    samples without packing) with the most memory-saving plan its settings allow (fit_tokens' rules inverted)."""
+    tokens = tokens or s.max_seq_length * (1 if s.packing else s.micro_batch_size)
+    levels = memory_levels(s) if s.packing else [(False, "")]
+    best = math.inf
+    for offload, optim in levels:
+        fixed, per_token = _level_bytes(shape, s, offload, optim, shards)
+        share = (fixed + tokens * per_token) / MEMORY_SHARE
+        small = (fixed - CONTEXT_BYTES + SMALL_END_ACTIVATION_FACTOR * tokens * per_token
+                 + (0.0 if s.capped else CONTEXT_BYTES))
+        best = min(best, share, small)
+    return best
 
 
 def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_sample_tokens: float,
@@ -346,6 +437,8 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
     step_text = (f"one step is ~{int(step_tokens)} tokens ({s.micro_batch_size}x{s.gradient_accumulation_steps}"
                  f" samples of ~{mean_sample_tokens:.0f}{'' if row == seq else f', the longest {longest}'})")
     fixed = fixed_bytes(shape, s, shards)
+    # Outside the auto-sized branch below: offload only when asked for (`true`), the default optimizer.
+    offload, optim, fits, smallest = on_gpu and s.activation_offload == "true" and mode != "false", "", True, 0.0
     if s.micro_batch_tokens:
         # Never more than one step: a larger micro-batch would make every optimizer step larger than documented.
         micro = max(row, min(s.micro_batch_tokens, int(step_tokens)))
@@ -355,10 +448,27 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
         micro = max(row, int(step_tokens))
         reason = f"no GPU memory to plan for: one step per micro-batch; {step_text}"
     else:
-        budget = MEMORY_SHARE * gpu_mem_bytes - fixed
-        fit = int(budget / activation_bytes_per_token(shape, mode != "false")) if budget > 0 else 0
+        # The first memory level with the most rows (up to one step); when none holds one row, the job refuses.
+        choices = []
+        for level_offload, level_optim in memory_levels(s):
+            level_fixed, per_token = _level_bytes(shape, s, level_offload, level_optim, shards)
+            fit = fit_tokens(level_fixed, per_token, gpu_mem_bytes, s.capped)
+            choices.append((min(fit, int(step_tokens)) // row, fit, level_offload, level_optim, level_fixed))
+        best = max(c[0] for c in choices)
+        rows_fit, fit, offload, optim, fixed = next(c for c in choices if c[0] == best) if best else choices[-1]
         micro = max(row, min(fit, int(step_tokens)))
-        reason = f"{fit} tokens fit in {MEMORY_SHARE:.0%} of {gpu_mem_bytes / GIB:.0f} GiB; {step_text}"
+        budget_text = f"{gpu_mem_bytes / GIB:.1f} GiB{' (max_gpu_memory_gib)' if s.capped else ''}"
+        reason = f"{fit} tokens fit in {budget_text}; {step_text}"
+        if offload or optim:
+            plain = choices[0][1]
+            reason += (f"; memory is short ({plain} tokens would fit without):"
+                       + (" the recomputed layers' inputs are offloaded to CPU memory" if offload else "")
+                       + (" and" if offload and optim else "")
+                       + (f" {optim} keeps AdamW's state in 8 bits" if optim else ""))
+        smallest = smallest_budget_bytes(shape, s, row, shards)
+        fits = rows_fit >= 1
+        if not fits:
+            reason += f"; DOES NOT FIT: the smallest plan needs {smallest / GIB:.2f} GiB"
     if row < seq:
         reason += f"; packed rows of {row} tokens (one step is less than max_seq_length={seq})"
     rows = max(1, micro // row)
@@ -366,8 +476,8 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
     accum = max(1, round(step_tokens / tokens))
     if mode == "false":
         kept = layers
-    elif mode == "true" or not on_gpu:
-        kept = 0
+    elif mode == "true" or not on_gpu or offload:
+        kept = 0  # with offload every layer is recomputed: memory is short, and offload moves checkpointed inputs
         if mode == "auto":
             reason += "; every layer recomputed"
     else:
@@ -378,7 +488,7 @@ def plan_batch(s: PlanSettings, gpu_mem_bytes: int, shape: ModelShape, mean_samp
                    f" {tokens} tokens, {max(spare, 0) / GIB:.1f} GiB spare in {MEMORY_SHARE:.0%})")
     if shards > 1:
         reason += f"; weights and LoRA state sharded over {shards} GPUs"
-    return BatchPlan(rows, tokens, accum, kept < layers, kept, reason, row)
+    return BatchPlan(rows, tokens, accum, kept < layers, kept, reason, row, offload, optim, fits, smallest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -389,8 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mean-tokens", type=float, default=410.0)
     parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) of the job")
     parser.add_argument("--parallelism", choices=("auto", "ddp", "fsdp"), default="auto")
+    parser.add_argument("--capped", action="store_true",
+                        help="the memory is a max_gpu_memory_gib cap (the CUDA context lies outside it)")
     args = parser.parse_args(argv)
-    shape, settings = SHAPES[args.shape], PlanSettings(parallelism=args.parallelism)
+    shape, settings = SHAPES[args.shape], PlanSettings(parallelism=args.parallelism, capped=args.capped)
     memory = int(args.gpu_mem_gib * GIB)
     parallel = choose_parallelism(args.parallelism, shape, settings, args.gpus, memory)
     plan = plan_batch(settings, memory, shape, args.mean_tokens, shards=parallel.shards)

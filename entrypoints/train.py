@@ -261,6 +261,8 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
         stop.check("while the model was loaded")
         metrics, samples, suites = train_and_evaluate(cfg, trainer, tokenizer, template, data, stop, resume,
                                                       inputs.suites, seq2seq)
+        if plan is not None:  # in the manifest: how this run fitted its memory
+            metrics["batch_plan"] = perf.plan_record(plan, trainer.args.optim)
         metrics["parallelism"] = {"mode": parallel.mode, "processes": parallel.processes, "reason": parallel.reason}
         stop.check("after training (during eval or the sample answers)")
         gathered = gather_adapter(trainer)  # sharded: every rank sends its shard of the adapter to rank 0
@@ -381,6 +383,8 @@ def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks, 
         log.info("batch plan: %s", plan)
     batch = ({"rows": plan.rows, "row_tokens": plan.row_tokens, "accumulation": plan.gradient_accumulation_steps}
              if plan else {"rows": cfg.micro_batch_size, "accumulation": cfg.gradient_accumulation_steps})
+    if plan is not None and plan.optim:
+        batch["optimizer"] = plan.optim  # the plan's pick for optim=auto: its checkpoints hold that optimizer's state
     # A sharded run's checkpoints hold FSDP's optimizer state: only a run sharded the same way resumes from them.
     sharding = {"parallelism": "fsdp"} if parallel.mode == "fsdp" else {}
     return plan, run_fingerprint(cfg.to_public_dict(), inputs.content, {**batch, "processes": ranks.world_size,

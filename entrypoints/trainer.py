@@ -71,9 +71,10 @@ def sft_config(cfg: JobConfig, plan: BatchPlan | None, cuda: bool, precision: st
         warmup_steps=0,  # set by train() in whole steps, once the number of steps is known
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        # LoRA's optimizer state is small (~0.3 GB for 7B r=16): paging it buys nothing, and the fused AdamW kernel
-        # was 8.7% faster end to end on the 7B shape (docs/PERF.md).
-        optim=cfg.optim if cfg.optim != "auto" else ("adamw_torch_fused" if cuda else "adamw_torch"),
+        optim=optimizer(cfg.optim, plan, cuda),
+        # The plan's choice when memory is short: the recomputed layers' inputs wait in CPU memory (TRL's offloading
+        # context around every training step); CUDA only (TRL's offloading copies to and from an accelerator).
+        activation_offloading=bool(plan is not None and plan.activation_offload and cuda),
         # Liger's RMSNorm, SwiGLU and RoPE kernels are Triton kernels, which torch.compile cannot trace (it fuses
         # the same operations itself); TRL keeps its own fused LM head + cross-entropy.
         use_liger_kernel=cfg.use_liger and cuda and not use_compile and perf.liger_available(),
@@ -106,9 +107,22 @@ def sft_config(cfg: JobConfig, plan: BatchPlan | None, cuda: bool, precision: st
     )
 
 
-# SFTConfig's arguments about TRL's own data handling (packing, padding-free batches, its truncation): not
-# arguments of transformers' Seq2SeqTrainingArguments, whose data is tokenized and truncated by the job.
-SFT_DATA_ARGUMENTS = ("packing", "packing_strategy", "padding_free", "max_length", "dataset_num_proc")
+def optimizer(optim: str, plan: BatchPlan | None, cuda: bool) -> str:
+    """The optimizer's name for the trainer: the setting, or for `auto` the plan's pick when memory is short
+    (bitsandbytes' 8-bit AdamW), else fused AdamW on CUDA. LoRA's optimizer state is small (~0.6 GB for 7B r=16):
+    paging it buys nothing, and the fused AdamW kernel was 8.7% faster end to end on the 7B shape (docs/PERF.md)."""
+    if optim != "auto":
+        return optim
+    if plan is not None and plan.optim:
+        return plan.optim
+    return "adamw_torch_fused" if cuda else "adamw_torch"
+
+
+# SFTConfig's arguments about TRL's own data handling (packing, padding-free batches, its truncation) and its
+# activation offloading: not arguments of transformers' Seq2SeqTrainingArguments, whose data is tokenized and
+# truncated by the job (and which a seq2seq run, never planned, does not need).
+SFT_DATA_ARGUMENTS = ("packing", "packing_strategy", "padding_free", "max_length", "dataset_num_proc",
+                      "activation_offloading")
 
 
 def seq2seq_config(sft_kwargs: dict[str, Any]) -> dict[str, Any]:

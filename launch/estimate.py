@@ -3,14 +3,16 @@
     python -m launch.submit --instance g5.2xlarge --dry-run ...   # prints both before anything is sent
 
 GPU memory: the job's own memory model and batch plan (entrypoints/sizing.py), so the launcher's answer is the
-plan the job will make on that GPU: the frozen weights (4-bit linear layers + bf16 embeddings), the LoRA weights
-with their AdamW state, 1 GiB of CUDA context and workspaces, and the activations of the smallest micro-batch (one
-packed row of max_seq_length, every layer recomputed; without packing micro_batch_size padded samples) must fit
-in 80% of one GPU (DDP keeps a full copy per GPU). With several GPUs and `parallelism=auto` the job shards the model
-with FSDP when it does not fit one GPU (sizing.choose_parallelism, the same decision the job makes): then the
-weights and LoRA state are divided among the GPUs, plus the largest unit FSDP gathers, and the whole 4-bit model
-must still fit one GPU while it loads. When it fits, the plan on that GPU is printed: DDP or FSDP and why,
-micro-batch tokens, accumulation, and how many layers keep their activations.
+plan the job will make on that GPU: the smallest plan the settings allow (`sizing.smallest_budget_bytes`: the frozen
+weights, the LoRA weights with their AdamW state, in 8 bits when optim is auto, 1 GiB of CUDA context unless
+max_gpu_memory_gib caps the allocator, and one packed row of max_seq_length with every layer recomputed and its
+input offloaded to CPU memory, with the allocator's measured overhead; without packing micro_batch_size padded
+samples) must fit one GPU or the cap (DDP keeps a full copy per GPU); the job refuses the same budget. With several
+GPUs and `parallelism=auto` the job shards the model with FSDP when it does not fit one GPU
+(sizing.choose_parallelism, the same decision the job makes): then the weights and LoRA state are divided among the
+GPUs, plus the largest unit FSDP gathers, and the whole 4-bit model must still fit one GPU while it loads. When it
+fits, the plan on that GPU is printed: DDP or FSDP and why, micro-batch tokens, accumulation, how many layers keep
+their activations, and the memory savers it needs.
 
 Throughput (tokens/s per GPU for a 7B Llama with QLoRA, bf16 compute) is a rough planning number per GPU
 model, scaled by 7B / model size; real numbers depend on sequence length, packing and kernels. Only the H100
@@ -20,7 +22,7 @@ max_seq_length x GPUs (an upper bound: it assumes full, packed sequences).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from entrypoints import sizing
 from entrypoints.config import JobConfig
@@ -56,39 +58,47 @@ def check_fit(shape: ModelShape | None, cfg: JobConfig, instance: GpuInstance, i
     if shape is None:
         return Fit(True, True, f"GPU memory check skipped: the size of {cfg.model!r} is unknown (known: Llama 2"
                                " 7B/13B/70B by name, a local model directory, or --model-config FILE)")
-    settings = sizing.PlanSettings.of(cfg)
-    cap = cfg.max_gpu_memory_gib or float(instance.gpu_memory_gib)  # the job caps itself there too
-    have = min(float(instance.gpu_memory_gib), cap) * GIB
-    usable = sizing.MEMORY_SHARE * have
+    gpu = float(instance.gpu_memory_gib)
+    capped = 0 < cfg.max_gpu_memory_gib < gpu  # the job caps itself there too (its allocator, not the CUDA context)
+    settings = replace(sizing.PlanSettings.of(cfg), capped=capped)
+    have = (cfg.max_gpu_memory_gib if capped else gpu) * GIB
     # The job decides DDP or FSDP with the same function, from the same memory, for its torchrun processes.
     parallel = sizing.choose_parallelism(cfg.parallelism, shape, settings, instance.gpu_count * instance_count, have)
     shards = parallel.shards
-    need = sizing.minimum_gpu_bytes(shape, settings, shards)
+    need = sizing.smallest_budget_bytes(shape, settings, shards=shards)
+    offload, optim = sizing.memory_levels(settings)[-1] if settings.packing else (False, "")
     weights = sizing.weight_bytes(shape, settings.quantization, settings.double_quant) / shards
-    lora = 16.0 * sizing.lora_params(shape, settings.lora_r, settings.lora_targets) / shards
+    lora = sizing.adamw_bytes_per_param(optim or settings.optim) * sizing.lora_params(
+        shape, settings.lora_r, settings.lora_targets) / shards
     gathered = sizing.gathered_bytes(shape, settings) if shards > 1 else 0.0
     sharded = f" sharded over {shards} GPUs (FSDP), + {gathered / GIB:.1f} gathered at a time" if shards > 1 else ""
+    smallest = ("one packed row of max_seq_length" if settings.packing else "micro_batch_size padded samples") + (
+        ", every layer recomputed" + (" with its input offloaded to CPU memory" if offload else "")
+        if settings.gradient_checkpointing != "false" else ", no layer recomputed") + (f", {optim}" if optim else "")
+    budget = f"max_gpu_memory_gib={cfg.max_gpu_memory_gib:g}" if capped else f"{gpu:g} GiB"
     detail = (f"{shape.name} ({shape.total_params / 1e9:.1f}B params): at least {need / GIB:.1f} GiB per GPU (weights"
-              f" {weights / GIB:.1f} + LoRA/optimizer {lora / GIB:.1f}{sharded} + CUDA context 1.0 + activations of the"
-              f" smallest micro-batch {(need - weights - lora - gathered - GIB) / GIB:.1f}) vs {usable / GIB:.1f} GiB"
-              f" usable ({sizing.MEMORY_SHARE:.0%}) of {have / GIB:g} GiB on each {instance.gpu_model} of"
-              f" {instance.name}; parallelism: {parallel.mode} ({parallel.reason})")
+              f" {weights / GIB:.1f} + LoRA/optimizer {lora / GIB:.1f}{sharded}{'' if capped else ' + CUDA context 1.0'}"
+              f" + the smallest micro-batch's activations with their allocator overhead: {smallest}) vs {budget} on"
+              f" each {instance.gpu_model} of {instance.name}; parallelism: {parallel.mode} ({parallel.reason})")
     loading = sizing.load_bytes(shape, settings)
-    if need > usable or (shards > 1 and loading > have):
+    if need > have or (shards > 1 and loading > have):
         fix = ("lower QLORA_MAX_SEQ_LENGTH (or QLORA_MICRO_BATCH_SIZE without packing), use a smaller model, or pick an"
                " instance with more GPU memory" + ("" if instance.gpu_count * instance_count > 1 else
-                                                  " (or more GPUs: FSDP shards the model over them)"))
-        if shards > 1 and need <= usable:
+                                                  " (or more GPUs: FSDP shards the model over them)")
+               + (", or raise QLORA_MAX_GPU_MEMORY_GIB" if capped else ""))
+        if shards > 1 and need <= have:
             fix = (f"the whole 4-bit model ({loading / GIB:.1f} GiB) is loaded on every GPU before FSDP shards it;"
                    " pick GPUs with more memory")
         return Fit(False, True, f"does not fit: {detail}; {fix}")
     if not settings.packing:
-        return Fit(True, need > 0.9 * usable, f"fits: {detail}")
+        return Fit(True, need > 0.9 * have, f"fits: {detail}")
     plan = sizing.plan_batch(settings, int(have), shape, float(cfg.max_seq_length) / 2, shards=shards)
+    savers = [s for s, on in (("activation offload", plan.activation_offload), (plan.optim, bool(plan.optim))) if on]
     planned = (f"; the job's plan there (samples of ~{cfg.max_seq_length // 2} tokens): {plan.micro_batch_tokens}"
                f" tokens per micro-batch x {plan.gradient_accumulation_steps}, {plan.layers_without_checkpointing} of"
-               f" {shape.num_hidden_layers} layers keep their activations")
-    if need > 0.9 * usable:
+               f" {shape.num_hidden_layers} layers keep their activations"
+               + (f", memory short: {' + '.join(savers)}" if savers else ""))
+    if need > 0.9 * have:
         return Fit(True, True, f"tight fit: {detail}{planned}; a long sample may run out of memory")
     return Fit(True, False, f"fits: {detail}{planned}")
 

@@ -2,6 +2,7 @@
 
     python -m entrypoints.bench.throughput --shape 7b --runs baseline,default --out results.json
     python -m entrypoints.bench.throughput --shape tiny --device cpu --samples 24     # the CPU smoke test
+    python -m entrypoints.bench.throughput --runs trl-best,unsloth --at-memory-of trl-best,unsloth --unsloth-path DIR
 
 On the GPU it finds, one process: measures the bf16 matmul peak, writes a Llama-2-shaped checkpoint
 with random bf16 weights (7b by default; 13b, 70b, or `tiny` for CPUs), generates a synthetic chat data
@@ -14,7 +15,11 @@ then trains one pass over the same samples with each run named in --runs:
   out here independently of the job's code;
 - `default`: the job's own path: entrypoints.modeling.load_model + entrypoints.trainer.build_trainer
   with the job's default settings (plus --set overrides);
-- the levers in LEVERS: the job's path with one setting changed, for the table in PERF.md.
+- the levers in LEVERS: the job's path with one setting changed, for the table in PERF.md;
+- the peers (entrypoints/bench/peers.py), each in a process of its own over the same samples: `trl-best` (TRL's own
+  fastest options, checkpointing on; `trl-best-no-ckpt` off) and `unsloth` (skipped, "not installed", without it);
+- `LEVER@GIB` (e.g. `default@5.6`): a lever capped at GIB; `LEVER@RUN`: capped at the peak reserved memory of RUN,
+  run before it, with its tokens/s over RUN's as `vs_peer`; `--at-memory-of RUN` adds `default@RUN` after the runs.
 
 Per run it prints and writes to --out: trained (non-padding) tokens per second, seconds per step, peak
 GPU memory allocated and reserved, model-FLOPs utilisation (entrypoints.sizing.train_flops_per_token over
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoints import perf, sizing
+from entrypoints.bench.peers import PEERS
 
 log = logging.getLogger("qlora.benchmark")
 
@@ -69,6 +75,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "at-baseline-memory": {"max_gpu_memory_gib": "baseline"},
     "compile-layers": {"torch_compile": "true"},  # torch.compile asked for explicitly (the default where it can run)
     "tokens-16k": {"micro_batch_tokens": "16384"},  # default + 16k-token micro-batches
+    # the small-memory plan's levers switched off: no activation offload, fused 32-bit AdamW (the plan before them)
+    "no-savers": {"activation_offload": "false", "optim": "adamw_torch_fused"},
+    "no-offload": {"activation_offload": "false"},  # 8-bit AdamW still allowed
     "tokens-4k": {"micro_batch_tokens": "4096"},
 }
 
@@ -380,6 +389,8 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
     import torch
     from datasets import Dataset
 
+    from entrypoints.errors import JobError
+
     cuda = args.device == "cuda"
     dataset = Dataset.from_dict(data)
     if cuda:
@@ -408,6 +419,7 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
                               "gradient_accumulation_steps": targs.gradient_accumulation_steps,
                               "packing": targs.packing, "gradient_checkpointing": targs.gradient_checkpointing,
                               "use_liger_kernel": targs.use_liger_kernel, "optim": str(targs.optim),
+                              "activation_offloading": bool(getattr(targs, "activation_offloading", False)),
                               "attn_implementation": model.config._attn_implementation,
                               "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
                               "layers_without_checkpointing": _layers_kept(trainer),
@@ -415,56 +427,14 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
                               "parallelism": {"mode": parallel.mode, "reason": parallel.reason},
                               "fsdp": bool(trainer.is_fsdp_enabled)}
         result["load_seconds"] = round(time.monotonic() - started, 1)
-        meter = Meter(cuda)
-        trainer.data_collator = meter.wrap(trainer.data_collator)
-        trainer.add_callback(meter.callback())
-        if args.profile == name:
-            trainer.add_callback(profiler_callback(result))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        out = trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        steps = len(meter.step_end)
-        accum = trainer.args.gradient_accumulation_steps
-        total_time = meter.step_end[-1] - meter.start
-        total_tokens = sum(meter.batch_tokens)
-        warm = min(WARMUP_STEPS, steps - 1) if steps > 1 else 0
-        steady_time = meter.step_end[-1] - (meter.step_end[warm - 1] if warm else meter.start)
-        steady_tokens = total_tokens - sum(meter.batch_tokens[: warm * accum])
-        # Under torchrun every rank trains its share of the samples: the rate is the sum over ranks.
-        steady_tokens = _all_sum(steady_tokens)
-        total_tokens = int(_all_sum(total_tokens))
-        tokens_per_second = steady_tokens / steady_time
-        quarter = max(1, len(losses) // 4)
-        result.update({
-            "steps": steps, "micro_batches": len(meter.batch_tokens), "tokens": total_tokens,
-            "trained_tokens": int(_all_sum(sum(meter.batch_trained))), "world_size": _world_size(),
-            "tokens_per_second": round(tokens_per_second, 1),
-            "tokens_per_second_all_steps": round(total_tokens / total_time, 1),
-            "seconds_per_step": round(steady_time / max(steps - warm, 1), 3),
-            "tokens_per_micro_batch": round(total_tokens / max(len(meter.batch_tokens), 1), 1),
-            "train_seconds": round(total_time, 1),
-            "loss_first": round(sum(losses[:quarter]) / quarter, 4) if losses else None,
-            "loss_last": round(sum(losses[-quarter:]) / quarter, 4) if losses else None,
-            "train_loss": round(float(out.training_loss), 4),
-        })
-        if cuda:  # this rank's GPU (rank 0 under torchrun), and every rank's when several
-            result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / sizing.GIB, 2)
-            result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / sizing.GIB, 2)
-            if _world_size() > 1:
-                result["peak_reserved_gib_per_rank"] = _per_rank(result["peak_reserved_gib"])
-                result["peak_allocated_gib_per_rank"] = _per_rank(result["peak_allocated_gib"])
-        if peak_flops:
-            shape = sizing.SHAPES[args.shape]
-            flops = sizing.train_flops_per_token(shape, lora_r, stats["mean_attended_keys"])
-            peak_flops = peak_flops * _world_size()  # MFU against all the GPUs of the launch
-            result["model_tflops_per_second"] = round(tokens_per_second * flops / 1e12, 1)
-            result["mfu"] = round(tokens_per_second * flops / peak_flops, 4)
-            result["mfu_4n"] = round(tokens_per_second * 4 * sizing.matmul_params(shape) / peak_flops, 4)
+        train_and_measure(trainer, result, cuda, lora_r, stats, args.shape, peak_flops,
+                          profile=args.profile == name)
     except torch.OutOfMemoryError as exc:
         result["error"] = f"out of memory: {str(exc).splitlines()[0]}"
         if cuda:
             result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / sizing.GIB, 2)
+    except JobError as exc:  # the job's own refusal (a budget not even its smallest plan fits): what a user sees
+        result["error"] = f"refused ({exc.kind}, exit {exc.exit_code}): {exc}"
     finally:
         trainer = model = None
         _free(trainer, model)
@@ -473,6 +443,61 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
             torch.cuda.set_per_process_memory_fraction(min(1.0, (args.mem_cap_gib * sizing.GIB / total)
                                                            if args.mem_cap_gib else 1.0))
     result["wall_seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def train_and_measure(trainer: Any, result: dict[str, Any], cuda: bool, lora_r: int, stats: dict[str, Any],
+                      shape_name: str, peak_flops: float | None, profile: bool = False) -> dict[str, Any]:
+    """Train one pass with the token counter and step timer, and add the measurements to `result` (also what the
+    peers' processes run: entrypoints.bench.peers)."""
+    import torch
+
+    meter = Meter(cuda)
+    trainer.data_collator = meter.wrap(trainer.data_collator)
+    trainer.add_callback(meter.callback())
+    if profile:
+        trainer.add_callback(profiler_callback(result))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = len(meter.step_end)
+    accum = trainer.args.gradient_accumulation_steps
+    total_time = meter.step_end[-1] - meter.start
+    total_tokens = sum(meter.batch_tokens)
+    warm = min(WARMUP_STEPS, steps - 1) if steps > 1 else 0
+    steady_time = meter.step_end[-1] - (meter.step_end[warm - 1] if warm else meter.start)
+    steady_tokens = total_tokens - sum(meter.batch_tokens[: warm * accum])
+    # Under torchrun every rank trains its share of the samples: the rate is the sum over ranks.
+    steady_tokens = _all_sum(steady_tokens)
+    total_tokens = int(_all_sum(total_tokens))
+    tokens_per_second = steady_tokens / steady_time
+    quarter = max(1, len(losses) // 4)
+    result.update({
+        "steps": steps, "micro_batches": len(meter.batch_tokens), "tokens": total_tokens,
+        "trained_tokens": int(_all_sum(sum(meter.batch_trained))), "world_size": _world_size(),
+        "tokens_per_second": round(tokens_per_second, 1),
+        "tokens_per_second_all_steps": round(total_tokens / total_time, 1),
+        "seconds_per_step": round(steady_time / max(steps - warm, 1), 3),
+        "tokens_per_micro_batch": round(total_tokens / max(len(meter.batch_tokens), 1), 1),
+        "train_seconds": round(total_time, 1),
+        "loss_first": round(sum(losses[:quarter]) / quarter, 4) if losses else None,
+        "loss_last": round(sum(losses[-quarter:]) / quarter, 4) if losses else None,
+        "train_loss": round(float(out.training_loss), 4),
+    })
+    if cuda:  # this rank's GPU (rank 0 under torchrun), and every rank's when several
+        result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / sizing.GIB, 2)
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / sizing.GIB, 2)
+        if _world_size() > 1:
+            result["peak_reserved_gib_per_rank"] = _per_rank(result["peak_reserved_gib"])
+            result["peak_allocated_gib_per_rank"] = _per_rank(result["peak_allocated_gib"])
+    if peak_flops:
+        shape = sizing.SHAPES[shape_name]
+        flops = sizing.train_flops_per_token(shape, lora_r, stats["mean_attended_keys"])
+        peak_flops = peak_flops * _world_size()  # MFU against all the GPUs of the launch
+        result["model_tflops_per_second"] = round(tokens_per_second * flops / 1e12, 1)
+        result["mfu"] = round(tokens_per_second * flops / peak_flops, 4)
+        result["mfu_4n"] = round(tokens_per_second * 4 * sizing.matmul_params(shape) / peak_flops, 4)
     return result
 
 
@@ -507,20 +532,112 @@ def profiler_callback(result: dict[str, Any], first_step: int = 3, steps: int = 
     return Profile()
 
 
+def add_ratios(runs: list[dict[str, Any]]) -> None:
+    """`ratio`: tokens/s over the baseline's (when a baseline ran); `vs_peer`: a job run capped at a peer's peak
+    memory (`--at-memory-of`) over that peer's tokens/s."""
+    base = next((r for r in runs if r["run"] == "baseline" and "tokens_per_second" in r), None)
+    by_name = {r["run"]: r for r in runs}
+    for r in runs:
+        if base and "tokens_per_second" in r:
+            r["ratio"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2)
+        peer = by_name.get(r.get("peer", ""))
+        if peer and "tokens_per_second" in r and peer.get("tokens_per_second"):
+            r["vs_peer"] = round(r["tokens_per_second"] / peer["tokens_per_second"], 2)
+
+
 def print_table(report: dict[str, Any]) -> None:
-    cols = ["run", "tokens_per_second", "ratio", "seconds_per_step", "peak_allocated_gib", "peak_reserved_gib",
-            "mfu", "loss_first", "loss_last", "steps", "error"]
+    cols = ["run", "tokens_per_second", "ratio", "vs_peer", "peer_memory_gib", "seconds_per_step",
+            "peak_allocated_gib", "peak_reserved_gib", "mfu", "loss_first", "loss_last", "steps", "skipped", "error"]
     print("| " + " | ".join(cols) + " |")
     print("|" + " --- |" * len(cols))
     for r in report["runs"]:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |", flush=True)
 
 
+def _gib(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def run_name_problem(name: str, earlier: Sequence[str]) -> str | None:
+    """Why a --runs name is not one (None when it is): baseline, a lever, a peer, LEVER@GIB (capped at GIB) or
+    LEVER@RUN (capped at the peak of RUN, named earlier)."""
+    lever, at, where = name.partition("@")
+    if not at:
+        if name == "baseline" or name in LEVERS or name in PEERS:
+            return None
+        return f"unknown run {name!r}; choose from baseline, {', '.join(LEVERS)}, {', '.join(PEERS)}"
+    if lever not in LEVERS:
+        return f"{name!r}: {lever!r} is not a lever of the job ({', '.join(LEVERS)})"
+    if _gib(where) is None and where not in earlier:
+        return f"{name!r}: {where!r} is neither a number of GiB nor a run named before it"
+    return None
+
+
+def peer_installed(name: str, unsloth_path: str) -> str | None:
+    """None when the peer can run here, else why not (`not installed ...`), without importing it: Unsloth patches
+    transformers on import, so only its own process may import it."""
+    import importlib.machinery
+    import importlib.util
+
+    if name == "unsloth":
+        places = ([unsloth_path] if unsloth_path else []) + sys.path
+        if importlib.machinery.PathFinder.find_spec("unsloth", places) is None:
+            return f"not installed (no unsloth module on {unsloth_path or 'sys.path'}; see docs/PERF.md)"
+    elif importlib.util.find_spec("trl") is None:
+        return "not installed (no trl)"
+    return None
+
+
+def run_peer(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, Any], work: Path,
+             args: argparse.Namespace, peak_flops: float | None) -> dict[str, Any]:
+    """A peer (entrypoints.bench.peers) over the same samples, in its own process; its JSON result."""
+    import subprocess
+
+    why_not = peer_installed(name, args.unsloth_path)
+    if why_not:
+        return {"run": name, "skipped": why_not}
+    samples = work / "samples.jsonl"
+    if not samples.exists():
+        with samples.open("w") as f:
+            for ids, mask in zip(data["input_ids"], data["assistant_masks"], strict=True):
+                f.write(json.dumps({"input_ids": ids, "assistant_masks": mask}) + "\n")
+    out = work / f"{name}.json"
+    env = dict(os.environ)
+    if name == "unsloth":
+        env.update(UNSLOTH_DISABLE_AUTO_UPDATES="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if args.unsloth_path:  # its wheel set (trl, datasets, bitsandbytes of its own) ahead of the job's
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (args.unsloth_path, env.get("PYTHONPATH", "")) if p)
+    command = [sys.executable, "-m", "entrypoints.bench.peers", name, "--model-dir", str(model_dir), "--samples",
+               str(samples), "--out", str(out), "--device", args.device, "--shape", args.shape, "--max-length",
+               str(args.max_length), "--rows", str(args.peer_rows), "--seed", str(args.seed), "--peak-flops",
+               str(peak_flops or 0.0), "--stats", json.dumps(stats)]
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, check=False)
+    if done.returncode != 0 or not out.exists():
+        return {"run": name, "error": f"its process exited {done.returncode} (log above)",
+                "wall_seconds": round(time.monotonic() - started, 1)}
+    return json.loads(out.read_text())
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m entrypoints.bench.throughput", description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(sizing.SHAPES), default="7b")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    p.add_argument("--runs", default="baseline,default", help=f"comma-separated: baseline, {', '.join(LEVERS)}")
+    p.add_argument("--runs", default="baseline,default",
+                   help=f"comma-separated: baseline, {', '.join(LEVERS)}; peers, each in its own process:"
+                        f" {', '.join(PEERS)}; LEVER@GIB: a lever capped at GIB (max_gpu_memory_gib); LEVER@RUN: a"
+                        " lever capped at the peak reserved memory of RUN, named before it")
+    p.add_argument("--at-memory-of", default="", metavar="RUN[,RUN]",
+                   help="after --runs, the job's default (with --set) again, capped at each named run's peak reserved"
+                        " memory (max_gpu_memory_gib), as run `default@RUN` with its tokens/s over RUN's (vs_peer)")
+    p.add_argument("--peer-rows", type=int, default=3, help="packed rows of --max-length per micro-batch of the peers")
+    p.add_argument("--unsloth-path", default="", metavar="DIR",
+                   help="a directory holding Unsloth's wheel set (pip install --target), put first on the unsloth"
+                        " run's PYTHONPATH")
     p.add_argument("--samples", type=int, default=512, help="samples in the one pass each run makes")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--fixed-length", type=int, default=0, help="every sample this long (memory checks)")
@@ -555,15 +672,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         extra[name.strip()] = value.strip()
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = [r for r in runs if r != "baseline" and r not in LEVERS]
-    if unknown:
-        print(f"--runs: unknown run(s) {unknown}; choose from baseline, {', '.join(LEVERS)}", file=sys.stderr)
+    at_memory_of = [r.strip() for r in args.at_memory_of.split(",") if r.strip()]
+    missing = [r for r in at_memory_of if r not in runs]
+    if missing:
+        print(f"--at-memory-of: {', '.join(missing)} not in --runs: name runs measured before (e.g. --runs"
+              f" trl-best --at-memory-of trl-best)", file=sys.stderr)
         return 2
+    runs += [f"default@{r}" for r in at_memory_of]
+    problems = [problem for i, r in enumerate(runs) if (problem := run_name_problem(r, runs[:i]))]
+    if problems:
+        print("--runs: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    peers_in_torchrun = [r for r in runs if r in PEERS]
     rank, world = int(os.environ.get("RANK", "0")), _world_size()
     if world > 1:
-        if not args.model_dir or "baseline" in runs:
-            print("under torchrun: pass --model-dir (a path all ranks share) and leave out the baseline run",
-                  file=sys.stderr)
+        if not args.model_dir or "baseline" in runs or peers_in_torchrun:
+            print("under torchrun: pass --model-dir (a path all ranks share) and leave out the baseline run and the"
+                  " peers", file=sys.stderr)
             return 2
         import torch.distributed as dist
 
@@ -601,13 +726,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("data: %s", json.dumps(stats))
         for name in runs:
             base = next((r for r in report["runs"] if r["run"] == "baseline" and "peak_reserved_gib" in r), None)
-            result = run_one(name, model_dir, data, stats, tokenizer, work, args, peak, extra,
-                             base["peak_reserved_gib"] if base else None)
+            lever, _, where = name.partition("@")
+            if name in PEERS:
+                result = run_peer(name, model_dir, data, stats, work, args, peak)
+            elif where and _gib(where) is not None:  # LEVER@GIB: the lever capped at GIB
+                result = run_one(name, model_dir, data, stats, tokenizer, work, args, peak,
+                                 {**LEVERS[lever], **extra, "max_gpu_memory_gib": where})
+            elif where:  # LEVER@RUN: the lever capped at RUN's peak reserved memory, compared with RUN
+                peer = next(r for r in report["runs"] if r["run"] == where)
+                memory = peer.get("peak_reserved_gib")
+                if memory:
+                    result = run_one(name, model_dir, data, stats, tokenizer, work, args, peak,
+                                     {**LEVERS[lever], **extra, "max_gpu_memory_gib": str(memory)})
+                else:
+                    result = {"run": name, "error": f"{peer['run']} has no measured peak memory (a GPU run that"
+                                                    " finished is needed)"}
+                result.update(peer=peer["run"], peer_memory_gib=memory)
+            else:
+                result = run_one(name, model_dir, data, stats, tokenizer, work, args, peak, extra,
+                                 base["peak_reserved_gib"] if base else None)
             report["runs"].append(result)
-            base = next((r for r in report["runs"] if r["run"] == "baseline" and "tokens_per_second" in r), None)
-            for r in report["runs"]:
-                if base and "tokens_per_second" in r:
-                    r["ratio"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2)
+            add_ratios(report["runs"])
             log.info("result: %s", json.dumps(result))
             if args.out and rank == 0:
                 Path(args.out).write_text(json.dumps(report, indent=2))
@@ -618,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+    # A peer that is not installed is skipped, not failed; a refused or failed run makes the exit 1.
     return 0 if all("error" not in r for r in report["runs"]) else 1
 
 

@@ -21,3 +21,19 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, capsys):
     assert runs["default"]["plan"]["packing"] is True
     assert runs["default"]["ratio"] > 0 and runs["baseline"]["ratio"] == 1.0
     assert "BENCHMARK_JSON" in capsys.readouterr().out
+
+
+def test_benchmark_runs_trl_best_in_its_own_process_and_skips_a_missing_peer(tmp_path):
+    """The peers train the same samples in a process of their own (Unsloth and Liger patch transformers), with their
+    versions recorded; a peer that is not installed is skipped with a reason, not failed."""
+    out = tmp_path / "bench.json"
+    code = benchmark.main(["--shape", "tiny", "--device", "cpu", "--samples", "12", "--max-length", "96",
+                           "--runs", "trl-best,unsloth", "--unsloth-path", str(tmp_path / "none"),
+                           "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    runs = {r["run"]: r for r in report["runs"]}
+    assert runs["trl-best"]["tokens"] == report["data"]["train_tokens"]  # the same samples, all of them trained
+    assert 0 < runs["trl-best"]["trained_tokens"] < runs["trl-best"]["tokens"]  # the answers only (assistant masks)
+    assert runs["trl-best"]["versions"]["trl"] != "absent" and "BFD packing" in runs["trl-best"]["settings"]
+    assert runs["unsloth"]["skipped"].startswith("not installed") and "error" not in runs["unsloth"]

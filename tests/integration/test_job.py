@@ -167,6 +167,11 @@ def test_packing_path_trains(tmp_path, tiny_model):
                              QLORA_NUM_SAMPLE_GENERATIONS="0", QLORA_REPORT_TO="none", QLORA_OUTPUT=str(tmp_path / "o")))
     assert result.code == 0, result.output[-3000:]
     assert result.summary["global_step"] == 2 and result.summary["train_loss"] > 0
+    # The manifest records how the run fitted its memory (on CPU: no GPU to plan for, nothing offloaded).
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    plan = manifest["metrics"]["batch_plan"]
+    assert plan["activation_offload"] is False and plan["optim"] == "adamw_torch" and plan["row_tokens"] <= 128
+    assert "no GPU memory to plan for" in plan["reason"]
 
 
 def test_resume_refuses_checkpoint_of_other_settings(tmp_path):

@@ -65,6 +65,15 @@ def test_bad_checkpointing_and_memory_cap_are_errors(tmp_path):
     assert "QLORA_MAX_GPU_MEMORY_GIB=-1" in text and "must be 0 (the whole GPU)" in text
 
 
+def test_activation_offload_that_cannot_apply_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_env(tmp_path, QLORA_ACTIVATION_OFFLOAD="true", QLORA_GRADIENT_CHECKPOINTING="false"))
+    assert "QLORA_ACTIVATION_OFFLOAD='true': offloads the inputs of recomputed layers" in str(info.value)
+    with pytest.raises(ConfigError, match=r"QLORA_ACTIVATION_OFFLOAD='true': is part of the packed batch plan"):
+        parse_config(_env(tmp_path, QLORA_ACTIVATION_OFFLOAD="true", QLORA_PACKING="false"))
+    assert parse_config(_env(tmp_path, QLORA_ACTIVATION_OFFLOAD="false")).activation_offload == "false"
+
+
 def test_bad_boolean_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"QLORA_PACKING='maybe': expected a boolean"):
         parse_config(_env(tmp_path, QLORA_PACKING="maybe"))

@@ -48,15 +48,21 @@ def test_the_fit_check_is_the_jobs_own_memory_model_and_plan():
     settings = sizing.PlanSettings.of(cfg)
     plan = sizing.plan_batch(settings, 24 * sizing.GIB, shape, 1024)
     assert fit.ok and f"{plan.micro_batch_tokens} tokens per micro-batch" in fit.message
-    assert f"at least {sizing.minimum_gpu_bytes(shape, settings) / sizing.GIB:.1f} GiB per GPU" in fit.message
-    capped = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MAX_GPU_MEMORY_GIB": "6"}, check_paths=False)
-    assert not estimate.check_fit(shape, capped, instances.lookup("g5.2xlarge")).ok  # the job's own cap counts
+    assert f"at least {sizing.smallest_budget_bytes(shape, settings) / sizing.GIB:.1f} GiB per GPU" in fit.message
+    # The job's own cap counts, as the allocator's budget (the CUDA context lies outside it): the smallest plan of
+    # 7B (one row, offload, 8-bit AdamW) needs ~5.1 GiB there.
+    capped = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MAX_GPU_MEMORY_GIB": "4.5"}, check_paths=False)
+    refused = estimate.check_fit(shape, capped, instances.lookup("g5.2xlarge"))
+    assert not refused.ok and "max_gpu_memory_gib=4.5" in refused.message and "at least 5.1 GiB" in refused.message
+    small = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MAX_GPU_MEMORY_GIB": "5.6"}, check_paths=False)
+    fit = estimate.check_fit(shape, small, instances.lookup("g5.2xlarge"))
+    assert fit.ok and "memory short: activation offload" in fit.message
 
 
 def test_fit_check_refuses_with_numbers_and_warns_when_unknown():
     cfg = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf"}, check_paths=False)
     fit = estimate.check_fit(sizing.shape_of_model(cfg.model), cfg, instances.lookup("g5.2xlarge"))
-    assert not fit.ok and "GiB per GPU" in fit.message and "GiB usable" in fit.message
+    assert not fit.ok and "GiB per GPU" in fit.message and "vs 24 GiB on each" in fit.message
     # ~34 GiB of 4-bit weights alone: 70B fits an 80 GiB A100 whole, a 40 GiB one only sharded (FSDP over its 8).
     assert estimate.check_fit(sizing.shape_of_model(cfg.model), cfg, instances.lookup("p4de.24xlarge")).ok
     assert "parallelism: fsdp" in estimate.check_fit(sizing.shape_of_model(cfg.model), cfg,
@@ -200,7 +206,15 @@ def test_fit_check_shards_a_model_too_large_for_one_gpu_of_a_multi_gpu_instance(
     assert not refused.ok and "while it loads" in refused.message
     ddp = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf",
                         "QLORA_PARALLELISM": "ddp"}, check_paths=False)
-    assert not estimate.check_fit(shape, ddp, instances.lookup("g6e.12xlarge")).ok  # a whole copy per GPU
+    # A whole copy per GPU (34 GiB of 4-bit weights on a 48 GiB GPU): with the small-memory plan's savers
+    # (activation offload; docs/PERF.md); without them only one row of 2048, a tight fit with a warning.
+    whole = estimate.check_fit(shape, ddp, instances.lookup("g6e.12xlarge"))
+    assert whole.ok and "parallelism: ddp" in whole.message and "memory short: activation offload" in whole.message
+    no_savers = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-70b-hf",
+                              "QLORA_PARALLELISM": "ddp", "QLORA_ACTIVATION_OFFLOAD": "false",
+                              "QLORA_OPTIM": "adamw_torch_fused"}, check_paths=False)
+    tight = estimate.check_fit(shape, no_savers, instances.lookup("g6e.12xlarge"))
+    assert tight.ok and tight.warning and tight.message.startswith("tight fit")
     thirteen = parse_config({"QLORA_DATA": "s3://b/d", "QLORA_MODEL": "meta-llama/Llama-2-13b-hf"}, check_paths=False)
     assert "parallelism: ddp (the model fits one GPU" in estimate.check_fit(
         sizing.shape_of_model(thirteen.model), thirteen, instances.lookup("g5.12xlarge")).message

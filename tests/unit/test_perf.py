@@ -105,7 +105,43 @@ def test_packed_model_forward_matches_separate_samples(tmp_path):
 
 def test_benchmark_rejects_unknown_runs(capsys):
     assert benchmark.main(["--runs", "baseline,turbo", "--device", "cpu"]) == 2
-    assert "turbo" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "turbo" in err and "trl-best, trl-best-no-ckpt, unsloth" in err
+
+
+def test_benchmark_cli_takes_peers_and_at_memory_of(capsys):
+    args = benchmark.parse_args(["--runs", "trl-best,unsloth", "--at-memory-of", "trl-best,unsloth", "--peer-rows",
+                                 "4", "--unsloth-path", "/tmp/uns"])
+    assert (args.at_memory_of, args.peer_rows, args.unsloth_path) == ("trl-best,unsloth", 4, "/tmp/uns")
+    # A run to compare at must be measured first, in the same invocation.
+    assert benchmark.main(["--runs", "default", "--at-memory-of", "trl-best", "--device", "cpu"]) == 2
+    assert "--at-memory-of: trl-best not in --runs" in capsys.readouterr().err
+    assert benchmark.peer_installed("unsloth", "/nonexistent").startswith("not installed")
+    # LEVER@GIB caps a lever; LEVER@RUN caps it at an earlier run's peak.
+    assert benchmark.run_name_problem("default@5.6", []) is None
+    assert benchmark.run_name_problem("no-savers@trl-best", ["trl-best"]) is None
+    assert "neither a number of GiB nor a run named before it" in benchmark.run_name_problem("default@trl-best", [])
+    assert "'turbo' is not a lever" in benchmark.run_name_problem("turbo@5.6", [])
+    assert benchmark.main(["--runs", "default@unsloth,unsloth", "--device", "cpu"]) == 2
+
+
+def test_benchmark_report_compares_each_peer_with_the_job_at_its_memory(capsys):
+    runs = [{"run": "baseline", "tokens_per_second": 2000.0},
+            {"run": "trl-best", "tokens_per_second": 5886.0, "peak_reserved_gib": 8.2},
+            {"run": "unsloth", "skipped": "not installed (no unsloth module on sys.path; see docs/PERF.md)"},
+            {"run": "default@trl-best", "peer": "trl-best", "peer_memory_gib": 8.2, "tokens_per_second": 8829.0},
+            {"run": "default@unsloth", "peer": "unsloth", "peer_memory_gib": None, "error": "unsloth has no measured"
+             " peak memory (a GPU run that finished is needed)"}]
+    benchmark.add_ratios(runs)
+    assert runs[1]["ratio"] == 2.94 and runs[3]["vs_peer"] == 1.5 and "vs_peer" not in runs[4]
+    benchmark.print_table({"runs": runs})
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:5] == ["run", "tokens_per_second", "ratio", "vs_peer", "peer_memory_gib"]
+    row = dict(zip(header, (c.strip() for c in lines[5].strip("|").split("|")), strict=True))
+    assert (row["run"], row["vs_peer"], row["peer_memory_gib"], row["ratio"]) == ("default@trl-best", "1.5", "8.2",
+                                                                                "4.41")
+    assert "not installed" in lines[4]
 
 
 def test_torch_compile_is_on_by_default_on_cuda_where_triton_can_build_and_replaces_liger(monkeypatch):
@@ -205,6 +241,38 @@ def test_a_part_that_fails_to_compile_runs_uncompiled_with_one_warning_line(capl
     notices = [r for r in caplog.records if "could not compile" in r.getMessage()]
     assert len(notices) == 1 and "RuntimeError: the backend gave up" in notices[0].getMessage()
     assert "second line" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_the_job_refuses_a_memory_budget_too_small_for_its_smallest_plan(monkeypatch):
+    """max_gpu_memory_gib below the smallest plan: a configuration error (exit 2) naming the setting and the least
+    budget that fits, before the model loads, instead of a run that starts and runs out of memory. The GPU's
+    budget (what torch reports on a GPU) is given here; the plan and the message are the job's own."""
+    import pytest
+
+    from entrypoints.errors import EXIT_CONFIG, ConfigError
+
+    seven = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "vocab_size": 32000}
+    stats = {"train_records": 100, "train_tokens": 41200, "longest_record_tokens": 2048}
+    monkeypatch.setattr(perf, "gpu_budget", lambda: (int(4.5 * GIB), True))
+    with pytest.raises(ConfigError) as info:
+        perf.plan_for(_plan(max_gpu_memory_gib=4.5), seven, stats)
+    text = str(info.value)
+    assert info.value.exit_code == EXIT_CONFIG == 2
+    assert "QLORA_MAX_GPU_MEMORY_GIB=4.5 GiB is too small" in text and "at least 5.1" in text
+    assert "offloaded to CPU memory, adamw_8bit optimizer state" in text and "QLORA_MAX_SEQ_LENGTH (now 2048)" in text
+    # The old behaviour forced: the message names the savers that would make it fit.
+    monkeypatch.setattr(perf, "gpu_budget", lambda: (int(5.6 * GIB), True))
+    with pytest.raises(ConfigError, match="QLORA_ACTIVATION_OFFLOAD=auto, QLORA_OPTIM=auto"):
+        perf.plan_for(_plan(activation_offload="false", optim="adamw_torch_fused"), seven, stats)
+    plan = perf.plan_for(_plan(max_gpu_memory_gib=5.6), seven, stats)
+    assert plan.activation_offload and plan.rows == 1
+    record = perf.plan_record(plan, "adamw_torch_fused")
+    assert record["activation_offload"] is True and record["smallest_budget_gib"] == 5.06
+    # A whole GPU too small names the GPU instead, with the CUDA context counted.
+    monkeypatch.setattr(perf, "gpu_budget", lambda: (int(5.6 * GIB), False))
+    with pytest.raises(ConfigError, match=r"this GPU's 5.6 GiB are too small .* at least 6.1 GiB"):
+        perf.plan_for(_plan(), seven, stats)
 
 
 def test_fsdp_trainer_arguments_are_transformers_own_fsdp2_with_the_trainers_checkpointing():

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from entrypoints import sizing
@@ -138,6 +140,82 @@ def test_micro_batch_tokens_above_one_step_never_make_the_step_larger():
     assert "capped at one step's 6400" in plan.reason
 
 
+def test_small_memory_plan_offloads_then_uses_8bit_state_and_grows_micro_batches():
+    """At the small end the plan first offloads the recomputed layers' inputs (more rows per micro-batch), then keeps
+    AdamW's state in 8 bits, each only where it buys rows, and never where the whole step fits without it."""
+    seven = sizing.SHAPES["7b"]
+
+    def plan(gib, **kw):
+        return sizing.plan_batch(replace(_plan(**kw), capped=True), int(gib * GIB), seven, mean_sample_tokens=412)
+
+    roomy = plan(22)
+    assert (roomy.activation_offload, roomy.optim, roomy.rows, roomy.fits) == (False, "", 3, True)
+    # trl-best's 8.2 GiB: 2 rows without offload, the whole step (3 rows) with it.
+    assert sizing.plan_batch(replace(_plan(activation_offload="false"), capped=True), int(8.2 * GIB), seven,
+                             mean_sample_tokens=412).rows == 2
+    mid = plan(8.2)
+    assert (mid.activation_offload, mid.optim, mid.rows, mid.gradient_accumulation_steps) == (True, "", 3, 1)
+    assert mid.layers_without_checkpointing == 0 and "offloaded to CPU memory" in mid.reason
+    # Unsloth's 5.6 GiB: one row only with offload (the old plan OOMed there); 8-bit state adds no row, so it stays off.
+    unsloth = plan(5.6)
+    assert (unsloth.activation_offload, unsloth.optim, unsloth.rows, unsloth.fits) == (True, "", 1, True)
+    # 5.2 GiB: only with 8-bit moments as well.
+    tight = plan(5.2)
+    assert (tight.activation_offload, tight.optim, tight.rows, tight.fits) == (True, "adamw_8bit", 1, True)
+    assert "adamw_8bit keeps AdamW's state in 8 bits" in tight.reason
+    # The estimate of the chosen plan, with the small-end allocator overhead, stays inside the cap.
+    for p, gib in ((unsloth, 5.6), (tight, 5.2), (mid, 8.2)):
+        s = replace(_plan(), capped=True, optim=p.optim or "auto")
+        fixed = sizing.fixed_bytes(seven, s) - sizing.CONTEXT_BYTES
+        activations = p.micro_batch_tokens * sizing.offloaded_bytes_per_token(seven)
+        assert fixed + sizing.SMALL_END_ACTIVATION_FACTOR * activations <= gib * GIB
+
+
+def test_the_plan_refuses_a_budget_not_even_the_smallest_plan_fits_and_names_the_least_that_does():
+    seven = sizing.SHAPES["7b"]
+    settings = replace(_plan(), capped=True)
+    smallest = sizing.smallest_budget_bytes(seven, settings)
+    assert 5.0 * GIB < smallest < 5.2 * GIB  # one row of 2048, offload, 8-bit AdamW, 4-bit weights of 7B
+    assert sizing.plan_batch(settings, int(smallest) + 1, seven, 412).fits
+    refused = sizing.plan_batch(settings, int(smallest) - 1, seven, 412)
+    assert not refused.fits and refused.smallest_budget_bytes == smallest and "DOES NOT FIT" in refused.reason
+    # The old behaviour forced (no offload, fused AdamW) needs more, and the whole GPU adds the CUDA context.
+    old = replace(_plan(activation_offload="false", optim="adamw_torch_fused"), capped=True)
+    assert not sizing.plan_batch(old, int(5.6 * GIB), seven, 412).fits
+    assert sizing.smallest_budget_bytes(seven, old) > 5.6 * GIB
+    assert sizing.smallest_budget_bytes(seven, _plan()) == pytest.approx(smallest + sizing.CONTEXT_BYTES)
+    # 8-bit optimizers set by the user count 10 bytes per LoRA parameter; 32-bit ones 16.
+    lora = sizing.lora_params(seven, 16)
+    assert (sizing.fixed_bytes(seven, _plan(optim="paged_adamw_32bit")) - sizing.fixed_bytes(seven, _plan(optim="adamw_8bit"))
+            == pytest.approx(6 * lora))
+
+
+def test_memory_levels_follow_the_settings():
+    assert sizing.memory_levels(_plan()) == [(False, ""), (True, ""), (True, "adamw_8bit")]
+    assert sizing.memory_levels(_plan(activation_offload="false")) == [(False, ""), (False, "adamw_8bit")]
+    assert sizing.memory_levels(_plan(activation_offload="true", optim="adamw_torch")) == [(True, "")]
+    assert sizing.memory_levels(_plan(gradient_checkpointing="false")) == [(False, ""), (False, "adamw_8bit")]
+    # Offload forced: every layer recomputed even where memory is plentiful; CPU never offloads.
+    forced = sizing.plan_batch(_plan(activation_offload="true"), 80 * GIB, sizing.SHAPES["7b"], 412)
+    assert forced.activation_offload and forced.layers_without_checkpointing == 0 and forced.optim == ""
+    cpu = sizing.plan_batch(_plan(activation_offload="true"), 1 << 50, sizing.SHAPES["7b"], 412, on_gpu=False)
+    assert not cpu.activation_offload and cpu.fits
+
+
+def test_the_chosen_memory_savers_reach_the_trainer_arguments():
+    seven = sizing.SHAPES["7b"]
+    tight = sizing.plan_batch(replace(_plan(), capped=True), int(5.2 * GIB), seven, 412)
+    kwargs = sft_config(_cfg(), tight, cuda=True, precision="bfloat16", has_eval=False, report_to="none")
+    assert kwargs["optim"] == "adamw_8bit" and kwargs["activation_offloading"] is True
+    assert kwargs["per_device_train_batch_size"] == 1 and kwargs["gradient_checkpointing"] is True
+    # A set optimizer wins over the plan's pick; no plan or no CUDA: no offload.
+    assert sft_config(_cfg(optim="adamw_torch"), tight, True, "bfloat16", False, "none")["optim"] == "adamw_torch"
+    assert sft_config(_cfg(), tight, False, "bfloat16", False, "none")["activation_offloading"] is False
+    roomy = sizing.plan_batch(_plan(), 80 * GIB, seven, 412)
+    kwargs = sft_config(_cfg(), roomy, cuda=True, precision="bfloat16", has_eval=False, report_to="none")
+    assert kwargs["optim"] == "adamw_torch_fused" and kwargs["activation_offloading"] is False
+
+
 # ------------------------------------------------------------------------------------------- parallelism (FSDP)
 def test_the_sharded_estimate_divides_weights_and_lora_state_and_adds_what_fsdp_gathers():
     thirteen, s = sizing.SHAPES["13b"], _plan()
@@ -175,7 +253,8 @@ def test_auto_picks_ddp_when_one_gpu_holds_the_model_and_fsdp_when_only_the_shar
 
 
 def test_a_sharded_plan_spends_the_memory_fsdp_frees_on_larger_micro_batches():
-    thirteen, s = sizing.SHAPES["13b"], _plan()
+    # Without activation offload, which would add rows to both (the small-memory plan's own tests cover it).
+    thirteen, s = sizing.SHAPES["13b"], _plan(activation_offload="false")
     whole = sizing.plan_batch(s, 22 * GIB, thirteen, mean_sample_tokens=2048)
     sharded = sizing.plan_batch(s, 22 * GIB, thirteen, mean_sample_tokens=2048, shards=2)
     assert (whole.rows, sharded.rows) == (5, 7)
