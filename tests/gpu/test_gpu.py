@@ -92,10 +92,10 @@ def test_activation_offload_under_checkpointing_keeps_gradients_and_frees_gpu_me
     config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=8192)
     reference = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
-    offloaded = copy.deepcopy(reference)
+    again, offloaded = copy.deepcopy(reference), copy.deepcopy(reference)
     ids = torch.randint(0, 1024, (1, 8192), device="cuda")
     grads, peaks = [], []
-    for model, offload in ((reference, False), (offloaded, True)):
+    for model, offload in ((reference, False), (again, False), (offloaded, True)):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         context = get_act_offloading_ctx_manager(model) if offload else None
@@ -111,9 +111,14 @@ def test_activation_offload_under_checkpointing_keeps_gradients_and_frees_gpu_me
                 model(input_ids=ids, labels=ids).loss.backward()
             torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
-        grads.append([p.grad.float().clone() for p in model.parameters()])
-    for a, b in zip(*grads, strict=True):  # equal up to the order of atomic adds (embedding backward)
-        assert (a - b).norm() <= 1e-3 * a.norm() + 1e-6
+        grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+    # bf16 backward passes differ run to run (the order of atomic adds): offload may differ from plain checkpointing
+    # by no more than two plain runs differ from each other (with a floor for a bit-exact GPU).
+    noise = (grads[0] - grads[1]).norm()
+    offload_diff = (grads[0] - grads[2]).norm()
+    print(f"gradient norm {grads[0].norm():.4f}, plain vs plain {noise:.5f}, plain vs offloaded {offload_diff:.5f}")
+    assert offload_diff <= max(3 * noise, 1e-3 * grads[0].norm()), (float(noise), float(offload_diff))
+    peaks = [peaks[0], peaks[2]]
     # 16 layer inputs of 8192 x 1024 bf16 (16 MiB each) leave the GPU but for the few in flight.
     assert peaks[1] < peaks[0] - 100 * 2**20, peaks
 
