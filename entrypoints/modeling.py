@@ -6,6 +6,7 @@ Two kinds of model are trained: decoder-only causal LMs (Llama-class) and T5-cla
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -14,8 +15,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from entrypoints import perf, sizing, storage
-from entrypoints.config import JobConfig
+from entrypoints import bnb4bit, perf, sizing, storage
+from entrypoints.config import JobConfig, env_name
 from entrypoints.errors import ConfigError, ModelError, StorageError
 
 log = logging.getLogger("qlora.model")
@@ -174,6 +175,61 @@ def check_model_dir(path: Path, allow_pickle: bool) -> None:
     for file in safetensors:
         check_safetensors_file(file)
     check_shard_index(path)
+    if safetensors:
+        # A checkpoint stored in bitsandbytes 4-bit: every weight's packed values and state complete (another
+        # quantization, 8-bit, GPTQ, AWQ, is refused here, before the data is prepared).
+        stored = bnb4bit.stored_quantization(_config_json(path), f"{path}/config.json")
+        if stored is not None:
+            bnb4bit.check_checkpoint(path, stored)
+
+
+def _config_json(model_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{model_dir}/config.json cannot be read as JSON ({exc}): use the model's own config.json"
+                         ) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{model_dir}/config.json is not a JSON object: use the model's own config.json")
+    return config
+
+
+def stored_quantization(model_dir: Path) -> bnb4bit.Stored4bit | None:
+    """How the checkpoint in `model_dir` stores its weights: None for 16/32-bit weights (quantized as they load), the
+    bitsandbytes 4-bit form for a pre-quantized checkpoint; a ModelError for another quantization."""
+    return bnb4bit.stored_quantization(_config_json(model_dir), f"{model_dir}/config.json")
+
+
+def settings_for_checkpoint(cfg: JobConfig, model_dir: Path) -> JobConfig:
+    """The settings a pre-quantized (bitsandbytes 4-bit) checkpoint trains with: its 4-bit weights are used as they
+    are stored, so `quantization` and `double_quant` are the checkpoint's. Not given: taken from the checkpoint (one
+    log line). Given with another value: a ConfigError (exit 2) naming it, since re-quantizing 4-bit weights to
+    another 4-bit form would lose precision twice and `none` would need the 16-bit weights the checkpoint lacks."""
+    stored = stored_quantization(model_dir)
+    if stored is None:
+        return cfg
+    wanted = {"quantization": stored.quant_type, "double_quant": stored.double_quant}
+    problems, taken = [], []
+    for name, value in wanted.items():
+        if getattr(cfg, name) == value:
+            continue
+        source = cfg.source_of(name)
+        if source is None:
+            taken.append(f"{name}={str(value).lower()}")
+            continue
+        given = str(getattr(cfg, name)).lower()
+        problems.append(f"{source}={given}: {model_dir} is stored pre-quantized ({stored.describe()}) and its 4-bit"
+                        " weights are trained on as they are" + (
+                            ", so there are no 16-bit weights to train plain LoRA on" if given == "none" else "")
+                        + f". Remove {env_name(name)} (or set it to {str(value).lower()}), or point QLORA_MODEL at"
+                        " the 16-bit model to quantize it your way")
+    if problems:
+        raise ConfigError(problems)
+    effective = dataclasses.replace(cfg, **wanted)
+    object.__setattr__(effective, "_sources", getattr(cfg, "_sources", {}))
+    log.info("pre-quantized base (%s): its 4-bit weights are loaded as stored, not quantized again%s", stored.describe(),
+             f"; taken from the checkpoint: {', '.join(taken)}" if taken else "")
+    return effective
 
 
 def check_safetensors_file(file: Path) -> None:
@@ -282,6 +338,7 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0, seq2seq: bo
 
     device = device_kind()
     dtype = compute_dtype(cfg, seq2seq)
+    stored = stored_quantization(model_dir)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": cfg.attn_implementation,
@@ -289,9 +346,18 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0, seq2seq: bo
         "quantization_config": quantization_config(cfg, seq2seq),
         "device_map": {"": local_rank} if device == "cuda" else {"": "cpu"},
     }
+    if stored is not None:
+        # Loaded as stored (transformers deserializes the 4-bit weights, nothing is quantized again), computing in the
+        # job's dtype: the stored compute dtype is a loading choice of whoever saved it, not part of the weights.
+        check_prequantized_settings(cfg, stored, model_dir)
+        config = load_model_config(model_dir, cfg)
+        config.quantization_config = {**config.quantization_config,
+                                      "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch.")}
+        kwargs.update(config=config, quantization_config=None)
     if not cfg.allow_pickle_weights:
         kwargs["use_safetensors"] = True
-    log.info("loading %s (%s, compute %s) on %s", model_dir, cfg.quantization, str(dtype).removeprefix("torch."), device)
+    log.info("loading %s (%s, compute %s) on %s", model_dir,
+             f"stored {stored.describe()}" if stored else cfg.quantization, str(dtype).removeprefix("torch."), device)
     try:
         auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         model, info = auto_class.from_pretrained(model_dir, output_loading_info=True, **kwargs)
@@ -302,11 +368,18 @@ def load_model(model_dir: Path, cfg: JobConfig, local_rank: int = 0, seq2seq: bo
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: the model cannot be loaded ({type(exc).__name__}: {exc})") from None
     except RuntimeError as exc:  # transformers raises this for tensors whose shapes differ from config.json's
-        if "mismatch" not in str(exc).lower():
-            raise
-        raise ModelError(f"{model_dir}: the weights' shapes do not match config.json ({first_line(exc)}): the config"
-                         " belongs to another model; use the model's own config.json") from None
+        if "mismatch" in str(exc).lower():
+            raise ModelError(f"{model_dir}: the weights' shapes do not match config.json ({first_line(exc)}): the"
+                             " config belongs to another model; use the model's own config.json") from None
+        if stored is not None and "conversion" in str(exc).lower():  # a stored 4-bit weight it could not rebuild
+            raise ModelError(f"{model_dir}: transformers could not rebuild the stored 4-bit weights"
+                             f" ({first_line(exc)}): the checkpoint is damaged; download it again") from None
+        raise
+    if stored is not None:
+        info = {**info, "missing_keys": [*(info.get("missing_keys") or []), *missing_4bit_states(model)]}
     check_loading_info(model_dir, info, quantized_shape_mismatches(model))
+    if stored is not None:
+        store_4bit_as(model, dtype)
     # The KV cache is useless in training and conflicts with checkpointing (T5's encoder and decoder stacks read
     # copies of the config of their own).
     for module in model.modules():
@@ -332,6 +405,37 @@ def load_model_config(model_dir: Path, cfg: JobConfig) -> Any:
                          " model's own config.json") from None
 
 
+def check_prequantized_settings(cfg: JobConfig, stored: bnb4bit.Stored4bit, model_dir: Path) -> None:
+    """`cfg` must describe the stored form (settings_for_checkpoint makes it so): a caller that skipped that step would
+    otherwise train on one quantization and merge as another."""
+    if (cfg.quantization, cfg.double_quant) != (stored.quant_type, stored.double_quant):
+        raise ConfigError([f"QLORA_QUANTIZATION={cfg.quantization}, QLORA_DOUBLE_QUANT={str(cfg.double_quant).lower()}:"
+                           f" {model_dir} is stored pre-quantized ({stored.describe()}); leave both unset, or set"
+                           " them to the stored form"])
+
+
+def store_4bit_as(model: Any, dtype: Any) -> int:
+    """Reinterpret the packed 4-bit weights deserialized from a checkpoint (uint8) as `dtype`, as the job stores them
+    when it quantizes as it loads (bnb_4bit_quant_storage = the compute dtype, so that FSDP shards them like any other
+    tensor): the same bytes, the same layer, one form for every later step. Returns the number of weights changed."""
+    import torch
+
+    changed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "quant_state", None) is None or weight.dtype != torch.uint8:
+            continue
+        if weight.numel() % dtype.itemsize:
+            continue  # cannot be viewed as `dtype` (an odd size): left in uint8, which computes the same
+        weight.data = weight.data.reshape(-1).view(dtype).reshape(-1, 1)
+        weight.quant_storage = dtype
+        changed += 1
+    quantizer = getattr(model, "hf_quantizer", None)
+    if changed and quantizer is not None:
+        quantizer.quantization_config.bnb_4bit_quant_storage = dtype
+    return changed
+
+
 def quantized_shape_mismatches(model: Any) -> list[str]:
     """4-bit layers whose checkpoint tensor had another shape than config.json gives the layer: bitsandbytes
     quantizes whatever tensor it is handed (the original shape is in its quant_state), and transformers does not
@@ -343,6 +447,13 @@ def quantized_shape_mismatches(model: Any) -> list[str]:
             if tuple(state.shape) != (module.out_features, module.in_features):
                 found.append(f"{name}.weight {list(state.shape)} vs {[module.out_features, module.in_features]}")
     return found
+
+
+def missing_4bit_states(model: Any) -> list[str]:
+    """4-bit weights loaded without their quantization state: a pre-quantized checkpoint whose packed values came
+    without their state parts is loaded as raw bytes, without a word from transformers."""
+    return [f"{name}.weight.quant_state" for name, module in model.named_modules()
+            if type(module).__name__ == "Linear4bit" and getattr(module.weight, "quant_state", None) is None]
 
 
 def check_loading_info(model_dir: Path, info: dict[str, Any], quantized_mismatches: list[str] = ()) -> None:

@@ -369,11 +369,13 @@ def package_versions() -> dict[str, str]:
 
 def write_model_card(stage: Path, cfg: JobConfig, metrics: dict[str, Any], samples: list[dict[str, Any]],
                      has_merged: bool, adapter: dict[str, Any] | None = None, seq2seq: bool = False,
-                     suites: list[dict[str, Any]] | None = None, promotion: dict[str, Any] | None = None) -> Path:
+                     suites: list[dict[str, Any]] | None = None, promotion: dict[str, Any] | None = None,
+                     base_stored: str | None = None) -> Path:
     """README.md of the output. `adapter`: what save_adapter reports (dtype, parameters, bytes, compute_dtype), stated
     in the card. `seq2seq`: an encoder-decoder model, whose prompts are plain text (the format is written down, since
     no chat template saved with the tokenizer carries it). `suites`, `promotion`: the eval suites' scores and the
-    promotion decision."""
+    promotion decision. `base_stored`: the form of a pre-quantized base (e.g. `bitsandbytes nf4, double quantization
+    on`), whose 4-bit weights the adapter was trained on and the merged model holds dequantized."""
     name = cfg.base_model_name
     auto_class = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
     lines = [
@@ -385,7 +387,9 @@ def write_model_card(stage: Path, cfg: JobConfig, metrics: dict[str, Any], sampl
         f"# {cfg.run_name or 'QLoRA fine-tune'}",
         "",
         f"A LoRA adapter (r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets `{cfg.lora_target_modules}`) trained with"
-        f" QLoRA ({cfg.quantization}, double quantization {'on' if cfg.double_quant else 'off'}) on top of `{name}`.",
+        f" QLoRA ({cfg.quantization}, double quantization {'on' if cfg.double_quant else 'off'}) on top of `{name}`"
+        + (f", a pre-quantized checkpoint ({base_stored}) whose 4-bit weights were trained on as stored." if base_stored
+           else "."),
         "",
         "## Files",
         "- `adapter/`: the PEFT adapter and tokenizer (`PeftModel.from_pretrained(base, 'adapter')`).",
@@ -395,7 +399,8 @@ def write_model_card(stage: Path, cfg: JobConfig, metrics: dict[str, Any], sampl
                      " bytes. LoRA weights are trained in float32 (the master weights; the 4-bit base computes in"
                      f" {adapter['compute_dtype']}) and saved as trained.")
     if has_merged:
-        lines.append("- `merged/`: the adapter merged into the 16-bit base, loadable with"
+        into = (f"the dequantized 4-bit weights of `{name}` (16-bit)" if base_stored else "the 16-bit base")
+        lines.append(f"- `merged/`: the adapter merged into {into}, loadable with"
                      f" `{auto_class}.from_pretrained('merged')` alone.")
     lines.append("- `manifest.json`: every file with size and sha256, the settings, metrics and versions.")
     if seq2seq:

@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from entrypoints.bnb4bit import stored_quantization
+from entrypoints.errors import ModelError
+
 GIB = 1024**3
 # Share of the GPU's memory the plan fills with its estimates; the rest absorbs allocator fragmentation
 # (peak reserved was 1.5-2 GiB above peak allocated on 7B/13B) and estimate error.
@@ -64,6 +67,10 @@ class ModelShape:
     num_key_value_heads: int
     vocab_size: int
     tie_word_embeddings: bool = False
+    # A checkpoint stored pre-quantized in bitsandbytes 4-bit (a `*-bnb-4bit` repository): its files hold the linear
+    # layers in 4 bits (with double quantization or not), and it trains in the stored form whatever the settings say.
+    stored_4bit: bool = False
+    stored_double_quant: bool = True
 
     @classmethod
     def from_config(cls, config: Any, name: str = "") -> ModelShape:
@@ -80,10 +87,15 @@ class ModelShape:
         if missing:
             raise ValueError(f"not the config of a Llama-class decoder: no {', '.join(missing)}")
         heads = int(config["num_attention_heads"])
+        try:
+            stored = stored_quantization(config)
+        except ModelError:  # another quantization: the job refuses it (exit 4); its size is not this model's concern
+            stored = None
         return cls(name or str(config.get("_name_or_path") or config.get("model_type") or "model"),
                    int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"]),
                    heads, int(config.get("num_key_value_heads") or heads), int(config["vocab_size"]),
-                   bool(config.get("tie_word_embeddings", False)))
+                   bool(config.get("tie_word_embeddings", False)), stored is not None,
+                   stored.double_quant if stored else True)
 
     @property
     def kv_size(self) -> int:
@@ -128,7 +140,8 @@ SHAPES: dict[str, ModelShape] = {
 
 def shape_of_model(model: str, config_file: Path | None = None) -> ModelShape | None:
     """The shape of `model` from a config.json (`config_file`, or the model's own when it is a local directory),
-    else from a Llama 2 size in its name; None when neither tells."""
+    else from a Llama 2 size in its name (stored in 4 bits when the name says `bnb-4bit`, the convention of the
+    published pre-quantized repositories); None when neither tells."""
     candidates = [config_file] if config_file else []
     if not model.startswith("s3://"):
         candidates.append(Path(model) / "config.json")
@@ -136,7 +149,10 @@ def shape_of_model(model: str, config_file: Path | None = None) -> ModelShape | 
         if path is not None and path.is_file():
             return ModelShape.from_config(json.loads(path.read_text(encoding="utf-8")), name=model)
     match = re.search(r"llama-?2.*?[-_](7|13|70)b", model.lower())
-    return SHAPES[match.group(1) + "b"] if match else None
+    if not match:
+        return None
+    shape = SHAPES[match.group(1) + "b"]
+    return replace(shape, stored_4bit=True) if "bnb-4bit" in model.lower() else shape
 
 
 def lora_params(shape: ModelShape, r: int, targets: str | Sequence[str] = "all-linear") -> int:
@@ -203,9 +219,26 @@ class PlanSettings:
 
 def weight_bytes(shape: ModelShape, quantization: str = "nf4", double_quant: bool = True) -> float:
     """Resident bytes of the frozen model: the blocks' linear layers in 4 bits plus the quantization constants
-    (0.127 bit per weight with double quantization, 0.5 without) or in bf16, and the embeddings and head in bf16."""
+    (0.127 bit per weight with double quantization, 0.5 without) or in bf16, and the embeddings and head in bf16.
+    A pre-quantized checkpoint trains in its stored form, whatever `quantization` and `double_quant` say."""
+    if shape.stored_4bit:
+        quantization, double_quant = "nf4", shape.stored_double_quant
     bits = 16.0 if quantization == "none" else 4.0 + (0.127 if double_quant else 0.5)
     return shape.linear_params * bits / 8 + 2 * shape.embedding_params
+
+
+def checkpoint_bytes(shape: ModelShape) -> float:
+    """Bytes of the model's checkpoint files (a download, a copy on disk): 16-bit weights, or for a pre-quantized
+    checkpoint its 4-bit linear layers with their quantization state (~3.5x smaller: 37 GB for Llama-2-70B)."""
+    norms = 2 * (2 * shape.num_hidden_layers + 1) * shape.hidden_size
+    if shape.stored_4bit:
+        return weight_bytes(shape) + norms
+    return 2.0 * shape.total_params
+
+
+def merged_bytes(shape: ModelShape) -> float:
+    """Bytes of the merged model the job writes: 16-bit weights, whatever form the base is stored in."""
+    return 2.0 * shape.total_params
 
 
 def recomputed_bytes_per_token(shape: ModelShape) -> float:

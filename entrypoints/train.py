@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from entrypoints import perf, storage
+from entrypoints import bnb4bit, perf, storage
 from entrypoints.checkpoints import (
     StopFlag,
     content_sha256,
@@ -63,6 +63,8 @@ from entrypoints.modeling import (
     load_model,
     load_model_config,
     resolve_model,
+    settings_for_checkpoint,
+    stored_quantization,
 )
 from entrypoints.outputs import (
     OutputClaim,
@@ -310,7 +312,8 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
 
 def check_disk_space(cfg: JobConfig, model_dir: Path) -> None:
     """Log the free space of every place the job writes, and fail before any training when the outputs cannot fit:
-    the merged model is about as large as the base's weights (the same dtype), written to the staging directory
+    the merged model is about as large as the base's weights (the same dtype; a pre-quantized base's dequantized),
+    written to the staging directory
     (and copied again to a local output on another file system). The model download was checked when it ran."""
     places = {"work (downloads, data caches, staging)": cfg.paths.work_dir, "checkpoints": cfg.checkpoint_path}
     if not storage.is_s3(cfg.output_uri):
@@ -319,7 +322,10 @@ def check_disk_space(cfg: JobConfig, model_dir: Path) -> None:
     log.info("disk: %s", ", ".join(f"{name} {path}: {free[name] / 2**30:.1f} GiB free" for name, path in places.items()))
     if not cfg.merge:
         return
-    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    stored = stored_quantization(model_dir)
+    # A pre-quantized base's merged model holds its 4-bit weights dequantized: about 3.5 times its files.
+    weights = (bnb4bit.dequantized_bytes(model_dir, 4 if stored.dtype == "float32" else 2) if stored is not None
+               else sum(p.stat().st_size for p in model_dir.glob("*.safetensors")))
     needs: dict[int, list[str]] = {}  # file system -> the places the merged model is written to on it
     for name in ("work (downloads, data caches, staging)", "output"):
         if name in places:
@@ -329,7 +335,7 @@ def check_disk_space(cfg: JobConfig, model_dir: Path) -> None:
         if need > have:
             where = " and ".join(f"{places[n]} ({n})" for n in names)
             raise StorageError(f"not enough disk space for the merged model in {where}: it needs about"
-                               f" {need / 2**30:.1f} GiB (the size of the base model's weights{' twice' if len(names) > 1 else ''}),"
+                               f" {need / 2**30:.1f} GiB (the size of the merged model's weights{' twice' if len(names) > 1 else ''}),"
                                f" and {have / 2**30:.1f} GiB are free. Give the job a larger volume (SageMaker:"
                                " volume_size; Kubernetes: the scratch volume), or set QLORA_MERGE=false to publish"
                                " the adapter only")
@@ -346,7 +352,9 @@ def _device(path: Path) -> int:
 
 def settings_for_model(cfg: JobConfig, model_dir: Path) -> tuple[JobConfig, bool]:
     """The settings this model trains with, and whether it is a T5-class encoder-decoder (trained as seq2seq: the
-    settings that do not apply to it are refused when given and left out, with one log line, when not)."""
+    settings that do not apply to it are refused when given and left out, with one log line, when not). A
+    pre-quantized checkpoint's quantization is its own (`settings_for_checkpoint`)."""
+    cfg = settings_for_checkpoint(cfg, model_dir)
     if not is_seq2seq(model_dir, cfg):
         return cfg, False
     cfg, ignored = seq2seq_config(cfg)
@@ -474,6 +482,7 @@ def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, pu
             seq2seq: bool = False) -> tuple[str, Decision | None]:
     """Merge, write the suites' answers, decide the promotion (versioned outputs), write the model card and the
     manifest, and publish what is left (the manifest last; latest.json only when promoted)."""
+    stored = stored_quantization(inputs.model_dir)
     evaluation = {}
     for suite in suites:
         answers = stage / "evaluation" / f"{suite['name']}.jsonl"
@@ -486,7 +495,8 @@ def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, pu
     if cfg.merge:
         from entrypoints.merge import merge_adapter
 
-        log.info("merging the adapter into the 16-bit base model")
+        log.info("merging the adapter into the 16-bit base model%s",
+                 " (the pre-quantized base's 4-bit weights, dequantized)" if stored else "")
         # Into the base as the adapter saw it in training (nf4/fp4 round trip): measured closest to
         # the trained model (docs/MERGE.md); plain LoRA merges into the original weights.
         merge_into = {"nf4": "nf4", "fp4": "fp4", "none": "original"}[cfg.quantization]
@@ -495,7 +505,9 @@ def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, pu
         metrics["merge"] = {k: v for k, v in merge_summary.items() if isinstance(v, (str, int, float, bool))}
     extra: dict[str, Any] = {
         "base_model": {"source": cfg.model, "name": cfg.base_model_name, "revision": cfg.model_revision,
-                       "fingerprint_sha256": inputs.content["model_sha256"]},
+                       "fingerprint_sha256": inputs.content["model_sha256"],
+                       # a pre-quantized base: the form its weights are stored (and were trained) in
+                       "stored_quantization": stored.as_dict() if stored else None},
         "data": {"source": cfg.data, "eval_source": cfg.eval_data or None,
                  "fingerprint_sha256": inputs.content["data_sha256"],
                  "eval_fingerprint_sha256": inputs.content["eval_data_sha256"], **data.stats,
@@ -509,7 +521,8 @@ def publish(cfg: JobConfig, inputs: Inputs, data: TokenizedData, stage: Path, pu
                         {**extra, "config": cfg.to_public_dict()}, publisher.target.base_uri, cfg.s3_endpoint_url)
         extra["promotion"] = decision.as_dict()
     write_model_card(stage, cfg, {k: v for k, v in metrics.items() if not isinstance(v, dict)}, samples, cfg.merge,
-                     adapter=metrics.get("adapter"), seq2seq=seq2seq, suites=suites, promotion=extra.get("promotion"))
+                     adapter=metrics.get("adapter"), seq2seq=seq2seq, suites=suites, promotion=extra.get("promotion"),
+                     base_stored=stored.describe() if stored else None)
     manifest = build_manifest(stage, cfg, extra)
     return publisher.finish(manifest, promote=decision is None or decision.promoted), decision
 

@@ -104,10 +104,11 @@ def check_fit(shape: ModelShape | None, cfg: JobConfig, instance: GpuInstance, i
 
 
 def disk_need_bytes(shape: ModelShape, merge: bool) -> int:
-    """Scratch disk one run fills: the base model's 16-bit weights as downloaded, and as much again for the merged
-    model (written before it is uploaded), plus a margin (checkpoints, data, caches)."""
-    weights = 2 * shape.total_params
-    return int(weights * (2 if merge else 1) * 1.1) + DISK_MARGIN_BYTES
+    """Scratch disk one run fills: the base model as downloaded (16-bit weights, or a pre-quantized checkpoint's 4-bit
+    ones), and the merged model's 16-bit weights (written before they are uploaded), plus a margin (checkpoints,
+    data, caches)."""
+    weights = sizing.checkpoint_bytes(shape) + (sizing.merged_bytes(shape) if merge else 0)
+    return int(weights * 1.1) + DISK_MARGIN_BYTES
 
 
 def check_disk(shape: ModelShape | None, cfg: JobConfig, available_bytes: int, where: str) -> str | None:
@@ -118,7 +119,8 @@ def check_disk(shape: ModelShape | None, cfg: JobConfig, available_bytes: int, w
     if need <= available_bytes:
         return None
     merge = " + the merged model" if cfg.merge else ""
-    return (f"WARNING: {shape.name} needs about {need / GB:.0f} GB of disk (its 16-bit weights{merge} + checkpoints,"
+    weights = "its 4-bit weights" if shape.stored_4bit else "its 16-bit weights"
+    return (f"WARNING: {shape.name} needs about {need / GB:.0f} GB of disk ({weights}{merge} + checkpoints,"
             f" data and caches) but {where} has {available_bytes / GB:.0f} GB: the job would stop with a full disk"
             " (exit 5)")
 

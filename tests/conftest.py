@@ -96,3 +96,26 @@ def tiny_model(cache_dir) -> Path:
     from entrypoints.demo.assets import tiny_llama2
 
     return tiny_llama2(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_nf4(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model as a pre-quantized checkpoint, made the way the published `*-bnb-4bit` repositories are: loaded
+    with transformers' BitsAndBytesConfig (nf4, double quantization) on the CPU and saved with save_pretrained, in
+    three shards (so the index and a shard at a time are exercised), with the tokenizer beside it."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    target = tmp_path_factory.mktemp("tiny-nf4") / "model"
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": "cpu"})
+    model.save_pretrained(target, max_shard_size="4MB")
+    for item in tiny_model.iterdir():
+        if item.name.startswith("tokenizer"):
+            shutil.copy(item, target / item.name)
+    assert len(list(target.glob("*.safetensors"))) >= 2
+    return target

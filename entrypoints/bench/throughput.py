@@ -5,7 +5,9 @@
     python -m entrypoints.bench.throughput --runs trl-best,unsloth --at-memory-of trl-best,unsloth --unsloth-path DIR
 
 On the GPU it finds, one process: measures the bf16 matmul peak, writes a Llama-2-shaped checkpoint
-with random bf16 weights (7b by default; 13b, 70b, or `tiny` for CPUs), generates a synthetic chat data
+with random bf16 weights (7b by default; 13b, 70b, or `tiny` for CPUs; with --prequantized, or by itself when
+the 16-bit checkpoint would not fit the disk, in bitsandbytes 4-bit form: entrypoints/bench/prequantize.py),
+generates a synthetic chat data
 set (lengths: log-normal, median 250 tokens, sigma 1.0, clipped to [32, max length]; see PERF.md),
 then trains one pass over the same samples with each run named in --runs:
 
@@ -122,8 +124,26 @@ def measure_bf16_peak_flops(device: Any = None, size: int = 8192, repeats: int =
     return 2.0 * size**3 / sorted(times)[len(times) // 2]
 
 
-def build_checkpoint(shape_name: str, model_dir: Path, device: str) -> dict[str, Any]:
-    """Write a Llama-2-shaped checkpoint with random bf16 weights (initialised on `device`) + tokenizer."""
+def wants_prequantized(choice: str, shape_name: str, model_dir: Path) -> bool:
+    """`--prequantized`: `true`/`false`, or `auto`: the 4-bit form when the 16-bit checkpoint (plus 10%) would not fit
+    the free disk where it is written (the 70B shape's 138 GB on the GPU machine's 64 GB disk)."""
+    if choice != "auto":
+        return choice == "true"
+    import shutil
+
+    need = 1.1 * sizing.checkpoint_bytes(sizing.SHAPES[shape_name])
+    free = shutil.disk_usage(next(p for p in (model_dir, *model_dir.parents) if p.exists())).free
+    return need > free
+
+
+def build_checkpoint(shape_name: str, model_dir: Path, device: str, prequantized: bool = False) -> dict[str, Any]:
+    """Write a Llama-2-shaped checkpoint with random bf16 weights (initialised on `device`) + tokenizer; with
+    `prequantized`, in bitsandbytes 4-bit form instead (nf4, double quantization; entrypoints.bench.prequantize), which
+    the job loads as stored."""
+    if prequantized:
+        from entrypoints.bench import prequantize
+
+        return prequantize.build(shape_name, model_dir, device)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -147,7 +167,9 @@ def build_checkpoint(shape_name: str, model_dir: Path, device: str) -> dict[str,
     if device == "cuda":
         torch.cuda.empty_cache()
     write_tokenizer(model_dir, shape.vocab_size)
-    return {"shape": shape_name, "parameters": n_params, "build_seconds": round(time.monotonic() - started, 1)}
+    return {"shape": shape_name, "form": "bfloat16", "parameters": n_params,
+            "checkpoint_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors")),
+            "build_seconds": round(time.monotonic() - started, 1)}
 
 
 def sample_lengths(n: int, max_tokens: int, seed: int, fixed: int = 0) -> list[int]:
@@ -369,6 +391,7 @@ def job_trainer(model_dir: Path, dataset: Any, tokenizer: Any, stats: dict[str, 
     varlen = settings.pop("varlen", True)
     layers_without = int(settings.pop("layers_without_checkpointing", 0))
     cfg = job_config(model_dir, work, max_length, seed, settings)
+    cfg = modeling.settings_for_checkpoint(cfg, model_dir)  # a pre-quantized checkpoint trains in its stored form
     modeling.cap_gpu_memory(cfg.max_gpu_memory_gib, _local_rank())
     model = modeling.load_model(model_dir, cfg, _local_rank())
     if not varlen:  # the lever: packed rows through SDPA's block-diagonal mask instead of per-sample attention
@@ -646,6 +669,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mem-cap-gib", type=float, default=0.0,
                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     p.add_argument("--model-dir", default="", help="reuse a checkpoint written before (else built in a temp dir)")
+    p.add_argument("--prequantized", choices=("auto", "true", "false"), default="auto",
+                   help="write the random checkpoint in bitsandbytes 4-bit form (nf4, double quantization), which the"
+                        " job's path loads as stored; auto: when the 16-bit checkpoint would not fit the free disk")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--profile", default="", metavar="RUN", help="profile two steps of this run (torch.profiler)")
     p.add_argument("--export-jsonl", default="", metavar="PATH",
@@ -706,7 +732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = Path(args.model_dir) if args.model_dir else work / "model"
         if rank == 0 and not (model_dir / "config.json").is_file():
             model_dir.mkdir(parents=True, exist_ok=True)
-            report["checkpoint"] = build_checkpoint(args.shape, model_dir, args.device)
+            report["checkpoint"] = build_checkpoint(args.shape, model_dir, args.device,
+                                                    wants_prequantized(args.prequantized, args.shape, model_dir))
+            log.info("checkpoint: %s", json.dumps(report["checkpoint"]))
         if world > 1:
             import torch.distributed as dist
 

@@ -12,7 +12,8 @@ the output shard. Peak memory is about one tensor plus the adapter, whatever the
 `merge_into`: `original` adds the delta to the 16-bit base weights; `nf4`/`fp4` first round-trip every
 weight that was 4-bit in training through bitsandbytes' quantize/dequantize, i.e. merge into the base
 as the adapter saw it. See docs/MERGE.md for the measured difference and why the default is what
-it is.
+it is. A pre-quantized (bitsandbytes 4-bit) base has no 16-bit weights: its stored weights are dequantized
+(bitsandbytes' own dequantize_4bit) and the delta added to them.
 
 Every adapter key and shape is checked against the base's safetensors headers (or, for an s3:// base,
 against its index and config) before any output is written.

@@ -126,7 +126,8 @@ class _RemoteBase:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m entrypoints.merge", description=__doc__.split("\n\n")[1])
     p.add_argument("--adapter", required=True, help="adapter directory: s3:// prefix or local path")
-    p.add_argument("--base", required=True, help="16-bit base model directory (safetensors): s3:// prefix or local path")
+    p.add_argument("--base", required=True, help="base model directory (safetensors: 16-bit, or bitsandbytes 4-bit,"
+                                                 " whose stored weights are dequantized): s3:// prefix or local path")
     p.add_argument("--output", required=True, help="where the merged model goes: s3:// prefix or local directory")
     p.add_argument("--merge-into", default=DEFAULT_MERGE_INTO, choices=MERGE_INTO_CHOICES,
                    help=f"base the delta is added to (default {DEFAULT_MERGE_INTO}; see MERGE.md)")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from entrypoints import bnb4bit
 from entrypoints.errors import ConfigError, ModelError, OutputExistsError
 from entrypoints.merge.adapter import Adapter, LoraDelta, load_adapter
 from entrypoints.merge.layout import (
@@ -52,6 +53,9 @@ TOKENIZER_FILES = (
 BLOCK_ELEMENTS = 16 * 1024 * 1024
 # transformers' bnb 4-bit layers use bitsandbytes' default blocksize (Params4bit).
 BNB_BLOCKSIZE = 64
+# Output shards of a pre-quantized base, whose own shards hold 4-bit weights (a merged shard would be ~3.5x its
+# base shard): transformers' default shard size.
+PREQUANTIZED_SHARD_BYTES = 5 * 10**9
 
 
 # ---------------------------------------------------------------------------------------------- the arithmetic
@@ -115,7 +119,10 @@ def merge_adapter(
 
     merge_into: `original` (the 16-bit base) or `nf4`/`fp4` (the base as the 4-bit training saw it).
     double_quant: the training's bnb_4bit_use_double_quant (matters for nf4/fp4 only).
-    max_shard_size: bytes or "5GB"; default: the base's own shard layout.
+    A pre-quantized (bitsandbytes 4-bit) base is merged as the training saw it whatever these say: its stored
+    4-bit weights dequantized (bitsandbytes' own dequantize_4bit) plus the delta; `original` is refused (it has no
+    16-bit weights), and a 4-bit type or double quantization other than the stored one is logged and ignored.
+    max_shard_size: bytes or "5GB"; default: the base's own shard layout (5GB for a pre-quantized base).
     device: `auto` uses the GPU for the arithmetic when there is one.
     fetch_shard / release_shard: for a base whose shards are not local yet (s3://): called with a shard's
     file name just before it is merged / with its local path once it has been read.
@@ -130,15 +137,18 @@ def merge_adapter(
     # 1. Everything is checked before anything is written.
     adapter, base, shards, untied = _check_and_plan(base_dir, adapter_dir, max_shard_bytes,
                                                     base_is_remote=fetch_shard is not None)
+    if base.stored is not None:
+        merge_into = _stored_merge_into(base, merge_into, double_quant)
     log.info("merging %d LoRA module(s) and %d saved tensor(s) into %s (%s base, %d shard(s), device %s)",
-             len(adapter.deltas), len(adapter.replacements), base_dir, merge_into, len(shards), device)
+             len(adapter.deltas), len(adapter.replacements), base_dir,
+             f"dequantized {base.stored.describe()}" if base.stored else merge_into, len(shards), device)
     # 2. The output directory: refuse to mix with an earlier result.
     _prepare_output_dir(out_dir, overwrite)
     written = _WrittenFiles(on_file_written)
     # 3. Small files first (config without quantization_config, generation config, tokenizer).
     _copy_small_files(base, adapter_dir, out_dir, untied, written)
     # 4. The shards, one tensor at a time, then the index.
-    requantize = base.quantized if merge_into != "original" else set()
+    requantize = base.quantized if merge_into != "original" and base.stored is None else set()
     tensors = _TensorMerge(adapter, requantize, merge_into, double_quant, device)
     reader = _BaseReader(base, shards, fetch_shard, release_shard)
     total_bytes, weight_map = _write_shards(out_dir, shards, reader, tensors, written)
@@ -149,11 +159,27 @@ def merge_adapter(
         "device": device, "files": [p.name for p in written.paths], "shards": len(shards),
         "total_bytes": total_bytes, "lora_modules_merged": tensors.counts["lora"],
         "tensors_replaced": tensors.counts["replaced"], "weights_requantized": tensors.counts["requantized"],
-        "untied": untied, "seconds": round(time.monotonic() - started, 2), "peak_rss_bytes": _peak_rss_bytes(),
+        "weights_dequantized": tensors.counts["dequantized"],
+        "base_stored": base.stored.describe() if base.stored else None, "untied": untied, "seconds": round(time.monotonic() - started, 2), "peak_rss_bytes": _peak_rss_bytes(),
     }
     log.info("merge done: %d file(s), %.2f GB in %.1fs, peak RSS %.2f GB", len(written.paths), total_bytes / 1e9,
              summary["seconds"], summary["peak_rss_bytes"] / 1e9)
     return summary
+
+
+def _stored_merge_into(base: BaseModel, merge_into: str, double_quant: bool) -> str:
+    """What the merge into a pre-quantized base does: dequantize the stored weights, the only base the adapter can have
+    been trained on. `original` asks for 16-bit weights the base does not have: a ConfigError (exit 2)."""
+    stored = base.stored
+    if merge_into == "original":
+        raise ConfigError([f"merge_into=original: {base.dir} is a pre-quantized checkpoint ({stored.describe()}) with no"
+                           " 16-bit weights to merge into: merge into its dequantized 4-bit weights (nf4/fp4, the"
+                           " default), or pass the 16-bit model it was made from as the base"])
+    if (merge_into, double_quant) != (stored.quant_type, stored.double_quant):
+        log.info("the base is stored pre-quantized (%s): merging into its dequantized weights (merge_into=%s,"
+                 " double_quant=%s describe another form and are not used)", stored.describe(), merge_into,
+                 str(double_quant).lower())
+    return stored.quant_type
 
 
 def _check_arguments(base_dir: Path, adapter_dir: Path, out_dir: Path, merge_into: str) -> None:
@@ -194,6 +220,8 @@ def _check_and_plan(base_dir: Path, adapter_dir: Path, max_shard_bytes: int | No
         remote = [n for n in listed_shards(base_dir) if not (base_dir / n).is_file()]
     base = inspect_base(base_dir, remote)
     check_compatible(base, adapter)
+    if max_shard_bytes is None and base.stored is not None:
+        max_shard_bytes = PREQUANTIZED_SHARD_BYTES
     shards, untied = plan_shards(base, adapter, max_shard_bytes)
     return adapter, base, shards, untied
 
@@ -253,14 +281,23 @@ class _TensorMerge:
     quant_type: str
     double_quant: bool
     device: str
-    counts: dict[str, int] = field(default_factory=lambda: {"lora": 0, "replaced": 0, "requantized": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {"lora": 0, "replaced": 0, "requantized": 0,
+                                                            "dequantized": 0})
 
-    def merged(self, key: str, tensor):
+    def merged(self, key: str, tensor, out_dtype=None, shape=None):
+        """The output tensor of `key` (of the planned `out_dtype` and `shape`) from its base tensor: a tensor, or a
+        stored 4-bit weight's parts ({part: tensor}), dequantized here."""
         adapter = self.adapter
+        if isinstance(tensor, dict):
+            tensor = bnb4bit.dequantize(key, tensor, self.device)
+            if shape is not None and tuple(tensor.shape) != tuple(shape):
+                raise ModelError(f"{key}: its stored 4-bit state says {list(tensor.shape)}, config.json's architecture"
+                                 f" {list(shape)}: the config belongs to another model; use the model's own")
+            self.counts["dequantized"] += 1
+        out_dtype = out_dtype or tensor.dtype
         if key in adapter.replacements:
-            tensor = adapter.replacements[key].to(tensor.dtype).clone()
+            tensor = adapter.replacements[key].to(out_dtype).clone()
             self.counts["replaced"] += 1
-        out_dtype = tensor.dtype
         if key in self.requantize and key not in adapter.replacements:
             tensor = roundtrip_4bit(tensor, self.quant_type, self.double_quant, self.device)
             self.counts["requantized"] += 1
@@ -286,7 +323,8 @@ class _BaseReader:
                  release_shard: Callable[[Path], None] | None):
         self.base, self.fetch_shard, self.release_shard = base, fetch_shard, release_shard
         self.order = [key for shard in shards for key, _, _ in shard.entries]
-        self.last_use = {base.weight_map[base.tied.get(e[0], e[0])]: i for i, s in enumerate(shards) for e in s.entries}
+        self.last_use = {base.weight_map[source]: i for i, s in enumerate(shards) for e in s.entries
+                         for source in base.sources(e[0])}
         self.open_shards: dict[str, Path] = {}  # downloaded base shards still needed
         self.lock = threading.Lock()
         self.reads: queue.Queue = queue.Queue(maxsize=1)
@@ -320,7 +358,12 @@ class _BaseReader:
                 return
             try:
                 source_key = self.base.tied.get(key, key) if key not in self.base.weight_map else key
-                self._hand_over((key, read_tensor(self._info(source_key)), None))
+                parts = self.base.stored_parts.get(source_key)
+                if parts is not None:  # a stored 4-bit weight: its packed values and state, dequantized by the merge
+                    tensor = {name: read_tensor(self._info(part)) for name, part in parts.items()}
+                else:
+                    tensor = read_tensor(self._info(source_key))
+                self._hand_over((key, tensor, None))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by next()
                 self._hand_over((key, None, exc))
                 return
@@ -343,7 +386,7 @@ class _BaseReader:
         header = read_header(path)
         listed = {k for k, v in base.weight_map.items() if v == name}
         if set(header) != listed or any(tuple(header[k].shape) != tuple(base.shapes[k][1]) for k in listed
-                                        if k in base.shapes):
+                                        if k in base.shapes and k not in base.stored_parts):
             raise ModelError(f"{name} of the base does not match {INDEX_NAME} and config.json: re-upload the base")
         with self.lock:
             base.headers[name] = header
@@ -360,7 +403,9 @@ def _write_shards(out_dir: Path, shards: list[OutputShard], reader: _BaseReader,
     for i, shard in enumerate(shards):
         path = out_dir / shard.name
         try:
-            total_bytes += write_safetensors(path, shard.entries, lambda key: tensors.merged(key, reader.next(key)))
+            planned = {key: (dtype, shape) for key, dtype, shape in shard.entries}
+            total_bytes += write_safetensors(
+                path, shard.entries, lambda key, planned=planned: tensors.merged(key, reader.next(key), *planned[key]))
         except BaseException:
             reader.stop.set()  # the reader must not wait forever on a queue nobody reads
             raise

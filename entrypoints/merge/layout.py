@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from entrypoints import bnb4bit
 from entrypoints.errors import ModelError
 from entrypoints.merge.adapter import Adapter
 from entrypoints.merge.safetensors_io import TensorInfo, read_header
@@ -30,10 +31,25 @@ class BaseModel:
     tied: dict[str, str]  # absent tied key (lm_head.weight) -> the key it shares (model.embed_tokens.weight)
     quantized: set[str]  # weight keys transformers' bitsandbytes quantizer makes 4-bit
     headers: dict[str, dict[str, TensorInfo]] = field(default_factory=dict)  # local shard -> header
+    # A pre-quantized (bitsandbytes 4-bit) base: its form, and each stored 4-bit weight's parts ({part: key}, the
+    # packed values under `weight`); `shapes` gives such a weight its dequantized dtype and shape.
+    stored: bnb4bit.Stored4bit | None = None
+    stored_parts: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def files(self) -> list[str]:
         return list(dict.fromkeys(self.weight_map.values()))
+
+    @property
+    def state_keys(self) -> set[str]:
+        """The quantization-state tensors of the stored 4-bit weights: read with their weight, never written out."""
+        return {k for parts in self.stored_parts.values() for name, k in parts.items() if name != "weight"}
+
+    def sources(self, key: str) -> list[str]:
+        """The base tensors an output tensor is made from: itself (or the tensor it is tied to), or a stored 4-bit
+        weight's packed values and state."""
+        key = self.tied.get(key, key) if key not in self.weight_map else key
+        return list(self.stored_parts[key].values()) if key in self.stored_parts else [key]
 
 
 def _meta_model(base_dir: Path, config: dict):
@@ -57,7 +73,7 @@ def _meta_model(base_dir: Path, config: dict):
                          ) from None
 
 
-def _quantized_keys(model) -> set[str]:
+def quantized_keys(model) -> set[str]:
     """The weights transformers' bnb quantizer turns 4-bit: plain nn.Linear minus its default skip list."""
     import torch
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -79,11 +95,9 @@ def inspect_base(base_dir: Path, remote_files: list[str] | None = None) -> BaseM
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{config_path} is not valid JSON ({exc})") from None
-    quant_method = (config.get("quantization_config") or {}).get("quant_method")
-    # A GGUF conversion leaves its quantization_config behind but writes float tensors: that base is fine.
-    if quant_method and quant_method != "gguf":
-        raise ModelError(f"{config_path} has a {quant_method} quantization_config: the base is a pre-quantized checkpoint. Merge"
-                         " into the 16-bit base model (the one the 4-bit model was made from)")
+    # A bitsandbytes 4-bit base is merged by dequantizing its stored weights; another quantization (8-bit, GPTQ,
+    # AWQ...) is refused. A GGUF conversion leaves its quantization_config behind but writes float tensors: fine.
+    stored = bnb4bit.stored_quantization(config, str(config_path))
     index_path = base_dir / INDEX_NAME
     if index_path.is_file():
         try:
@@ -126,7 +140,32 @@ def inspect_base(base_dir: Path, remote_files: list[str] | None = None) -> BaseM
                                tuple(params[key].shape))
     tied = {target: source for target, source in (getattr(meta, "all_tied_weights_keys", None) or {}).items()
             if target not in weight_map and source in weight_map}
-    return BaseModel(base_dir, config, shapes, weight_map, tied, _quantized_keys(meta), headers)
+    base = BaseModel(base_dir, config, shapes, weight_map, tied, quantized_keys(meta), headers)
+    if stored is not None:
+        _describe_stored(base, stored, meta, local_complete=not remote)
+    return base
+
+
+def _describe_stored(base: BaseModel, stored: bnb4bit.Stored4bit, meta, local_complete: bool) -> None:
+    """A pre-quantized base: its 4-bit weights (told by their names), each given the dequantized dtype and the shape
+    of the architecture's layer; their state tensors leave `shapes` (they are not written out). A local base is
+    checked whole first (every weight's parts present and of consistent sizes); a remote shard's weights are checked
+    as they are dequantized."""
+    import torch
+
+    if local_complete:
+        bnb4bit.check_checkpoint(base.dir, stored)
+    base.stored, base.stored_parts = stored, bnb4bit.groups(base.weight_map)
+    params = dict(meta.named_parameters())
+    dtype = getattr(torch, stored.dtype)
+    unknown = sorted(k for k in base.stored_parts if k not in params)
+    if unknown:
+        raise ModelError(f"{base.dir}: stored 4-bit weights the architecture of config.json does not have:"
+                         f" {', '.join(unknown[:3])}: use the model's own config.json")
+    for key in base.stored_parts:
+        base.shapes[key] = (dtype, tuple(params[key].shape))
+    for key in base.state_keys:
+        base.shapes.pop(key, None)
 
 
 def _local_header(base_dir: Path, name: str, headers: dict) -> dict[str, TensorInfo]:
@@ -192,8 +231,10 @@ def plan_shards(base: BaseModel, adapter: Adapter, max_shard_bytes: int | None) 
     """
     untie = [t for t, s in base.tied.items() if adapter.touches(t) or adapter.touches(s)]
     keys_by_file: dict[str, list[str]] = {}
+    state_keys = base.state_keys
     for key, name in base.weight_map.items():
-        keys_by_file.setdefault(name, []).append(key)
+        if key not in state_keys:  # a stored 4-bit weight's state: dequantized into its weight
+            keys_by_file.setdefault(name, []).append(key)
     for target in untie:
         keys_by_file[base.weight_map[base.tied[target]]].append(target)
 

@@ -329,3 +329,109 @@ def test_cli_s3_end_to_end(bases, tmp_path, s3_env):
         assert missing.returncode == EXIT_MODEL, missing.stderr
         assert f"{flag} s3://{bucket}/" in missing.stderr and "nothing is stored under this prefix" in missing.stderr
         assert "Traceback" not in missing.stderr
+
+
+# ------------------------------------------------------------------------------------------------ pre-quantized bases
+
+
+def make_prequantized_base(source: Path, out: Path, quant_type: str, double_quant: bool) -> Path:
+    """`source` loaded in 4 bits by transformers and saved as it is (the form of the `*-bnb-4bit` repositories), in
+    several shards."""
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": "cpu"})
+    model.save_pretrained(out, max_shard_size="20KB")
+    assert len(list(out.glob("*.safetensors"))) >= 2
+    (out / "tokenizer_config.json").write_text((source / "tokenizer_config.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def prequantized(bases, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prequantized")
+    return {
+        "nf4": make_prequantized_base(bases[(torch.bfloat16, False)], root / "nf4", "nf4", True),
+        "fp4-tied": make_prequantized_base(bases[(torch.bfloat16, True)], root / "fp4-tied", "fp4", False),
+    }
+
+
+def dequantized_reference(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """peft's merge_and_unload on the pre-quantized base as transformers dequantizes it (float32)."""
+    four_bit = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": "cpu"})
+    dequantized = four_bit.dequantize(dtype=torch.float32)
+    return PeftModel.from_pretrained(dequantized, adapter_dir).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize(("base", "case"), [("nf4", "all-linear"), ("nf4", "dora"), ("fp4-tied", "lm_head saved")])
+def test_prequantized_base_merge_equals_peft_on_the_dequantized_model(prequantized, tmp_path, base, case):
+    """A bitsandbytes 4-bit base: its stored weights dequantized with bitsandbytes' own functions plus the delta, a bf16
+    model equal (one rounding step) to peft's merge into the dequantized model; nothing quantized again."""
+    base_dir = prequantized[base]
+    adapter_dir = make_adapter(base_dir, tmp_path / "adapter", dtype=torch.bfloat16, **CASES[case])
+    summary = merge_adapter(base_dir, adapter_dir, tmp_path / "merged")  # the job's default merge_into, nf4
+    assert summary["weights_dequantized"] == 14 and summary["weights_requantized"] == 0
+    assert summary["base_stored"] == ("bitsandbytes nf4, double quantization on" if base == "nf4" else
+                                      "bitsandbytes fp4, double quantization off")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["tie_word_embeddings"] is False
+
+    ours = load(tmp_path / "merged", torch.bfloat16).state_dict()
+    reference = dequantized_reference(base_dir, adapter_dir)
+    assert ours.keys() == reference.keys()
+    for key, expected in reference.items():
+        assert ours[key].dtype == torch.bfloat16, key
+        torch.testing.assert_close(ours[key].float(), expected.to(torch.bfloat16).float(), **TOLERANCE[torch.bfloat16],
+                                   msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_prequantized_base_merge_into_original_is_refused(prequantized, tmp_path, capsys, caplog):
+    from entrypoints.merge import main
+
+    base_dir = prequantized["nf4"]
+    adapter_dir = make_adapter(base_dir, tmp_path / "adapter", dtype=torch.bfloat16, target_modules=["q_proj"])
+    code = main(["--adapter", str(adapter_dir), "--base", str(base_dir), "--output", str(tmp_path / "m"),
+                 "--merge-into", "original"])
+    err = capsys.readouterr().err + caplog.text
+    assert code == EXIT_CONFIG, err
+    assert "is a pre-quantized checkpoint (bitsandbytes nf4, double quantization on) with no 16-bit weights" in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()
+
+
+def test_cli_prequantized_base_from_s3(prequantized, tmp_path, s3_env):
+    """A pre-quantized base in S3: its shards fetched one at a time (a 4-bit weight's parts may sit in another shard
+    than its packed values), dequantized, merged, uploaded."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    server, bucket = s3_env
+    base_dir = shutil.copytree(prequantized["fp4-tied"], tmp_path / "base")
+    # transformers keeps a weight's parts in its shard; another tool may not: q_proj's state goes to a shard of its own.
+    index = json.loads((base_dir / INDEX_NAME).read_text())
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    shard = base_dir / index["weight_map"][weight]
+    tensors = load_file(shard)
+    moved = {k: tensors.pop(k) for k in list(tensors) if k.startswith(weight + ".")}
+    save_file(tensors, shard, metadata={"format": "pt"})
+    save_file(moved, base_dir / "model-state.safetensors", metadata={"format": "pt"})
+    index["weight_map"].update({k: "model-state.safetensors" for k in moved})
+    (base_dir / INDEX_NAME).write_text(json.dumps(index))
+    adapter_dir = make_adapter(base_dir, tmp_path / "adapter", dtype=torch.bfloat16, target_modules="all-linear")
+    storage.upload_tree(base_dir, f"s3://{bucket}/models/tiny-bnb-4bit", endpoint_url=server.endpoint)
+    storage.upload_tree(adapter_dir, f"s3://{bucket}/run/adapter", endpoint_url=server.endpoint)
+    work = tmp_path / "work"
+    done = _cli("--adapter", f"s3://{bucket}/run/adapter", "--base", f"s3://{bucket}/models/tiny-bnb-4bit",
+                "--output", f"s3://{bucket}/run/merged", "--work-dir", str(work),
+                env={**server.env(), "QLORA_S3_ENDPOINT_URL": server.endpoint})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["weights_dequantized"] == 14
+    assert not list((work / "base").glob("*.safetensors"))
+    merged = storage.fetch(f"s3://{bucket}/run/merged", tmp_path / "got", endpoint_url=server.endpoint)
+    ours = load(merged, torch.bfloat16).state_dict()
+    for key, expected in dequantized_reference(base_dir, adapter_dir).items():
+        torch.testing.assert_close(ours[key].float(), expected.to(torch.bfloat16).float(), **TOLERANCE[torch.bfloat16],
+                                   msg=lambda m, k=key: f"{k}: {m}")

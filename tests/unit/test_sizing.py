@@ -259,3 +259,28 @@ def test_a_sharded_plan_spends_the_memory_fsdp_frees_on_larger_micro_batches():
     sharded = sizing.plan_batch(s, 22 * GIB, thirteen, mean_sample_tokens=2048, shards=2)
     assert (whole.rows, sharded.rows) == (5, 7)
     assert "sharded over 2 GPUs" in sharded.reason and "sharded" not in whole.reason
+
+
+def test_a_prequantized_checkpoint_is_sized_in_its_stored_form():
+    """A bitsandbytes 4-bit checkpoint (config.json's quantization_config, or a `*-bnb-4bit` name): its files are the
+    4-bit size (37 GB for 70B, not 138), it trains in the stored form whatever the settings say, and its merged model
+    is 16-bit."""
+    from launch import estimate
+
+    config = {"model_type": "llama", **sizing.SHAPES["7b"].llama_config(), "num_attention_heads": 32,
+              "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                      "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False}}
+    stored = sizing.ModelShape.from_config(config)
+    assert stored.stored_4bit and not stored.stored_double_quant
+    plain = sizing.SHAPES["7b"]
+    assert sizing.weight_bytes(stored, "none", True) == sizing.weight_bytes(plain, "nf4", False)
+    assert not sizing.ModelShape.from_config({**config, "quantization_config": {"quant_method": "gptq"}}).stored_4bit
+
+    by_name = sizing.shape_of_model("unsloth/llama-2-70b-bnb-4bit")
+    assert by_name.stored_4bit and not sizing.shape_of_model("meta-llama/Llama-2-70b-hf").stored_4bit
+    assert 34e9 < sizing.checkpoint_bytes(by_name) < 40e9
+    assert sizing.checkpoint_bytes(sizing.SHAPES["70b"]) == pytest.approx(138e9, rel=0.01)
+    assert sizing.merged_bytes(by_name) == sizing.checkpoint_bytes(sizing.SHAPES["70b"])
+    four_bit, sixteen_bit = (estimate.disk_need_bytes(s, merge=True) for s in (by_name, sizing.SHAPES["70b"]))
+    saved = sizing.checkpoint_bytes(sizing.SHAPES["70b"]) - sizing.checkpoint_bytes(by_name)  # the download only
+    assert sixteen_bit - four_bit == pytest.approx(1.1 * saved, rel=0.001)
