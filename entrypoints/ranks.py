@@ -14,6 +14,7 @@ after `distributed_timeout_seconds` in training's collectives and after RANK_WAI
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -168,6 +169,9 @@ def _connection_loss(exc: BaseException) -> str | None:
         if (dist_error is not None and isinstance(current, dist_error)) or (
                 isinstance(current, RuntimeError) and any(marker in text for marker in CONNECTION_LOSS)):
             line = text.splitlines()[0] if text else type(current).__name__
+            # gloo's "[.../pair.cc:553] Connection closed by peer [10.0.0.2]:41234. This is typically caused by a
+            # remote worker crashing. ...": the source location and the advice after the first sentence dropped.
+            line = re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0]
             return line[:300]
         current = current.__cause__ or current.__context__
     return None
