@@ -83,13 +83,14 @@ def _uid_1000_can_spawn(python: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def image_python(tmp_path_factory) -> str:
+def image_python():
     """A Python with the job's packages that uid 1000 can run, as /opt/venv/bin/python is in the image.
 
     This machine's interpreter may live below a folder only root may enter (a pyenv under /root): then a venv of the
     system's Python of the same version, world-readable, that sees the same site-packages."""
     if _uid_1000_can_spawn(sys.executable):
-        return sys.executable
+        yield sys.executable
+        return
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     system = Path(f"/usr/bin/python{version}")
     if not system.exists():
@@ -101,9 +102,12 @@ def image_python(tmp_path_factory) -> str:
     for path in [venv, *venv.rglob("*")]:
         path.chmod(path.stat().st_mode | 0o555 if path.is_dir() else path.stat().st_mode | 0o444)
     python = str(venv / "bin" / "python")
-    if not _uid_1000_can_spawn(python):
-        pytest.skip(f"uid 1000 cannot run {python} either")
-    return python
+    try:
+        if not _uid_1000_can_spawn(python):
+            pytest.skip(f"uid 1000 cannot run {python} either")
+        yield python
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 @dataclass
