@@ -10,7 +10,8 @@ the user it would run as are printed as JSON and nothing runs.
 process per GPU when there are several GPUs or several hosts. Hosts come from SageMaker (`SM_HOSTS` and
 `SM_CURRENT_HOST`, else /opt/ml/input/config/resourceconfig.json) or from a Kubernetes Indexed Job
 (`NNODES`, `JOB_COMPLETION_INDEX`, `MASTER_ADDR`, `MASTER_PORT`); GPUs per host from `GPUS_PER_NODE`,
-else `CUDA_VISIBLE_DEVICES`, else `nvidia-smi`.
+else `CUDA_VISIBLE_DEVICES`, else `nvidia-smi`. The job learns this host's name from `JOB_HOST_NAME` (SageMaker's
+current host, else the machine's: a pod's `<job>-<index>`), to name a lost host.
 
 Started as root (SageMaker, plain `docker run`), it hands the writable /opt/ml folders to uid 1000 and
 drops to that user with `setpriv`; started as any other user (Kubernetes `runAsUser: 1000`) it runs as is.
@@ -28,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoints.errors import EXIT_CONFIG, EXIT_PREEMPTED, RANK_EXIT_DIR_ENV, write_failure_file
+from entrypoints.errors import EXIT_CONFIG, EXIT_PREEMPTED, HOST_NAME_ENV, RANK_EXIT_DIR_ENV, write_failure_file
 from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
 
 # mode -> (the module `python -m` runs, what it does)
@@ -78,6 +80,7 @@ class Topology:
     master_port: int
     source: str  # where the host list came from: "single", "sagemaker" or "kubernetes"
     network_interface: str = ""
+    host_name: str = ""  # this host as the platform names it (SageMaker's algo-N); else the machine's (the pod's) name
 
 
 def usage() -> str:
@@ -138,7 +141,7 @@ def topology(env: Mapping[str, str], resource_config: Path) -> Topology:
     if sm is not None:
         hosts, current, interface = sm
         # Every host reads the same list, so its first entry is an address all of them agree on.
-        return Topology(len(hosts), hosts.index(current), hosts[0], port, "sagemaker", interface)
+        return Topology(len(hosts), hosts.index(current), hosts[0], port, "sagemaker", interface, current)
     nnodes = _int(env, "NNODES", 1, minimum=1)
     if nnodes == 1:
         return Topology(1, 0, "127.0.0.1", port, "single")
@@ -219,6 +222,8 @@ def job_command(mode: str, job_args: Sequence[str], env: Mapping[str, str], reso
         for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
             if name not in env:
                 extra_env[name] = topo.network_interface
+    # The ranks name a lost host by this (a pod's host name is its <job>-<index>).
+    extra_env[HOST_NAME_ENV] = env.get(HOST_NAME_ENV) or topo.host_name or socket.gethostname()
     nproc = max(gpus, 1)
     run = [python, "-m", "torch.distributed.run", f"--nnodes={topo.nnodes}", f"--nproc-per-node={nproc}"]
     if topo.nnodes == 1:

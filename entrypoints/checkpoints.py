@@ -386,13 +386,15 @@ def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str, fin
 
         def on_save(self, args, state, control, **kwargs):
             # Each rank writes its own RNG state into the checkpoint: complete only once every rank has written.
+            # Every host has its own copy (save_on_each_node), which its local rank 0 marks complete; world rank 0
+            # alone mirrors its copy.
             _wait_for_every_rank(args)
-            if not state.is_world_process_zero:
+            if not state.is_local_process_zero:
                 return control
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
                 mark_complete(path, state.global_step, fingerprint, state.max_steps)
-                if checkpoint_uri:
+                if checkpoint_uri and state.is_world_process_zero:
                     mirror_to_uri(path, checkpoint_uri, endpoint_url)
                 log.info("checkpoint %s complete", path.name)
             return control

@@ -222,6 +222,7 @@ class JobConfig:
     # --- runtime
     base_dir: str = _f(DEFAULT_BASE_DIR, "Base of the container layout (input/, model/, checkpoints/, output/failure).", group="runtime")
     log_level: str = _f("info", "Log verbosity.", choices=("debug", "info", "warning", "error"), group="runtime")
+    distributed_timeout_seconds: int = _f(1800, "Several processes (GPUs or hosts): how long a process waits for the others in one of training's collectives (the gradient all-reduce, a barrier) before it gives them up as lost and the job stops with exit 10. A process that is killed or crashes closes its connections and is noticed at once; this bounds one whose machine or network vanished silently.", group="runtime")
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -620,7 +621,7 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
         if getattr(cfg, name) < 0:
             bad(name, "must be 0 or more")
     for name in ("lora_r", "lora_alpha", "max_seq_length", "micro_batch_size", "gradient_accumulation_steps",
-                 "logging_steps", "save_steps", "max_new_tokens"):
+                 "logging_steps", "save_steps", "max_new_tokens", "distributed_timeout_seconds"):
         if getattr(cfg, name) < 1:
             bad(name, "must be 1 or more")
     if cfg.max_seq_length > 131072:

@@ -30,6 +30,9 @@ EXIT_NOT_PROMOTED = 7  # the run is complete but was not promoted; latest.json s
 # Outputs complete (manifest written, S3/local untouched); only the Hugging Face Hub publish failed: retry only the
 # publish (`python -m entrypoints.hub --output URI`), never the training.
 EXIT_HUB_PUBLISH = 9
+# Another host or process of a multi-process job stopped answering (killed, crashed, its machine or the network lost):
+# every other process stops with this code instead of waiting forever; rerun to resume from the last checkpoint.
+EXIT_PEER_LOST = 10
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; rerun to resume (EX_TEMPFAIL)
 # What exit 7 means, for the launcher's --wait (SageMaker shows such a job as Failed).
 NOT_PROMOTED_MEANING = ("the run is complete but was not promoted: its result is under runs/<id>/ and latest.json still"
@@ -86,6 +89,11 @@ class NotPromoted(JobError):
 class HubPublishError(JobError):
     exit_code = EXIT_HUB_PUBLISH
     kind = "Hub publish failed (outputs complete)"
+
+
+class PeerLost(JobError):
+    exit_code = EXIT_PEER_LOST
+    kind = "lost a process of the job"
 
 
 class Preempted(JobError):
@@ -205,6 +213,9 @@ def disk_full(exc: BaseException) -> str | None:
 # Set by container/entrypoint.py when it launches torchrun: torchrun exits 1 whenever a worker fails, so each
 # rank leaves its own exit code (and when it ended) here, and the entrypoint exits with the cause's code.
 RANK_EXIT_DIR_ENV = "JOB_RANK_EXIT_DIR"
+# Also set by container/entrypoint.py: the name of this host as the platform knows it (SageMaker's `algo-2`, the
+# Indexed Job's pod), so that a rank that loses another host can say which one it was.
+HOST_NAME_ENV = "JOB_HOST_NAME"
 
 
 def record_rank_exit(code: int) -> None:

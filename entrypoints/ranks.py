@@ -4,23 +4,36 @@ Who does what: the host leader (local rank 0 of each host) downloads the inputs,
 the local checkpoint directory while the host's other ranks wait, then they reuse its files; the world leader
 (rank 0) alone claims the output, opens the W&B run, generates the sample answers and writes the outputs.
 Everything else (loading the model, eval, training) runs on every rank.
+
+A process that stops answering (its host killed, crashed, its machine or network lost) fails the collective the
+others are in: they stop with exit 10 and a message naming the lost rank and its host (`Ranks.lost_peer`) instead
+of waiting. A killed process closes its connections and is noticed at once; one that vanishes silently is given up
+after `distributed_timeout_seconds` in training's collectives and after RANK_WAIT_TIMEOUT in the waits below.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from entrypoints.errors import EXIT_INTERNAL, EXIT_PREEMPTED, JobError
+from entrypoints.errors import EXIT_INTERNAL, EXIT_PREEMPTED, HOST_NAME_ENV, JobError, PeerLost
 
 log = logging.getLogger("qlora.ranks")
 # How long a rank waits for its host's leader to download the inputs and build the data caches (or for the world
 # leader to claim the output). Long on purpose: a 70B model or millions of records take a while, and a leader
 # that dies is not waited for (torchrun stops the other ranks when one exits with an error).
 RANK_WAIT_TIMEOUT = timedelta(hours=4)
+# What the communication libraries say when a peer process is gone: gloo (a closed or reset connection, a timed-out
+# receive), NCCL (a remote error, an aborted communicator, the watchdog's timeout) and c10d's store.
+CONNECTION_LOSS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+                   "Timed out waiting", "Socket Timeout", "remote process exited", "ncclRemoteError",
+                   "NCCL communicator was aborted", "collective operation timeout", "Connection was likely closed")
 T = TypeVar("T")
 
 
@@ -46,6 +59,8 @@ class Ranks:
     rank: int = 0
     local_rank: int = 0
     group: Any = None  # a gloo group for the waits above: its own long timeout, apart from training's collectives
+    hosts: tuple[str, ...] = ()  # the host of every rank, in rank order (SageMaker's algo-N, the pod's name)
+    timeout_seconds: int = 0  # training's collectives give a silent peer up after this long
 
     @property
     def is_main(self) -> bool:
@@ -84,6 +99,34 @@ class Ranks:
         dist.all_gather_object(values, value, group=self.group)
         return values
 
+    def lost_peer(self, exc: BaseException) -> PeerLost | None:
+        """The job's error for a collective that failed because another process of the job is gone, else None.
+
+        It names the ranks on the other hosts (with two hosts: the lost one); a process on this host that dies is
+        also reported by torchrun, which stops this host's other ranks."""
+        if self.world_size <= 1 or isinstance(exc, JobError):
+            return None
+        detail = _connection_loss(exc)
+        if detail is None:
+            return None
+        hosts = self.hosts or tuple("?" for _ in range(self.world_size))
+        mine = hosts[self.rank]
+        others: dict[str, list[int]] = {}
+        for rank, host in enumerate(hosts):
+            if host != mine:
+                others.setdefault(host, []).append(rank)
+        if not others:  # every rank on this host
+            lost = "another rank on this host"
+        else:
+            named = [f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on host {host}"
+                     for host, ranks in others.items()]
+            lost = named[0] if len(named) == 1 else "a process on another host (" + "; ".join(named) + ")"
+        return PeerLost(
+            f"rank {self.rank} on host {mine} lost contact with {lost} ({detail}). That process was killed, crashed,"
+            " or lost its machine or network (its own log says which); this one stops too instead of waiting. Rerun the"
+            " job to resume from its last complete checkpoint. A process that vanishes without closing its"
+            f" connections is given up after distributed_timeout_seconds ({self.timeout_seconds} s) in training")
+
     def _lead(self, fn: Callable[[], T], what: str, leading: bool, leader: int) -> T:
         if self.world_size == 1:
             return fn()
@@ -115,24 +158,51 @@ def _describe(exc: BaseException) -> tuple[int, str, str]:
     return EXIT_INTERNAL, "internal error", f"{type(exc).__name__}: {exc}"
 
 
-def join_ranks(env: Mapping[str, str]) -> Ranks:
-    """Start the process group when torchrun launched several processes; a plain process gets rank 0 of 1."""
+def _connection_loss(exc: BaseException) -> str | None:
+    """The first line of the library's message when `exc` (or what caused it) says a peer process is gone."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    dist_error = getattr(sys.modules.get("torch.distributed"), "DistNetworkError", None)
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        if (dist_error is not None and isinstance(current, dist_error)) or (
+                isinstance(current, RuntimeError) and any(marker in text for marker in CONNECTION_LOSS)):
+            line = text.splitlines()[0] if text else type(current).__name__
+            # gloo's "[.../pair.cc:553] Connection closed by peer [10.0.0.2]:41234. This is typically caused by a
+            # remote worker crashing. ...": the source location and the advice after the first sentence dropped.
+            line = re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0]
+            return line[:300]
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def join_ranks(env: Mapping[str, str], timeout_seconds: int = 1800) -> Ranks:
+    """Start the process group when torchrun launched several processes; a plain process gets rank 0 of 1.
+    `timeout_seconds`: how long training's collectives wait for a silent peer (the process group's timeout)."""
     if int(env.get("WORLD_SIZE", "1") or "1") <= 1:
         return Ranks()
     import torch.distributed as dist
     from accelerate import PartialState
-    from transformers import TrainingArguments
 
     from entrypoints.modeling import device_kind
 
     # The process group the Trainer would start later, started now so the steps before it can wait for each
-    # other: the same accelerate state with the arguments TrainingArguments passes (use_cpu off CUDA, gloo; its
-    # ddp_timeout on CUDA, NCCL). The Trainer finds the group initialized and uses it.
+    # other: the same accelerate state with the arguments TrainingArguments passes (use_cpu off CUDA, gloo; NCCL on
+    # CUDA), its timeout the job's setting (TrainingArguments' ddp_timeout, 1800 s, is its default). The Trainer
+    # finds the group initialized and uses it.
     cuda = device_kind() == "cuda"
-    state = PartialState(cpu=not cuda, **({"timeout": timedelta(seconds=TrainingArguments.ddp_timeout)} if cuda else {}))
+    state = PartialState(cpu=not cuda, timeout=timedelta(seconds=timeout_seconds))
     group = dist.new_group(backend="gloo", timeout=RANK_WAIT_TIMEOUT)
-    ranks = Ranks(state.num_processes, state.process_index, state.local_process_index, group)
-    log.info("rank %d of %d (local rank %d, backend %s)", ranks.rank, ranks.world_size, ranks.local_rank, state.backend)
+    # Each rank's host, to name the one that is lost: the platform's name for it (the container's entrypoint passes
+    # SageMaker's current host or the pod's name), else the machine's.
+    host = env.get(HOST_NAME_ENV) or socket.gethostname()
+    hosts: list[Any] = [None] * state.num_processes
+    dist.all_gather_object(hosts, host, group=group)
+    ranks = Ranks(state.num_processes, state.process_index, state.local_process_index, group, tuple(hosts),
+                  timeout_seconds)
+    log.info("rank %d of %d (local rank %d, backend %s) on host %s; hosts: %s", ranks.rank, ranks.world_size,
+             ranks.local_rank, state.backend, host, ", ".join(dict.fromkeys(ranks.hosts)))
     return ranks
 
 

@@ -223,17 +223,24 @@ def run(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, str], stop
     started = time.monotonic()
     route_library_logs()
     work = cfg.paths.work_dir
-    ranks = join_ranks(env)
-    # A host's ranks share its directories; its local rank 0 holds them for the job.
-    ranks.on_host_leader(lambda: lock_local_dirs(cfg), "the directory locks")
+    ranks = join_ranks(env, cfg.distributed_timeout_seconds)
     # World rank 0 claims the output (picking the versioned prefix) before any download or GPU work; every rank fails
     # alike on a conflict. The claim is given up however the run ends, preemption included.
     claim = OutputClaim(cfg.output_uri, cfg.output_exists, cfg.s3_endpoint_url, record=work / "output-claim.json",
                         owner=job_identity(cfg, env))
     try:
+        # A host's ranks share its directories; its local rank 0 holds them for the job.
+        ranks.on_host_leader(lambda: lock_local_dirs(cfg), "the directory locks")
         target = ranks.on_world_leader(claim.acquire, "the output claim")
         log.info("output: %s%s", target.uri, " (versioned run)" if target.versioned else "")
         return _run_claimed(cfg, secrets, env, stop, ranks, target, claim, started)
+    except Exception as exc:
+        # Another process of the job is gone (a host killed or lost): say which, with the job's own exit code,
+        # rather than a library's connection error as an internal error.
+        lost = ranks.lost_peer(exc)
+        if lost is None:
+            raise
+        raise lost from exc
     finally:
         claim.release()  # a no-op on the ranks that claimed nothing
 

@@ -97,6 +97,10 @@ def sft_config(cfg: JobConfig, plan: BatchPlan | None, cuda: bool, precision: st
         # resumed run would start counting again.
         restore_callback_states_from_checkpoint=True,
         save_total_limit=cfg.save_total_limit or None,  # 0: keep every checkpoint
+        # Local rank 0 of every host writes (and rotates) the checkpoint in its host's own checkpoint directory: each
+        # rank loads the adapter, optimizer and scheduler from its host's disk on resume, which world rank 0 alone
+        # would leave without them. On one host the same as saving from rank 0.
+        save_on_each_node=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=report_to,
@@ -335,8 +339,9 @@ def find_checkpoint(cfg: JobConfig, fingerprint: dict, ranks: Ranks) -> Path | N
     # One process per host restores and prunes the (host-local) checkpoint directory; its ranks share the answer.
     resume = ranks.on_host_leader(tidy_checkpoints, "checkpoint restore")
     if len(set(ranks.gather(resume.name if resume else None))) > 1:
-        raise ConfigError([f"the hosts of this job would resume from different checkpoints in {ckpt_dir}: give every"
-                           " host the same checkpoints (set QLORA_CHECKPOINT_URI, or a shared QLORA_CHECKPOINT_DIR)"])
+        raise ConfigError([f"the hosts of this job would resume from different checkpoints in {ckpt_dir} (one host's"
+                           " disk was replaced, the others' kept): set QLORA_CHECKPOINT_URI, which every host restores"
+                           " the same checkpoint from, or QLORA_RESUME=false to start over"])
     return resume
 
 

@@ -36,7 +36,7 @@ FAILURE_REASON_PREFIXES = ("AlgorithmError:", "ClientError:")
 _EXIT_CODE_AT_END = re.compile(r"exit code:\s*(\d+)\s*$", re.IGNORECASE)
 _DOCUMENTED_CODES = {errors.EXIT_CONFIG, errors.EXIT_DATA, errors.EXIT_MODEL, errors.EXIT_STORAGE,
                      errors.EXIT_OUTPUT_EXISTS, errors.EXIT_NOT_PROMOTED, errors.EXIT_HUB_PUBLISH,
-                     errors.EXIT_PREEMPTED}
+                     errors.EXIT_PEER_LOST, errors.EXIT_PREEMPTED}
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ def exit_code_for(description: dict) -> int:
             reason = reason[len(prefix):].lstrip()
             break
     for cls in (errors.ConfigError, errors.DataError, errors.ModelError, errors.StorageError,
-                errors.OutputExistsError, errors.NotPromoted, errors.Preempted):
+                errors.OutputExistsError, errors.NotPromoted, errors.PeerLost, errors.Preempted):
         if reason.startswith(cls.kind + ":"):
             return cls.exit_code
     trailing = _EXIT_CODE_AT_END.search(reason)

@@ -335,6 +335,32 @@ def test_host_leader_is_the_first_rank_of_the_host():
     assert not Ranks(world_size=8, rank=4, local_rank=0).is_main and Ranks(world_size=8, rank=4, local_rank=0).is_local_main
 
 
+def test_a_collective_that_lost_its_peer_names_the_lost_rank_and_host():
+    """What gloo raises in a collective when the other host's process was killed, as the job's own exit 10."""
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer"
+                        " [127.0.0.1]:31384. This is typically caused by a remote worker crashing.\nmore")
+    lost = Ranks(world_size=2, rank=0, hosts=("algo-1", "algo-2"), timeout_seconds=1800).lost_peer(gloo)
+    assert isinstance(lost, errors.PeerLost) and lost.exit_code == errors.EXIT_PEER_LOST == 10
+    assert str(lost).startswith("rank 0 on host algo-1 lost contact with rank 1 on host algo-2 (Connection closed by"
+                                " peer [127.0.0.1]:31384). That process was killed")
+    assert "pair.cc" not in str(lost) and "typically" not in str(lost) and "more" not in str(lost)
+    assert "distributed_timeout_seconds (1800 s)" in str(lost)
+    # Raised from within a library's own error (the Trainer's), and with two ranks on each of three hosts.
+    try:
+        try:
+            raise RuntimeError("Timed out waiting 20000ms for recv operation to complete")
+        except RuntimeError as inner:
+            raise ValueError("step failed") from inner
+    except ValueError as wrapped:
+        lost = Ranks(world_size=6, rank=1, local_rank=1, hosts=("a", "a", "b", "b", "c", "c")).lost_peer(wrapped)
+    assert str(lost).startswith("rank 1 on host a lost contact with a process on another host (ranks 2, 3 on host b;"
+                                " ranks 4, 5 on host c) (Timed out waiting 20000ms")
+    # Anything else is left as it is: a bug, the job's own errors, a single process.
+    assert Ranks(world_size=2, hosts=("a", "b")).lost_peer(RuntimeError("size mismatch for lora_A")) is None
+    assert Ranks(world_size=2, hosts=("a", "b")).lost_peer(DataError("Connection closed by peer")) is None
+    assert Ranks().lost_peer(gloo) is None
+
+
 def _gloo_worker(rank: int, store: str, results) -> None:
     import torch.distributed as dist
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ def test_sagemaker_two_hosts_from_sm_hosts(tmp_path):
     assert plan["command"] == [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8",
                                "--node-rank=1", "--master-addr=algo-1", "--master-port=29500",
                                "--rdzv-conf=timeout=1800", "-m", "entrypoints.train"]
+    assert plan["env"]["JOB_HOST_NAME"] == "algo-2"
 
 
 def test_sagemaker_two_hosts_from_resourceconfig(tmp_path):
@@ -91,6 +93,8 @@ def test_sagemaker_two_hosts_from_resourceconfig(tmp_path):
     assert plan["command"][3:8] == ["--nnodes=2", "--nproc-per-node=4", "--node-rank=0", "--master-addr=algo-1",
                                     "--master-port=29500"]
     assert plan["env"]["NCCL_SOCKET_IFNAME"] == "eth0" and plan["env"]["GLOO_SOCKET_IFNAME"] == "eth0"
+    # The ranks name a lost host as the platform names it.
+    assert plan["env"]["JOB_HOST_NAME"] == "algo-1"
 
 
 def test_kubernetes_indexed_job_rank_1(tmp_path):
@@ -99,6 +103,7 @@ def test_kubernetes_indexed_job_rank_1(tmp_path):
     assert plan["command"] == [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
                                "--node-rank=1", "--master-addr=qlora-0.qlora-workers", "--master-port=23456",
                                "--rdzv-conf=timeout=1800", "-m", "entrypoints.train"]
+    assert plan["env"]["JOB_HOST_NAME"] == socket.gethostname()  # a pod's host name: <job>-<index>
 
 
 def test_multi_node_rendezvous_waits_for_pods_that_start_minutes_apart(tmp_path):
