@@ -203,7 +203,7 @@ class JobConfig:
     save_total_limit: int = _f(2, "Checkpoints kept on local disk (oldest deleted first); 0 keeps all, 1 is refused.", group="training")
     num_sample_generations: int = _f(4, "Held-out prompts answered before and after training (logged and put in the model card); 0 disables.", group="training")
     max_new_tokens: int = _f(128, "Token budget of each answer generated for the held-out samples and the eval suites.", group="training")
-    generation_batch_size: int = _f(16, "Prompts answered together in one batch when generating the eval suites' answers (greedy decoding).", group="training")
+    generation_batch_size: int = _f(0, "Prompts answered together in one batch when generating the held-out samples' and the eval suites' answers (greedy decoding). 0: as many as half of the free GPU memory holds, up to 128 (16 on CPU); a batch that runs out of GPU memory is split and retried.", group="training")
 
     # --- tracking
     report_to: str = _f("auto", "Experiment tracking; `auto`: W&B when WANDB_API_KEY (from any secret source) or WANDB_MODE is set, else none.", choices=("auto", "wandb", "none"), group="tracking")
@@ -680,8 +680,8 @@ def _evaluation_problems(cfg: JobConfig, check_paths: bool, bad: Any) -> list[st
         elif check_paths and not uri.startswith("s3://") and not Path(uri).is_file():
             p.append(f"{env_name('eval_suite')}: {uri!r}: no such file")
     may_eval = bool(cfg.eval_data) or cfg.eval_fraction > 0
-    if cfg.generation_batch_size < 1:
-        bad("generation_batch_size", "must be 1 or more")
+    if cfg.generation_batch_size < 0:
+        bad("generation_batch_size", "must be 0 (as many as fit) or more")
     if cfg.early_stopping_patience < 0:
         bad("early_stopping_patience", "must be 0 (never stop early) or more")
     if cfg.early_stopping_threshold < 0:

@@ -19,12 +19,17 @@ log = logging.getLogger("qlora.evaluation")
 # A progress line at most this often while answers are generated (a 500-question suite takes minutes on a GPU and
 # much longer on CPU); a batch that ends sooner than this after the previous line prints nothing.
 PROGRESS_SECONDS = 30.0
+# generation_batch_size=0 (auto): on a GPU as many prompts as half its free memory holds (KV cache, the prefill's
+# activations, the logits), at most this many; on CPU, where a larger batch buys little, CPU_GENERATION_BATCH.
+MAX_AUTO_GENERATION_BATCH = 128
+CPU_GENERATION_BATCH = 16
 
 
 def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: Sequence[Any],
                      max_new_tokens: int, batch_size: int = 0, seq2seq: bool = False, what: str = "") -> list[str]:
     """Greedy answers to `samples` (dicts or SuiteItems with `messages`, or a plain `prompt` when there is no chat
-    template), in batches of `batch_size` prompts (0: all at once). `seq2seq`: an encoder-decoder model, whose
+    template), in batches of `batch_size` prompts (0: as many as fit, `auto_generation_batch`); a batch that runs out
+    of GPU memory is split in two and retried. `seq2seq`: an encoder-decoder model, whose
     prompts are the encoder's plain-text input (templating.seq2seq_input). `what` names the questions in the
     progress lines logged every PROGRESS_SECONDS."""
     from entrypoints.templating import prompt_ids, seq2seq_prompt_ids
@@ -46,18 +51,29 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
     # Longest first, so that each batch holds prompts of similar lengths (less padding) and a batch too large for the
     # memory fails at once; the answers are returned in the samples' order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    size = batch_size or len(prompts)
+    size = batch_size or auto_generation_batch(model, len(prompts[order[0]]), max_new_tokens)
     answers: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
     started = last = time.monotonic()
+    done = 0
     try:
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
-            batch = _generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, seq2seq)
+        while done < len(order):
+            chunk = order[done:done + size]
+            try:
+                batch = _generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, seq2seq)
+            except Exception as exc:  # noqa: BLE001 - only a GPU out-of-memory error is retried, anything else raises
+                if not _out_of_memory(exc) or size == 1:
+                    raise
+                size = max(1, len(chunk) // 2)
+                log.warning("answering %s: %d prompts at once ran out of GPU memory; going on with %d",
+                            what or "prompts", len(chunk), size)
+                _free_cuda_cache()
+                continue
             for i, answer in zip(chunk, batch, strict=True):
                 answers[i] = answer
-            now, done = time.monotonic(), start + len(chunk)
+            done += len(chunk)
+            now = time.monotonic()
             if what and done < len(order) and now - last >= PROGRESS_SECONDS:
                 last = now
                 log.info("answering %s: %d/%d in %.0f s", what, done, len(order), now - started)
@@ -65,6 +81,58 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
         if was_training:
             model.train()
     return answers
+
+
+def auto_generation_batch(model: Any, prompt_tokens: int, max_new_tokens: int) -> int:
+    """Prompts answered at once when generation_batch_size is 0: on a GPU, as many as half of the memory left to this
+    process holds (each row: its KV cache over prompt + answer, the prefill's activations over the prompt, the
+    float32 logits), between 1 and MAX_AUTO_GENERATION_BATCH; on CPU, CPU_GENERATION_BATCH. Batches of the longest
+    prompts come first, so a size that fits the first batch fits every other."""
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    if device.type != "cuda":
+        return CPU_GENERATION_BATCH
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def dim(*names: str, default: int = 0) -> int:
+        return next((int(v) for n in names if isinstance(v := getattr(text, n, None), int) and v > 0), default)
+
+    hidden = dim("hidden_size", "d_model", default=4096)
+    heads = dim("num_attention_heads", "num_heads", default=32)
+    kv_heads = dim("num_key_value_heads", default=heads)
+    head_dim = dim("head_dim", "d_kv", default=hidden // heads)
+    layers = dim("num_hidden_layers", "num_decoder_layers", "num_layers", default=32)
+    vocab = dim("vocab_size", default=32000)
+    intermediate = dim("intermediate_size", "d_ff", default=4 * hidden)
+    element = 2  # bf16/fp16 compute
+    row = (2 * layers * kv_heads * head_dim * element * (prompt_tokens + max_new_tokens)
+           + prompt_tokens * (3 * intermediate + 4 * hidden) * element + 2 * vocab * 4)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated, reserved = torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index)
+    left = free + (reserved - allocated)  # the caching allocator's idle blocks are this process's too
+    fraction = torch.cuda.get_per_process_memory_fraction(index) if hasattr(
+        torch.cuda, "get_per_process_memory_fraction") else 1.0
+    left = min(left, int(fraction * total) - allocated)  # the job's own cap (max_gpu_memory_gib)
+    return max(1, min(MAX_AUTO_GENERATION_BATCH, int(left * 0.5) // max(row, 1)))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free_cuda_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, seq2seq: bool) -> list[str]:

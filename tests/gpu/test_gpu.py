@@ -258,3 +258,30 @@ def test_two_gpus_through_the_container_entrypoint_match_one_gpu(small_model):
             assert len(list((root / "one").rglob("offline-run-*/run-*.wandb"))) == 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_auto_generation_batch_follows_the_free_memory_and_the_cap():
+    """generation_batch_size=0: the whole GPU gives the largest batch; a per-process cap just above what is allocated
+    gives a smaller one, never 0."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from entrypoints.evaluation import MAX_AUTO_GENERATION_BATCH, auto_generation_batch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=4,
+                         num_attention_heads=32, num_key_value_heads=32)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    assert auto_generation_batch(model, 512, 128) == MAX_AUTO_GENERATION_BATCH
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        # 2 GiB above what is allocated: half of it over ~0.7 GiB a row (4 layers' KV cache over 640 tokens, the
+        # prefill of 512 tokens, the logits) leaves room for a couple of rows
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 2 * 2**30) / total)
+        capped = auto_generation_batch(model, 512, 128)
+        torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_allocated() / total)
+        none_left = auto_generation_batch(model, 512, 128)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert 1 <= capped < MAX_AUTO_GENERATION_BATCH and none_left == 1, (capped, none_left)

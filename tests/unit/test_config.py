@@ -241,7 +241,7 @@ def test_the_promotion_defaults_are_decided_in_one_place(tmp_path, settings, pol
     ({"QLORA_EARLY_STOPPING_PATIENCE": "3", "QLORA_EVAL_STEPS": "10", "QLORA_SAVE_STEPS": "20",
       "QLORA_EVAL_FRACTION": "0"}, "needs QLORA_EVAL_STEPS (how often the eval loss is measured) and eval data"),
     ({"QLORA_EVAL_STEPS": "30"}, "QLORA_SAVE_STEPS=100 is not a multiple of QLORA_EVAL_STEPS=30"),
-    ({"QLORA_GENERATION_BATCH_SIZE": "0"}, "QLORA_GENERATION_BATCH_SIZE=0: must be 1 or more"),
+    ({"QLORA_GENERATION_BATCH_SIZE": "-1"}, "QLORA_GENERATION_BATCH_SIZE=-1: must be 0 (as many as fit) or more"),
 ])
 def test_eval_suite_early_stopping_and_promotion_problems_name_the_setting(tmp_path, settings, problem):
     with pytest.raises(ConfigError) as info:

@@ -131,3 +131,41 @@ def test_suite_answers_report_their_time_and_log_progress_on_long_suites(tiny_mo
     report = evaluation.suite_report(suite, answers["facts"], answers["facts"], 2,
                                      {"before": seconds["facts"], "after": 1.5})
     assert report["answer_seconds"] == {"before": seconds["facts"], "after": 1.5}
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_retried(tiny_model, caplog):
+    """generation_batch_size=0 picks the batch from the free memory; when the estimate is wrong and a batch runs out
+    of GPU memory, the batch is halved and retried, the answers are the same and in the samples' order."""
+    import logging
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from entrypoints import evaluation
+    from entrypoints.suites import SuiteItem
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.unk_token
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    items = [SuiteItem(f"s.jsonl:{i}", None, f"Question number {i}?" + " more" * i, "yes", "contains")
+             for i in range(7)]
+    assert evaluation.auto_generation_batch(model, 40, 8) == evaluation.CPU_GENERATION_BATCH
+    expected = evaluation.generate_answers(model, tok, None, items, 3, batch_size=1)
+    real_generate, sizes = model.generate, []
+
+    def generate_within_two(**kwargs):  # a GPU that holds two rows at a time
+        sizes.append(len(kwargs["input_ids"]))
+        if len(kwargs["input_ids"]) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_generate(**kwargs)
+
+    model.generate = generate_within_two
+    with caplog.at_level(logging.WARNING, logger="qlora.evaluation"):
+        answers = evaluation.generate_answers(model, tok, None, items, 3, batch_size=0, what="eval suite s")
+    assert answers == expected
+    assert sizes[:3] == [7, 3, 1] and max(sizes) == 7 and all(n <= 2 for n in sizes[3:])
+    assert "eval suite s: 7 prompts at once ran out of GPU memory; going on with 3" in caplog.text
+    model.generate = lambda **kwargs: (_ for _ in ()).throw(ValueError("not a memory problem"))
+    with pytest.raises(ValueError, match="not a memory problem"):
+        evaluation.generate_answers(model, tok, None, items, 3, batch_size=2)
