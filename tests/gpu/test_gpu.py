@@ -276,8 +276,8 @@ def test_auto_generation_batch_follows_the_free_memory_and_the_cap():
     assert auto_generation_batch(model, 512, 128) == MAX_AUTO_GENERATION_BATCH
     total = torch.cuda.get_device_properties(0).total_memory
     try:
-        # 2 GiB above what is allocated: half of it over ~0.7 GiB a row (4 layers' KV cache over 640 tokens, the
-        # prefill of 512 tokens, the logits) leaves room for a couple of rows
+        # 2 GiB above what is allocated: half of it over ~0.13 GiB a row (4 layers' KV cache over 640 tokens, the
+        # prefill of 512 tokens, the logits) leaves room for about 7 rows
         torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 2 * 2**30) / total)
         capped = auto_generation_batch(model, 512, 128)
         torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_allocated() / total)
