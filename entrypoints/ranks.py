@@ -9,20 +9,27 @@ A process that stops answering (its host killed, crashed, its machine or network
 others are in: they stop with exit 10 and a message naming the lost rank and its host (`Ranks.lost_peer`) instead
 of waiting. A killed process closes its connections and is noticed at once; one that vanishes silently is given up
 after `distributed_timeout_seconds` in training's collectives and after RANK_WAIT_TIMEOUT in the waits below.
+During training a heartbeat (`Ranks.watching_peers`) also watches the others over gloo: NCCL's own watchdog would
+otherwise notice a lost peer only at its timeout and then abort the process (SIGABRT) with no exit code or message
+of the job's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
-from entrypoints.errors import EXIT_INTERNAL, EXIT_PREEMPTED, HOST_NAME_ENV, JobError, PeerLost
+from entrypoints.errors import EXIT_INTERNAL, EXIT_PREEMPTED, HOST_NAME_ENV, JobError, PeerLost, record_rank_exit
 
 log = logging.getLogger("qlora.ranks")
 # How long a rank waits for its host's leader to download the inputs and build the data caches (or for the world
@@ -34,6 +41,8 @@ RANK_WAIT_TIMEOUT = timedelta(hours=4)
 CONNECTION_LOSS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
                    "Timed out waiting", "Socket Timeout", "remote process exited", "ncclRemoteError",
                    "NCCL communicator was aborted", "collective operation timeout", "Connection was likely closed")
+# How often the ranks' heartbeat threads exchange a message while training (a lost peer is noticed within this).
+HEARTBEAT_SECONDS = 5.0
 T = TypeVar("T")
 
 
@@ -61,6 +70,7 @@ class Ranks:
     group: Any = None  # a gloo group for the waits above: its own long timeout, apart from training's collectives
     hosts: tuple[str, ...] = ()  # the host of every rank, in rank order (SageMaker's algo-N, the pod's name)
     timeout_seconds: int = 0  # training's collectives give a silent peer up after this long
+    heartbeat_group: Any = None  # a gloo group of its own for `watching_peers` (timeout: timeout_seconds)
 
     @property
     def is_main(self) -> bool:
@@ -126,6 +136,47 @@ class Ranks:
             " or lost its machine or network (its own log says which); this one stops too instead of waiting. Rerun the"
             " job to resume from its last complete checkpoint. A process that vanishes without closing its"
             f" connections is given up after distributed_timeout_seconds ({self.timeout_seconds} s) in training")
+
+    @contextlib.contextmanager
+    def watching_peers(self, on_lost: Callable[[PeerLost], None], interval: float = HEARTBEAT_SECONDS
+                       ) -> Iterator[None]:
+        """While the block runs, a thread on every rank exchanges a heartbeat with the others every `interval`
+        seconds on a gloo group of its own. When a peer is gone (its connection closed, or silent for
+        timeout_seconds) the thread calls `on_lost` with the job's error naming it; `on_lost` must end the process
+        (the main thread may be stuck in a collective that would otherwise wait for NCCL's watchdog to abort it).
+        Leaving the block ends the heartbeat on every rank together: each heartbeat carries whether its rank has
+        left, and the threads stop on the first heartbeat where one has, so none waits for a partner that is gone."""
+        if self.world_size <= 1 or self.heartbeat_group is None:
+            yield
+            return
+        import torch
+        import torch.distributed as dist
+
+        leaving = threading.Event()
+
+        def beat() -> None:
+            flag = torch.zeros(1)
+            while True:
+                flag[0] = 1.0 if leaving.is_set() else 0.0
+                try:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.heartbeat_group)
+                except Exception as exc:  # noqa: BLE001 - any failure of the heartbeat means a peer is gone
+                    on_lost(self.lost_peer(exc) or PeerLost(
+                        f"rank {self.rank} lost its heartbeat with the other processes of the job"
+                        f" ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''})."
+                        " Rerun the job to resume from its last complete checkpoint"))
+                    return
+                if flag[0] > 0:
+                    return
+                leaving.wait(interval)
+
+        thread = threading.Thread(target=beat, name="qlora-peer-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            leaving.set()
+            thread.join()
 
     def _lead(self, fn: Callable[[], T], what: str, leading: bool, leader: int) -> T:
         if self.world_size == 1:
@@ -194,13 +245,14 @@ def join_ranks(env: Mapping[str, str], timeout_seconds: int = 1800) -> Ranks:
     cuda = device_kind() == "cuda"
     state = PartialState(cpu=not cuda, timeout=timedelta(seconds=timeout_seconds))
     group = dist.new_group(backend="gloo", timeout=RANK_WAIT_TIMEOUT)
+    heartbeat = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
     # Each rank's host, to name the one that is lost: the platform's name for it (the container's entrypoint passes
     # SageMaker's current host or the pod's name), else the machine's.
     host = env.get(HOST_NAME_ENV) or socket.gethostname()
     hosts: list[Any] = [None] * state.num_processes
     dist.all_gather_object(hosts, host, group=group)
     ranks = Ranks(state.num_processes, state.process_index, state.local_process_index, group, tuple(hosts),
-                  timeout_seconds)
+                  timeout_seconds, heartbeat)
     log.info("rank %d of %d (local rank %d, backend %s) on host %s; hosts: %s", ranks.rank, ranks.world_size,
              ranks.local_rank, state.backend, host, ", ".join(dict.fromkeys(ranks.hosts)))
     return ranks
@@ -217,3 +269,22 @@ def leave_process_group() -> None:
             dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - never turn a finished job into a crash here
         log.debug("destroy_process_group: %s", exc)
+
+
+def exit_lost(error: PeerLost, failure_file: Path | None, cleanup: Callable[[], None] = lambda: None) -> None:
+    """End this process at once with the job's exit code for a lost peer (from the heartbeat thread, while the main
+    thread may be blocked in a collective): the message logged and in the failure file, the rank's exit code
+    recorded for the container's entrypoint, `cleanup` (giving up the output claim) done as far as it goes."""
+    from entrypoints.errors import write_failure_file
+
+    message = f"{error.kind}: {error}"
+    log.error("%s", message)
+    try:
+        cleanup()
+    except Exception as exc:  # noqa: BLE001 - the exit below must happen whatever the cleanup does
+        log.warning("while stopping: %s", exc)
+    write_failure_file(failure_file, message)
+    record_rank_exit(error.exit_code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(error.exit_code)

@@ -13,6 +13,7 @@ print a summary. Exit codes: entrypoints/errors.py and the README.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -75,7 +76,7 @@ from entrypoints.outputs import (
 )
 from entrypoints.paths import DEFAULT_BASE_DIR, container_paths
 from entrypoints.promotion import Decision, gate
-from entrypoints.ranks import RankFailed, Ranks, join_ranks, leave_process_group
+from entrypoints.ranks import RankFailed, Ranks, exit_lost, join_ranks, leave_process_group
 from entrypoints.secrets import install_redactor, resolve_secrets
 from entrypoints.sizing import BatchPlan, Parallelism, PlanSettings
 from entrypoints.suites import Suite, fetch_suites
@@ -268,8 +269,10 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
         model = load_model(inputs.model_dir, cfg, ranks.local_rank, seq2seq)
         trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint, seq2seq, parallel)
         stop.check("while the model was loaded")
+        # A peer lost while training ends this process at once, with exit 10 and the output claim given up.
+        watch = ranks.watching_peers(lambda lost: exit_lost(lost, cfg.paths.failure_file, claim.release))
         metrics, samples, suites = train_and_evaluate(cfg, trainer, tokenizer, template, data, stop, resume,
-                                                      inputs.suites, seq2seq)
+                                                      inputs.suites, seq2seq, watch)
         if plan is not None:  # in the manifest: how this run fitted its memory
             metrics["batch_plan"] = perf.plan_record(plan, trainer.args.optim)
         metrics["parallelism"] = {"mode": parallel.mode, "processes": parallel.processes, "reason": parallel.reason}
@@ -407,11 +410,12 @@ def plan_run(cfg: JobConfig, inputs: Inputs, data: TokenizedData, ranks: Ranks, 
 
 
 def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: str | None, data: TokenizedData,
-                       stop: StopFlag, resume: Path | None, suites: list[Suite], seq2seq: bool = False
+                       stop: StopFlag, resume: Path | None, suites: list[Suite], seq2seq: bool = False,
+                       watch: contextlib.AbstractContextManager | None = None
                        ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Eval loss, sample answers and the suites' answers of the base model, training (or the finished checkpoint
     taken as it is), the check that it trained something, eval loss and answers after: the metrics, the samples and
-    the suites' reports (world rank 0 answers)."""
+    the suites' reports (world rank 0 answers). `watch`: the context training runs in (the ranks' heartbeat)."""
     main = trainer.is_world_process_zero()
     fsdp = trainer.is_fsdp_enabled
 
@@ -447,7 +451,8 @@ def train_and_evaluate(cfg: JobConfig, trainer: Any, tokenizer: Any, template: s
         suites_before, seconds_before = ask_suites("before")
     log.info("eval loss before training: %s", eval_before)
     stop.check("before training (during the first eval or sample answers)")
-    result = train(trainer, cfg, stop, resume)
+    with watch if watch is not None else contextlib.nullcontext():
+        result = train(trainer, cfg, stop, resume)
     check_trained(trainer.model, result, cfg)
     eval_after, after = eval_loss(), answer()
     suites_after, seconds_after = ask_suites("after")

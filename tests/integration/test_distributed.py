@@ -457,3 +457,60 @@ def test_fsdp_on_cpu_ranks_is_refused_before_the_model_loads(tiny_model, tmp_pat
         failure and "QLORA_PARALLELISM=ddp" in failure, failure
     assert "loading " not in output  # refused before minutes of model loading
     assert nothing_published(tmp_path / "out")
+
+
+def _heartbeat_worker(rank: int, store: str, scenario: str, folder: str) -> None:
+    """One of two gloo processes inside `Ranks.watching_peers`, as training runs in it. `lost`: rank 1 dies abruptly
+    while rank 0 is busy (stuck as it would be in an NCCL collective). `leave`: both leave, three seconds apart."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from entrypoints.ranks import exit_lost
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    heartbeat = dist.new_group(backend="gloo", timeout=timedelta(seconds=60))
+    ranks = Ranks(world_size=2, rank=rank, local_rank=0, hosts=("algo-1", "algo-2"), timeout_seconds=60,
+                  heartbeat_group=heartbeat)
+    failure = Path(folder) / f"failure-{rank}"
+    released = Path(folder) / f"released-{rank}"
+    with ranks.watching_peers(lambda lost: exit_lost(lost, failure, released.touch), interval=0.2):
+        if scenario == "lost":
+            if rank == 1:
+                time.sleep(1)
+                os._exit(9)  # gone without a word, as a SIGKILLed host is
+            time.sleep(120)  # never returns by itself: only the heartbeat can end this process
+        else:
+            time.sleep(0.5 if rank == 0 else 3.5)
+    Path(folder, f"left-{rank}").write_text(str(time.monotonic()))
+    os._exit(0)
+
+
+@pytest.mark.parametrize("scenario", ["lost", "leave"])
+def test_the_heartbeat_ends_a_stuck_rank_when_its_peer_dies_and_never_when_ranks_leave_apart(tmp_path, scenario):
+    """NCCL notices a dead peer only at its timeout and then aborts the process (SIGABRT, no exit code of the job's):
+    the heartbeat must end a rank stuck in training within seconds, with exit 10 naming the lost host, the output
+    claim given up; and ranks that leave training seconds apart must not take each other for lost."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_heartbeat_worker, args=(r, str(tmp_path / "store"), scenario, str(tmp_path)))
+             for r in (0, 1)]
+    started = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+    elapsed = time.monotonic() - started
+    codes = [p.exitcode for p in procs]
+    if scenario == "lost":
+        assert codes == [errors.EXIT_PEER_LOST, 9] and elapsed < 60, (codes, elapsed)
+        message = (tmp_path / "failure-0").read_text()
+        assert message.startswith("lost a process of the job: rank 0 on host algo-1 lost contact with rank 1 on host"
+                                  " algo-2"), message
+        assert (tmp_path / "released-0").exists()  # the output claim was given up before the exit
+    else:
+        assert codes == [0, 0], codes
+        assert not list(tmp_path.glob("failure-*"))
+        left = [float((tmp_path / f"left-{r}").read_text()) for r in (0, 1)]
+        # rank 0 left (and exited) seconds before rank 1: the heartbeats had stopped together when rank 0 left, so
+        # rank 1 did not take rank 0's exit for a lost peer
+        assert left[1] - left[0] > 2, left
