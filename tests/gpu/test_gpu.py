@@ -96,6 +96,10 @@ def test_activation_offload_under_checkpointing_keeps_gradients_and_frees_gpu_me
     ids = torch.randint(0, 1024, (1, 8192), device="cuda")
     grads, peaks = [], []
     for model, offload in ((reference, False), (again, False), (offloaded, True)):
+        # As in QLoRA, the big weights are frozen (their gradients would otherwise dominate the peak): only the
+        # norms train here, so the peak is the activations'.
+        for name, param in model.named_parameters():
+            param.requires_grad_("norm" in name)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         context = get_act_offloading_ctx_manager(model) if offload else None
@@ -111,7 +115,7 @@ def test_activation_offload_under_checkpointing_keeps_gradients_and_frees_gpu_me
                 model(input_ids=ids, labels=ids).loss.backward()
             torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
-        grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+        grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad]))
     # bf16 backward passes differ run to run (the order of atomic adds): offload may differ from plain checkpointing
     # by no more than two plain runs differ from each other (with a floor for a bit-exact GPU).
     noise = (grads[0] - grads[1]).norm()
