@@ -119,3 +119,14 @@ def tiny_model_nf4(tiny_model, tmp_path_factory) -> Path:
             shutil.copy(item, target / item.name)
     assert len(list(target.glob("*.safetensors"))) >= 2
     return target
+
+
+@pytest.fixture
+def restore_signals():
+    """For tests that run the job's main() in this process: it installs SIGTERM/SIGINT handlers (preemption)."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

@@ -59,3 +59,14 @@ def upload(stage: Path, uri: str, endpoint: str) -> None:
     """Every file, then the manifest last (what the job's Publisher does)."""
     storage.upload_tree(stage, uri, endpoint_url=endpoint, exclude=(MANIFEST,))
     storage.upload_file(stage / MANIFEST, storage.join(uri, MANIFEST), endpoint_url=endpoint)
+
+
+def tensors_of(model_dir: Path) -> dict:
+    """Every tensor of every safetensors file in `model_dir`, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -68,14 +68,11 @@ def sft_args(run: str, out_dir: Path, cuda: bool, max_length: int, rows: int, se
     )
 
 
-def trl_best_trainer(model_dir: Path, dataset: Any, out_dir: Path, cuda: bool, max_length: int, rows: int, seed: int,
-                     checkpointing: bool):
-    import importlib.util
-
+def recipe_model(model_dir: Path, cuda: bool) -> Any:
+    """The base model as the QLoRA / TRL examples load it (the baseline's and trl-best's): nf4 with double
+    quantization, bf16 compute on CUDA (float32 on CPU), SDPA attention, on GPU 0, no KV cache."""
     import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if cuda else torch.float32
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -84,6 +81,18 @@ def trl_best_trainer(model_dir: Path, dataset: Any, out_dir: Path, cuda: bool, m
                                                  attn_implementation="sdpa",
                                                  device_map={"": 0} if cuda else {"": "cpu"})
     model.config.use_cache = False
+    return model
+
+
+def trl_best_trainer(model_dir: Path, dataset: Any, out_dir: Path, cuda: bool, max_length: int, rows: int, seed: int,
+                     checkpointing: bool):
+    import importlib.util
+
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    model = recipe_model(model_dir, cuda)
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     args = SFTConfig(**sft_args("trl-best", out_dir, cuda, max_length, rows, seed,
                                 "adamw_torch_fused" if cuda else "adamw_torch", liger, checkpointing))

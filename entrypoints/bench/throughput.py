@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoints import perf, sizing
-from entrypoints.bench.peers import PEERS
+from entrypoints.bench.peers import PEERS, recipe_model
 
 log = logging.getLogger("qlora.benchmark")
 
@@ -340,18 +340,10 @@ def _free(*objs) -> None:
 def baseline_trainer(model_dir: Path, dataset: Any, tokenizer: Any, out_dir: Path, cuda: bool, max_length: int,
                      seed: int):
     """The standard QLoRA SFT recipe, as users copy it from the QLoRA / TRL examples."""
-    import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    dtype = torch.bfloat16 if cuda else torch.float32
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=dtype,
-                                                 attn_implementation="sdpa",
-                                                 device_map={"": 0} if cuda else {"": "cpu"})
-    model.config.use_cache = False
+    model = recipe_model(model_dir, cuda)
     args = SFTConfig(
         output_dir=str(out_dir), per_device_train_batch_size=4, gradient_accumulation_steps=4, num_train_epochs=1,
         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, max_grad_norm=0.3,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import signal
 import socket
 import tempfile
 from collections.abc import Callable
@@ -403,14 +402,6 @@ def bucket(s3_server):
     client.put_object(Bucket=name, Key="done/manifest.json", Body=b"{}")
     storage._client.cache_clear()
     return name
-
-
-@pytest.fixture
-def restore_signals():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 def _job_environment(monkeypatch, settings: dict[str, str], s3_server=None) -> None:

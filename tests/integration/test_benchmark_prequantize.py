@@ -6,22 +6,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
-from safetensors import safe_open  # noqa: E402
 
 from entrypoints.bench import throughput  # noqa: E402
 
-
-def tensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+from ..results import tensors_of  # noqa: E402
 
 
 def test_benchmark_writer_writes_what_transformers_saves(tiny_model, tiny_model_nf4, tmp_path):

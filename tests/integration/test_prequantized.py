@@ -25,19 +25,12 @@ from entrypoints.config import parse_config  # noqa: E402
 from entrypoints.errors import EXIT_CONFIG, EXIT_MODEL  # noqa: E402
 
 from ..jobrun import job_env, jsonl, run_job  # noqa: E402
+from ..results import tensors_of  # noqa: E402
 from .test_bad_input import _job_environment  # noqa: E402
 
 RECORDS = [{"instruction": f"What is code {i}?", "input": "", "output": f"Code {i} is {i * 7 % 13}."} for i in range(24)]
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 BF16_TOLERANCE = {"rtol": 2**-7, "atol": 1e-6}  # one bf16 rounding step
-
-
-def tensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def dequantized_reference(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -213,16 +206,6 @@ def test_loader_refuses_what_transformers_lets_through(tiny_model_nf4, tmp_path)
     no_state = edited_copy(tiny_model_nf4, tmp_path / "no-state", drop(".quant_state.bitsandbytes__nf4"))
     with pytest.raises(ModelError, match="could not rebuild the stored 4-bit weights.*download it again"):
         load_model(Path(no_state), cfg)
-
-
-@pytest.fixture
-def restore_signals():
-    import signal
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize("name", list(REFUSALS))

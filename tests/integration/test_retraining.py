@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -137,14 +136,6 @@ def _environment(monkeypatch, base: Path, settings: dict[str, str]) -> None:
                        **settings}.items():
         monkeypatch.setenv(key, value)
     storage._client.cache_clear()
-
-
-@pytest.fixture
-def restore_signals():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 def _run(capsys) -> tuple[int, dict, str]:

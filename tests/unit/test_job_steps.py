@@ -55,16 +55,6 @@ def test_help_prints_every_setting_and_exits_0(flag, capsys, tmp_path, monkeypat
     assert not (tmp_path / "output" / "failure").exists()
 
 
-@pytest.fixture
-def restore_signals():
-    import signal
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 def test_a_flag_that_is_not_a_setting_says_what_to_write(capsys, tmp_path, monkeypatch, restore_signals):
     from entrypoints.errors import EXIT_CONFIG
     from entrypoints.train import main
