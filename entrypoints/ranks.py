@@ -2,7 +2,8 @@
 
 Who does what: the host leader (local rank 0 of each host) downloads the inputs, builds the data caches and tidies
 the local checkpoint directory while the host's other ranks wait, then they reuse its files; the world leader
-(rank 0) alone claims the output, opens the W&B run, generates the sample answers and writes the outputs.
+(rank 0) alone claims the output, opens the W&B run, generates the sample answers and writes the outputs, while the
+other ranks wait for it and end with its outcome (one exit code on every host).
 Everything else (loading the model, eval, training) runs on every rank.
 
 A process that stops answering (its host killed, crashed, its machine or network lost) fails the collective the
@@ -33,7 +34,7 @@ from entrypoints.errors import EXIT_INTERNAL, EXIT_PREEMPTED, HOST_NAME_ENV, Job
 
 log = logging.getLogger("qlora.ranks")
 # How long a rank waits for its host's leader to download the inputs and build the data caches (or for the world
-# leader to claim the output). Long on purpose: a 70B model or millions of records take a while, and a leader
+# leader to claim the output, or to merge and upload the outputs). Long on purpose: a 70B model or millions of records take a while, and a leader
 # that dies is not waited for (torchrun stops the other ranks when one exits with an error).
 RANK_WAIT_TIMEOUT = timedelta(hours=4)
 # What the communication libraries say when a peer process is gone: gloo (a closed or reset connection, a timed-out

@@ -14,6 +14,7 @@ print a summary. Exit codes: entrypoints/errors.py and the README.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -279,43 +280,58 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
         stop.check("after training (during eval or the sample answers)")
         gathered = gather_adapter(trainer)  # sharded: every rank sends its shard of the adapter to rank 0
         if not trainer.is_world_process_zero():
-            exit_code = 0
-            return {}
-        tracker.log_samples("samples", samples)
-        for suite in suites:
-            tracker.log_samples(f"suite/{suite['name']}", [
-                {"source": i["source"], "prompt": i["prompt"], "reference": i["reference"], "metric": i["metric"],
-                 "before": i["before"], "after": i["after"], "score_before": i["scores_before"][i["metric"]],
-                 "score_after": i["scores_after"][i["metric"]]} for i in suite["items"]])
-        tracker.summary({**{k: v for k, v in metrics.items() if v is not None}, **suite_summaries(suites),
-                         **mix_summary(data.stats.get("mix", []))})
-        stage = work / "output"
-        with disk_space_for(stage, "writing the outputs"):
-            shutil.rmtree(stage, ignore_errors=True)
-            stage.mkdir(parents=True)
-            publisher = Publisher(stage, target, cfg.s3_endpoint_url, claim)
-            adapter_dir, metrics["adapter"] = save_adapter(trainer, tokenizer, stage, cfg.base_model_name,
-                                                           str(compute_dtype(cfg)).removeprefix("torch."), gathered)
-            for path in storage.iter_tree(adapter_dir):
-                publisher.submit(path)
-            del trainer, model  # the merge needs the memory the 4-bit model holds
+            # The other ranks wait for world rank 0's merge and upload and end with its outcome: one job, one exit
+            # code on every host (a host that exited 0 while rank 0 failed would leave a Kubernetes retry of rank 0
+            # waiting at the rendezvous for hosts that are gone). Rank 0 lost meanwhile: exit 10 (run's handler).
+            del trainer, model
             _free_memory()
-            manifest_uri, decision = publish(cfg, inputs, data, stage, publisher, adapter_dir, metrics, samples,
-                                             suites, seq2seq)
-        if decision is not None:
-            tracker.summary({f"promotion/{k}": v for k, v in decision.as_dict().items() if v is not None})
-        # The output is complete: a failed Hub publish is reported in the summary, and main() then exits 9. A run the
-        # gate did not promote is not published to the Hub either.
-        hub = None
-        if decision is None or decision.promoted:
-            hub = publish_result(HubTarget.of(cfg), stage, secrets.get("HF_TOKEN"), target.uri)
-        elif cfg.hub_repo:
-            log.info("not published to the Hub (%s): the run was not promoted", cfg.hub_repo)
-        exit_code = 0
-        return {"output": target.uri, "manifest": manifest_uri, **metrics, "samples": samples,
-                "suites": {s["name"]: {k: s[k] for k in ("count", "before", "after")} for s in suites},
-                "promotion": decision.as_dict() if decision else None,
-                "wall_seconds": round(time.monotonic() - started, 1), **({"hub": hub} if hub else {})}
+            outcome = ranks.on_world_leader(lambda: {}, "the outputs (merge and upload)")
+            exit_code = 0
+            return {FOLLOWER: True, **outcome}
+        try:
+            tracker.log_samples("samples", samples)
+            for suite in suites:
+                tracker.log_samples(f"suite/{suite['name']}", [
+                    {"source": i["source"], "prompt": i["prompt"], "reference": i["reference"], "metric": i["metric"],
+                     "before": i["before"], "after": i["after"], "score_before": i["scores_before"][i["metric"]],
+                     "score_after": i["scores_after"][i["metric"]]} for i in suite["items"]])
+            tracker.summary({**{k: v for k, v in metrics.items() if v is not None}, **suite_summaries(suites),
+                             **mix_summary(data.stats.get("mix", []))})
+            stage = work / "output"
+            with disk_space_for(stage, "writing the outputs"):
+                shutil.rmtree(stage, ignore_errors=True)
+                stage.mkdir(parents=True)
+                publisher = Publisher(stage, target, cfg.s3_endpoint_url, claim)
+                adapter_dir, metrics["adapter"] = save_adapter(trainer, tokenizer, stage, cfg.base_model_name,
+                                                               str(compute_dtype(cfg)).removeprefix("torch."), gathered)
+                for path in storage.iter_tree(adapter_dir):
+                    publisher.submit(path)
+                del trainer, model  # the merge needs the memory the 4-bit model holds
+                _free_memory()
+                manifest_uri, decision = publish(cfg, inputs, data, stage, publisher, adapter_dir, metrics, samples,
+                                                 suites, seq2seq)
+            if decision is not None:
+                tracker.summary({f"promotion/{k}": v for k, v in decision.as_dict().items() if v is not None})
+            # The output is complete: a failed Hub publish is reported in the summary, and main() then exits 9. A run the
+            # gate did not promote is not published to the Hub either.
+            hub = None
+            if decision is None or decision.promoted:
+                hub = publish_result(HubTarget.of(cfg), stage, secrets.get("HF_TOKEN"), target.uri)
+            elif cfg.hub_repo:
+                log.info("not published to the Hub (%s): the run was not promoted", cfg.hub_repo)
+            exit_code = 0
+            summary = {"output": target.uri, "manifest": manifest_uri, **metrics, "samples": samples,
+                       "suites": {s["name"]: {k: s[k] for k in ("count", "before", "after")} for s in suites},
+                       "promotion": decision.as_dict() if decision else None,
+                       "wall_seconds": round(time.monotonic() - started, 1), **({"hub": hub} if hub else {})}
+        except BaseException as exc:
+            if ranks.world_size > 1:  # the other ranks are waiting: they end with this error's exit code too
+                ranks.on_world_leader(functools.partial(_reraise, exc), "the outputs (merge and upload)")
+            raise
+        # What the other ranks end with (they wait for it above): the parts of the summary main() decides exits on.
+        ranks.on_world_leader(lambda: {k: summary.get(k) for k in ("output", "hub", "promotion")},
+                              "the outputs (merge and upload)")
+        return summary
     finally:
         tracker.finish(exit_code)
 
@@ -549,6 +565,14 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+# In run()'s result on the ranks other than world rank 0: the outcome of rank 0's outputs, not a summary to print.
+FOLLOWER = "_follower"
+
+
 def print_summary(summary: Mapping[str, Any]) -> None:
     lines = ["", "=== QLoRA job finished ===", f"output:    {summary.get('output')}",
              f"manifest:  {summary.get('manifest')}",
@@ -648,7 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             release_local_dirs()
         if summary:
-            print_summary(summary)
+            if not summary.get(FOLLOWER):  # world rank 0 prints the summary; every rank ends with its outcome
+                print_summary(summary)
             raise_if_failed(summary.get("hub"))
             promotion = summary.get("promotion") or {}
             if promotion and not promotion["promoted"] and promotion["policy"] == "if-not-worse":

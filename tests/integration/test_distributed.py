@@ -514,3 +514,30 @@ def test_the_heartbeat_ends_a_stuck_rank_when_its_peer_dies_and_never_when_ranks
         # rank 0 left (and exited) seconds before rank 1: the heartbeats had stopped together when rank 0 left, so
         # rank 1 did not take rank 0's exit for a lost peer
         assert left[1] - left[0] > 2, left
+
+
+def test_every_rank_ends_with_the_outcome_of_rank_0s_outputs(tiny_model, tmp_path):
+    """After training, world rank 0 alone merges and publishes; the other ranks wait for it and end with its exit
+    code, not 0 while rank 0 fails (a host that exited 0 would leave a Kubernetes retry of rank 0 waiting at the
+    rendezvous for hosts that are gone). Here the Hub publish fails: both ranks exit 9, rank 1 after rank 0's
+    outputs were complete."""
+    from ..hub_server import HubServer
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    with HubServer(fail=("commit",)) as hub:
+        env = job_env(tmp_path, **{**SETTINGS, "QLORA_MAX_STEPS": "2", "QLORA_EVAL_FRACTION": "0",
+                                   "QLORA_NUM_SAMPLE_GENERATIONS": "0", "QLORA_MERGE": "false"},
+                      QLORA_MODEL=str(tiny_model), QLORA_DATA=str(data), QLORA_OUTPUT=str(tmp_path / "out"),
+                      QLORA_REPORT_TO="none", QLORA_HUB_REPO="acme/tiny-qlora", HF_ENDPOINT=hub.url,
+                      HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf-home"))
+        exits = tmp_path / "rank-exits"
+        exits.mkdir()
+        code, out = run_torchrun({**env, errors.RANK_EXIT_DIR_ENV: str(exits)})
+    assert code != 0, out[-3000:]
+    recorded = {p.name: p.read_text().split() for p in exits.iterdir()}
+    assert {name: int(v[0]) for name, v in recorded.items()} == {"rank-0": errors.EXIT_HUB_PUBLISH,
+                                                                 "rank-1": errors.EXIT_HUB_PUBLISH}, out[-3000:]
+    assert float(recorded["rank-1"][1]) >= float(recorded["rank-0"][1]) - 1.0  # rank 1 waited for rank 0's outcome
+    assert any("Hub publish failed (outputs complete)" in line for line in rank_lines(out, 1)), out[-3000:]
+    assert (tmp_path / "out" / "manifest.json").is_file()  # the output itself is complete, as exit 9 says
