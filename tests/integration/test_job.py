@@ -143,6 +143,7 @@ def test_config_error_exit_code_and_failure_file(tmp_path):
     assert text.startswith("configuration error: 3 configuration problem(s)")
 
 
+@pytest.mark.slow  # 21 s; resume to the same adapter runs by default in test_reliability_preemption and test_never_wrong
 def test_resume_from_checkpoint(tmp_path, tiny_model):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))

@@ -129,7 +129,8 @@ def watch(name: str, text: str, action) -> OnLog:
     return handler
 
 
-@pytest.mark.parametrize("direction", ["download", "upload"])
+# The download case in the slow tier (31 s): the upload case runs the same resume-after-crash path by default.
+@pytest.mark.parametrize("direction", [pytest.param("download", marks=pytest.mark.slow), "upload"])
 def test_transfer_survives_a_crash_mid_transfer(flaky, tmp_path, direction):
     flaky.server.client().create_bucket(Bucket="faults")
     source = big_file(tmp_path / "big.bin")
@@ -271,6 +272,7 @@ def test_job_rides_out_crashes_during_download_checkpoint_upload_and_final_uploa
     assert {"checkpoint-2/COMPLETE", "checkpoint-4/COMPLETE", "checkpoint-2/adapter_model.safetensors"} <= remote
 
 
+@pytest.mark.slow  # 48 s; test_outage_longer_than_the_retry_budget_is_a_clear_storage_error covers the error by default
 def test_job_fails_cleanly_when_the_outage_outlasts_the_retries_and_a_rerun_succeeds(flaky, job_setup, tmp_path):
     env = {**job_setup, "AWS_MAX_ATTEMPTS": "2"}
     job = Job(env)
