@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoints import perf, sizing
-from entrypoints.bench.peers import PEERS, recipe_model
+from entrypoints.bench.peers import PEERS, recipe_model, versions
 
 log = logging.getLogger("qlora.benchmark")
 
@@ -309,16 +309,9 @@ def _layers_kept(trainer: Any) -> int:
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "liger-kernel",
-                 "triton"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    return {"python": platform.python_version(),
+            **versions(("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
+                        "liger-kernel", "triton"))}
 
 
 def _gpu_name() -> str:
