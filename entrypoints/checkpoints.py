@@ -16,6 +16,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from entrypoints import storage
@@ -370,8 +371,11 @@ def _wait_for_every_rank(args) -> None:
         PartialState().wait_for_everyone()
 
 
-def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str, fingerprint: dict | None = None):
-    """A transformers TrainerCallback (built lazily so this module stays importable without torch)."""
+def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str, fingerprint: dict | None = None,
+                     before_complete: Callable[[Path], None] | None = None):
+    """A transformers TrainerCallback (built lazily so this module stays importable without torch). `before_complete`:
+    called by world rank 0 with each checkpoint's directory after the Trainer has written it and before it is marked
+    complete (and mirrored): what it adds is part of the checkpoint (the compile cache: compile_cache.CompileCache)."""
     from transformers import TrainerCallback
 
     class CheckpointCallback(TrainerCallback):
@@ -393,6 +397,8 @@ def trainer_callback(stop: StopFlag, checkpoint_uri: str, endpoint_url: str, fin
                 return control
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
+                if before_complete is not None and state.is_world_process_zero:
+                    before_complete(path)
                 mark_complete(path, state.global_step, fingerprint, state.max_steps)
                 if checkpoint_uri and state.is_world_process_zero:
                     mirror_to_uri(path, checkpoint_uri, endpoint_url)

@@ -192,6 +192,7 @@ class JobConfig:
     parallelism: str = _f("auto", "How several GPUs (torchrun processes) share the work. `ddp`: every GPU holds the whole 4-bit model and trains on its own micro-batches; `fsdp`: the 4-bit weights, LoRA weights and optimizer state are sharded across the GPUs (FSDP2), each GPU gathering one decoder layer at a time, for models that do not fit one GPU; `auto`: ddp when the model, its LoRA state and the smallest micro-batch fit one GPU (within max_gpu_memory_gib), else fsdp when the sharded estimate fits. One process: neither. FSDP needs CUDA GPUs.", choices=("auto", "ddp", "fsdp"), group="training")
     packing: bool = _f(True, "Pack whole samples into rows of max_seq_length (best-fit, padding-free, per-sample attention); off: each micro-batch is padded to its longest sample.", group="training")
     torch_compile: str = _f("auto", "Compile the decoder layers with torch.compile (regional: a layer whose activations are recomputed is compiled block by block) on CUDA, in place of Liger's kernels. `auto`: on CUDA where Triton can build its launcher (a C compiler; the image ships one), unless the batch plan recomputes some decoder layers and keeps others (Liger's kernels are used there); `true`: asked for (skipped with a warning where it cannot run); `false`: never. A part that fails to compile runs uncompiled, with one warning line.", choices=("auto", "true", "false"), group="training")
+    compile_cache: str = _f("auto", "Keep torch.compile's compiled kernels (torch's portable compile cache) for the next start, so a resumed or rerun job skips most of the compilation. `auto`: written into every checkpoint (before it is marked complete, so it is mirrored and synced with it) and loaded when the run resumes from that checkpoint. An absolute directory or an s3:// prefix: also a store shared by runs (scheduled retraining on the same GPU type), loaded at start when it holds the artifact of this run's key (torch, Triton and CUDA versions, GPU, model config, compute dtype, LoRA, recomputed layers) and saved after the first optimizer steps and at the end of training; on SageMaker or Kubernetes a directory outlives the container only on a mounted volume (else use s3://, e.g. below the bucket's checkpoints/ prefix, which the job's role may write). `off`: neither. Used only when the job compiles (torch_compile); an unusable artifact is logged in one line and the job compiles from scratch.", group="training")
     use_liger: bool = _f(True, "Use Liger's fused RMSNorm, SwiGLU and RoPE kernels on CUDA (when liger-kernel is installed).", group="training")
     assistant_only_loss: bool = _f(True, "Train on assistant tokens only (prompts, system and user turns are masked out of the loss).", group="training")
     seed: int = _f(42, "Random seed for data order, LoRA init and dropout.", group="training")
@@ -637,6 +638,9 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
     if cfg.activation_offload == "true" and not cfg.packing:
         bad("activation_offload", "is part of the packed batch plan, and packing is off: set packing=true, or"
             " activation_offload to auto")
+    problem = compile_cache_problem(cfg.compile_cache)
+    if problem:
+        bad("compile_cache", problem)
     if cfg.max_gpu_memory_gib < 0:
         bad("max_gpu_memory_gib", "must be 0 (the whole GPU) or a number of GiB, e.g. 22 for a 24 GB card")
     if not 0.0 <= cfg.lora_dropout < 1.0:
@@ -765,6 +769,22 @@ def _shown(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def compile_cache_problem(value: str) -> str | None:
+    """Why `value` is not a compile_cache setting (None when it is one): auto, off, an absolute directory or an s3://
+    prefix with a bucket."""
+    if value in ("auto", "off") or (value.startswith("/") and value.strip() == value):
+        return None
+    if value.startswith("s3://"):
+        return None if value[len("s3://"):].split("/")[0] else "an s3:// prefix needs a bucket, e.g. s3://my-bucket/checkpoints/compile-cache/"
+    return ("expected auto, off, an absolute directory (e.g. /mnt/cache/torch-compile) or an s3:// prefix (e.g."
+            " s3://my-bucket/checkpoints/compile-cache/)")
+
+
+def compile_cache_store(value: str) -> str | None:
+    """The shared store a compile_cache setting names (a directory or an s3:// prefix), None for auto and off."""
+    return None if value in ("auto", "off") else value
+
+
 def hub_repo_problem(repo: str) -> str | None:
     """Why `repo` is not a Hub repository id the job can create and publish to, or None when it is one."""
     if not HUB_REPO_ID.match(repo) or "--" in repo or ".." in repo or repo.endswith(".git"):
@@ -792,6 +812,7 @@ def _overlaps(cfg: JobConfig, check_paths: bool = True) -> list[str]:
               "base_dir (its work/ scratch)": [str(cfg.paths.work_dir)]}
     if cfg.model.startswith("s3://") or cfg.model.startswith(("/", ".", "~")) or (check_paths and Path(cfg.model).exists()):
         places["model"] = [cfg.model]  # a local directory, however it is written (modeling.resolve_model's rule)
+    places["compile_cache"] = [compile_cache_store(cfg.compile_cache) or ""]
     located = {name: [(v, _location(v)) for v in values if v] for name, values in places.items()}
     rules = [("eval_data", "data", "the eval loss and answers would be measured on training data, not held out"),
              ("output", "data", "the next run would read the outputs as training data"),
@@ -801,7 +822,11 @@ def _overlaps(cfg: JobConfig, check_paths: bool = True) -> list[str]:
              ("checkpoint_uri", "data", "checkpoints would be read as training data"),
              ("output", "checkpoint_dir", "outputs and checkpoints would be mixed"),
              ("output", "checkpoint_uri", "outputs and checkpoints would be mixed"),
-             ("output", "base_dir (its work/ scratch)", "the job clears its scratch space, the outputs with it")]
+             ("output", "base_dir (its work/ scratch)", "the job clears its scratch space, the outputs with it"),
+             ("compile_cache", "data", "the compile cache's files would be read as training data"),
+             ("compile_cache", "eval_data", "the compile cache's files would be read as eval data"),
+             ("compile_cache", "output", "the compile cache's files would be mixed with the published outputs"),
+             ("compile_cache", "model", "the compile cache's files would be written into the base model")]
     problems = []
     label = lambda n: "QLORA_BASE_DIR" if n.startswith("base_dir") else env_name(n)  # noqa: E731
     for inner, outer, why in rules:

@@ -276,13 +276,15 @@ def local_write_error(exc: OSError, path: Path, needed_bytes: int | None = None)
 def _discard(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
+    except NotADirectoryError:  # a part of the path is a file: nothing was written there
+        pass
     except OSError as exc:
         log.warning("could not remove %s: %s", path, exc)
 
 
-def _write_atomically(target: Path, write: Callable[[Path], None], needed_bytes: int) -> None:
+def _write_atomically(target: Path, write: Callable[[Path], None], needed_bytes: int, suffix: str = ".partial") -> None:
     """Write through `<name>.partial` and rename: the target appears only complete, and a failed write leaves nothing."""
-    tmp = target.with_name(target.name + ".partial")
+    tmp = target.with_name(target.name + suffix)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
@@ -516,6 +518,21 @@ class Versioned:
 
 def read_versioned(uri: str, *, endpoint_url: str = "") -> Versioned | None:
     """The object's text and ETag (what put_if/delete_if compare against), or None when it does not exist."""
+    found = _read(uri, endpoint_url, None)
+    if found is None:
+        return None
+    data, etag = found
+    return Versioned(data.decode("utf-8"), etag)
+
+
+def read_bytes(uri: str, *, endpoint_url: str = "", attempts: int | None = None) -> bytes | None:
+    """The object's bytes (one GET), or None when it does not exist; `attempts`: whole-request tries (_retrying)."""
+    found = _read(uri, endpoint_url, attempts)
+    return found[0] if found else None
+
+
+def _read(uri: str, endpoint_url: str, attempts: int | None) -> tuple[bytes, str] | None:
+    """(bytes, ETag; locally the sha256 of the content), or None when the object does not exist."""
     if not is_s3(uri):
         try:
             data = Path(uri).read_bytes()
@@ -523,30 +540,39 @@ def read_versioned(uri: str, *, endpoint_url: str = "") -> Versioned | None:
             return None
         except OSError as exc:
             raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from None
-        return Versioned(data.decode("utf-8"), hashlib.sha256(data).hexdigest())
+        return data, hashlib.sha256(data).hexdigest()
     bucket, key = split_s3(uri)
     client, _ = _client(endpoint_url)
     from botocore.exceptions import ClientError
 
-    def run() -> Versioned | None:
+    def run() -> tuple[bytes, str] | None:
         try:
             got = client.get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
-        return Versioned(got["Body"].read().decode("utf-8"), got.get("ETag", ""))
+        return got["Body"].read(), got.get("ETag", "")
 
-    return _retrying(run, uri, "read")
+    return _retrying(run, uri, "read", attempts)
 
 
 def write_text(uri: str, text: str, *, endpoint_url: str = "") -> None:
+    write_bytes(uri, text.encode("utf-8"), endpoint_url=endpoint_url)
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint_url: str = "", attempts: int | None = None,
+                unique_partial: bool = False) -> None:
+    """Write the whole object at once: one PUT on S3 (visible only complete), a temporary file renamed locally.
+    `unique_partial`: the temporary file is named for this process, for a file several processes may write at once
+    (the last rename wins, and no writer renames another's half-written file)."""
     if not is_s3(uri):
-        _write_atomically(Path(uri), lambda tmp: tmp.write_text(text, encoding="utf-8"), len(text.encode()))
+        _write_atomically(Path(uri), lambda tmp: tmp.write_bytes(data), len(data),
+                          suffix=f".{os.getpid()}.partial" if unique_partial else ".partial")
         return
     bucket, key = split_s3(uri)
     client, _ = _client(endpoint_url)
-    _retrying(lambda: client.put_object(Bucket=bucket, Key=key, Body=text.encode("utf-8")), uri, "write")
+    _retrying(lambda: client.put_object(Bucket=bucket, Key=key, Body=data), uri, "write", attempts)
 
 
 def put_if(uri: str, text: str, *, etag: str | None, endpoint_url: str = "", attempts: int | None = None) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from entrypoints import bnb4bit, perf, storage
+from entrypoints import bnb4bit, compile_cache, perf, storage
 from entrypoints.checkpoints import (
     StopFlag,
     content_sha256,
@@ -268,7 +268,8 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
     exit_code = 1
     try:
         model = load_model(inputs.model_dir, cfg, ranks.local_rank, seq2seq)
-        trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint, seq2seq, parallel)
+        trainer = build_trainer(cfg, model, tokenizer, data, tracker, stop, plan, fingerprint, seq2seq, parallel,
+                                resume)
         stop.check("while the model was loaded")
         # A peer lost while training ends this process at once, with exit 10 and the output claim given up.
         watch = ranks.watching_peers(lambda lost: exit_lost(lost, cfg.paths.failure_file, claim.release))
@@ -277,6 +278,9 @@ def _run_claimed(cfg: JobConfig, secrets: Mapping[str, str], env: Mapping[str, s
         if plan is not None:  # in the manifest: how this run fitted its memory
             metrics["batch_plan"] = perf.plan_record(plan, trainer.args.optim)
         metrics["parallelism"] = {"mode": parallel.mode, "processes": parallel.processes, "reason": parallel.reason}
+        cache = compile_cache.of(trainer)
+        if cache is not None:  # in the manifest: what the compiled layers loaded and saved
+            metrics["compile_cache"] = cache.record()
         stop.check("after training (during eval or the sample answers)")
         gathered = gather_adapter(trainer)  # sharded: every rank sends its shard of the adapter to rank 0
         if not trainer.is_world_process_zero():

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from entrypoints import perf
+from entrypoints import compile_cache, perf
 from entrypoints.checkpoints import (
     StopFlag,
     checkpoint_total_steps,
@@ -177,9 +177,11 @@ def keeps_best(cfg: JobConfig, has_eval: bool) -> bool:
 
 
 def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedData, tracker: Any, stop: StopFlag,
-                  plan: BatchPlan | None, fingerprint: dict, seq2seq: bool = False, parallel: Parallelism | None = None):
+                  plan: BatchPlan | None, fingerprint: dict, seq2seq: bool = False, parallel: Parallelism | None = None,
+                  resume: Path | None = None):
     """`parallel`: how the processes share the work (perf.parallelism_for); None or not `fsdp`: DDP (or one
-    process), which the Trainer sets up by itself under torchrun."""
+    process), which the Trainer sets up by itself under torchrun. `resume`: the checkpoint the run resumes from
+    (find_checkpoint), whose compile cache is loaded before the first forward pass when the layers are compiled."""
     import torch
     from peft import LoraConfig
 
@@ -203,6 +205,19 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
         extra_callbacks.append(early_stopping_callback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
     if plan is not None and plan.gradient_checkpointing and plan.layers_without_checkpointing:
         extra_callbacks.append(perf.partial_checkpointing_callback(plan.layers_without_checkpointing))
+    use_compile = compiles(cfg, plan, cuda, fsdp)
+    checkpointing = bool(kwargs["gradient_checkpointing"])
+    kept = plan.layers_without_checkpointing if plan is not None else 0
+    layers = sum(1 for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    recomputed = [index for index in range(layers) if checkpointing and index >= kept]
+    cache = (compile_cache.CompileCache(cfg.compile_cache, compile_cache.key_parts(
+        model.config, precision, recomputed, {
+            "lora": f"r={cfg.lora_r} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} targets={cfg.lora_target_modules}",
+            "attention": getattr(model.config, "_attn_implementation", None),
+            "activation_offload": kwargs["activation_offloading"], "fsdp": fsdp}), cfg.s3_endpoint_url)
+        if use_compile and cfg.compile_cache != "off" else None)
+    if cache is not None:
+        extra_callbacks.append(cache.callback())
     peft_config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -211,7 +226,8 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
         bias="none",
         task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
     )
-    callbacks = [trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url, fingerprint),
+    callbacks = [trainer_callback(stop, cfg.checkpoint_uri, cfg.s3_endpoint_url, fingerprint,
+                                  before_complete=cache.save_to_checkpoint if cache is not None else None),
                  _throughput_callback(tracker), *extra_callbacks]
     trainer = (_seq2seq_trainer if seq2seq else _sft_trainer)(model, kwargs, data, tokenizer, peft_config, callbacks)
     if fsdp and not trainer.is_fsdp_enabled:
@@ -225,10 +241,10 @@ def build_trainer(cfg: JobConfig, model: Any, tokenizer: Any, data: TokenizedDat
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    if compiles(cfg, plan, cuda, fsdp):
-        checkpointing = bool(kwargs.get("activation_checkpointing", kwargs.get("gradient_checkpointing")))
-        kept = plan.layers_without_checkpointing if plan is not None else 0
-        perf.compile_layers(trainer.model, recomputed=lambda index: checkpointing and index >= kept)
+    if use_compile:
+        perf.compile_layers(trainer.model, recomputed=lambda index: index in recomputed)
+        if cache is not None:  # compilation happens on first use: the cache is in place before the first forward pass
+            cache.load(resume)
     elif cfg.torch_compile == "true" and cuda:
         log.warning("torch_compile skipped: Triton needs a C compiler to build its launcher and none is installed")
     from transformers.trainer_callback import PrinterCallback
@@ -283,10 +299,44 @@ def _throughput_callback(tracker: Any):
 
     class Throughput(TrainerCallback):
         """Adds trained-tokens-per-second (non-padding tokens, from TRL's `num_tokens`; seq2seq: the encoder's input
-        tokens the Trainer counts) to the logs."""
+        tokens the Trainer counts) to the logs, and times this run's optimizer steps: the first apart (it holds
+        torch.compile's compilation, or its load from the compile cache) from the steady ones after it (`timing`)."""
 
         def __init__(self) -> None:
             self.last: tuple[float, float] | None = None
+            self.started: float | None = None
+            self.first_step: int = 0
+            self.first_end: float | None = None
+            self.last_end: float | None = None
+            self.last_step: int = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            _synchronize(args)
+            self.started, self.first_step = time.perf_counter(), state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # The GPU is waited for at the first step's end and at the last step's (two waits a run): the times are
+            # the GPU's work, not only its queueing.
+            first = state.global_step == self.first_step + 1
+            if first or state.global_step >= state.max_steps or control.should_training_stop:
+                _synchronize(args)
+            now = time.perf_counter()
+            if first:
+                self.first_end = now
+                if state.is_world_process_zero and self.started is not None:
+                    log.info("first optimizer step of this run: %.1f s (it holds the compilation, when the layers are"
+                             " compiled)", now - self.started)
+            self.last_end, self.last_step = now, state.global_step
+
+        def timing(self) -> dict[str, Any]:
+            """first_step_seconds: this run's first optimizer step; steady_step_seconds: the mean of the steps after
+            it (including the periodic evaluations and checkpoint saves between them); steady_steps: how many."""
+            if self.started is None or self.first_end is None:
+                return {}
+            steady = self.last_step - self.first_step - 1
+            return {"first_step_seconds": round(self.first_end - self.started, 2),
+                    "steady_step_seconds": round((self.last_end - self.first_end) / steady, 3) if steady > 0 else None,
+                    "steady_steps": steady}
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs:
@@ -307,6 +357,22 @@ def _throughput_callback(tracker: Any):
                 log.info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(shown))
 
     return Throughput()
+
+
+def _synchronize(args: Any) -> None:
+    device = getattr(args, "device", None)
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def step_timing(trainer: Any) -> dict[str, Any]:
+    """The Throughput callback's timing of this run's optimizer steps ({} when none ran)."""
+    for callback in trainer.callback_handler.callbacks:
+        if hasattr(callback, "timing"):
+            return callback.timing()
+    return {}
 
 
 def planned_steps(trainer: Any, cfg: JobConfig) -> int:
@@ -396,9 +462,13 @@ def train(trainer: Any, cfg: JobConfig, stop: StopFlag, resume: Path | None) -> 
         raise JobError(f"training ended at step {result.global_step}, not at the planned step {total}: the adapter"
                        " is not published. This is a bug; the checkpoints are kept")
     state = trainer.state
+    timing = step_timing(trainer)
+    if timing.get("steady_step_seconds") is not None:
+        log.info("training: the first optimizer step took %.1f s, the %d after it %.3f s each",
+                 timing["first_step_seconds"], timing["steady_steps"], timing["steady_step_seconds"])
     return {"train_loss": float(result.training_loss), "global_step": int(result.global_step),
             "steps_this_run": int(result.global_step) - resumed_at,
-            "train_runtime_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 1),
+            "train_runtime_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 1), **timing,
             "resumed_from": resume.name if resume else None,
             **best_of({"best_global_step": state.best_global_step, "best_metric": state.best_metric}, early)}
 

@@ -25,7 +25,9 @@ then trains one pass over the same samples with each run named in --runs:
 
 Per run it prints and writes to --out: trained (non-padding) tokens per second, seconds per step, peak
 GPU memory allocated and reserved, model-FLOPs utilisation (entrypoints.sizing.train_flops_per_token over
-the measured peak), first and last losses, and every run's tokens/s over the baseline's.
+the measured peak), first and last losses, every run's tokens/s over the baseline's, and the seconds of the first
+optimizer step (which holds the compilation) with whether a compile cache was loaded (`--set compile_cache=DIR`: a
+store shared by runs, see entrypoints/compile_cache.py).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from entrypoints import perf, sizing
+from entrypoints import compile_cache, perf, sizing
 from entrypoints.bench.peers import PEERS, recipe_model, versions
 
 log = logging.getLogger("qlora.benchmark")
@@ -435,8 +437,12 @@ def run_one(name: str, model_dir: Path, data: dict[str, list], stats: dict[str, 
                               "parallelism": {"mode": parallel.mode, "reason": parallel.reason},
                               "fsdp": bool(trainer.is_fsdp_enabled)}
         result["load_seconds"] = round(time.monotonic() - started, 1)
+        cache = compile_cache.of(trainer)
+        result["compile_cache_loaded"] = bool(cache and cache.loaded)
         train_and_measure(trainer, result, cuda, lora_r, stats, args.shape, peak_flops,
                           profile=args.profile == name)
+        if cache is not None:  # the job's setting, key, what was loaded and saved, torch's cache hits and misses
+            result["compile_cache"] = cache.record()
     except torch.OutOfMemoryError as exc:
         result["error"] = f"out of memory: {str(exc).splitlines()[0]}"
         if cuda:
@@ -489,6 +495,9 @@ def train_and_measure(trainer: Any, result: dict[str, Any], cuda: bool, lora_r: 
         "seconds_per_step": round(steady_time / max(steps - warm, 1), 3),
         "tokens_per_micro_batch": round(total_tokens / max(len(meter.batch_tokens), 1), 1),
         "train_seconds": round(total_time, 1),
+        # The first optimizer step holds torch.compile's compilation (or its load from the compile cache), Liger's and
+        # the optimizer's first kernel builds: apart from the steady-state rate above, which leaves out WARMUP_STEPS.
+        "first_step_seconds": round(meter.step_end[0] - meter.start, 2) if steps else None,
         "loss_first": round(sum(losses[:quarter]) / quarter, 4) if losses else None,
         "loss_last": round(sum(losses[-quarter:]) / quarter, 4) if losses else None,
         "train_loss": round(float(out.training_loss), 4),
@@ -554,7 +563,7 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    cols = ["run", "tokens_per_second", "ratio", "vs_peer", "peer_memory_gib", "seconds_per_step",
+    cols = ["run", "tokens_per_second", "ratio", "vs_peer", "peer_memory_gib", "seconds_per_step", "first_step_seconds",
             "peak_allocated_gib", "peak_reserved_gib", "mfu", "loss_first", "loss_last", "steps", "skipped", "error"]
     print("| " + " | ".join(cols) + " |")
     print("|" + " --- |" * len(cols))
@@ -628,7 +637,7 @@ def run_peer(name: str, model_dir: Path, data: dict[str, list], stats: dict[str,
     if done.returncode != 0 or not out.exists():
         return {"run": name, "error": f"its process exited {done.returncode} (log above)",
                 "wall_seconds": round(time.monotonic() - started, 1)}
-    return json.loads(out.read_text())
+    return {"compile_cache_loaded": False, **json.loads(out.read_text())}  # a peer loads no compile cache of the job
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

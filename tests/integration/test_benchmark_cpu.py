@@ -20,6 +20,9 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, capsys):
     assert runs["baseline"]["trained_tokens"] == runs["default"]["trained_tokens"]
     assert runs["default"]["plan"]["packing"] is True
     assert runs["default"]["ratio"] > 0 and runs["baseline"]["ratio"] == 1.0
+    # Every run's first optimizer step apart (it holds the compilation on a GPU), and no compile cache on a CPU.
+    for run in runs.values():
+        assert 0 < run["first_step_seconds"] <= run["train_seconds"] and run["compile_cache_loaded"] is False
     assert "BENCHMARK_JSON" in capsys.readouterr().out
 
 
@@ -36,4 +39,5 @@ def test_benchmark_runs_trl_best_in_its_own_process_and_skips_a_missing_peer(tmp
     assert runs["trl-best"]["tokens"] == report["data"]["train_tokens"]  # the same samples, all of them trained
     assert 0 < runs["trl-best"]["trained_tokens"] < runs["trl-best"]["tokens"]  # the answers only (assistant masks)
     assert runs["trl-best"]["versions"]["trl"] != "absent" and "BFD packing" in runs["trl-best"]["settings"]
+    assert runs["trl-best"]["first_step_seconds"] > 0 and runs["trl-best"]["compile_cache_loaded"] is False
     assert runs["unsloth"]["skipped"].startswith("not installed") and "error" not in runs["unsloth"]

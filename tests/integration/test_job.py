@@ -59,6 +59,12 @@ def test_end_to_end_s3(s3_job):
         data = (out / rel).read_bytes()
         assert len(data) == meta["bytes"] and hashlib.sha256(data).hexdigest() == meta["sha256"], rel
     assert manifest["complete"] is True and manifest["metrics"]["global_step"] == 3
+    # This run's first optimizer step (where compilation happens on a GPU) apart from the steady steps after it.
+    metrics = manifest["metrics"]
+    assert metrics["first_step_seconds"] > 0 and metrics["steady_steps"] == 2 and metrics["steady_step_seconds"] > 0
+    assert "compile_cache" not in metrics  # nothing compiles on a CPU, so there is no compile cache either
+    assert (f"training: the first optimizer step took {metrics['first_step_seconds']:.1f} s, the 2 after it"
+            f" {metrics['steady_step_seconds']:.3f} s each") in result.output
     assert manifest["data"]["format"] == "alpaca" and len(manifest["data"]["fingerprint_sha256"]) == 64
     assert manifest["versions"]["peft"] and manifest["config"]["lora_r"] == 8
     assert "config.json" not in [p for p in listed if p.startswith("adapter/")]
@@ -134,13 +140,16 @@ def test_existing_output_refused_then_versioned(s3_job):
 
 
 def test_config_error_exit_code_and_failure_file(tmp_path):
-    env = job_env(tmp_path, QLORA_DATA=str(tmp_path / "nope.jsonl"), QLORA_MAX_STEPS="many", QLORA_LORA_RANK="8")
+    env = job_env(tmp_path, QLORA_DATA=str(tmp_path / "nope.jsonl"), QLORA_MAX_STEPS="many", QLORA_LORA_RANK="8",
+                  QLORA_COMPILE_CACHE="cache")
     result = run_job(env, timeout=120)
     assert result.code == EXIT_CONFIG
     assert "QLORA_MAX_STEPS='many'" in result.output and "QLORA_LORA_RANK is not a known setting" in result.output
+    assert ("QLORA_COMPILE_CACHE='cache': expected auto, off, an absolute directory (e.g. /mnt/cache/torch-compile) or"
+            " an s3:// prefix") in result.output
     assert "Traceback" not in result.output
     text = (tmp_path / "opt-ml" / "output" / "failure").read_text()
-    assert text.startswith("configuration error: 3 configuration problem(s)")
+    assert text.startswith("configuration error: 4 configuration problem(s)")
 
 
 @pytest.mark.slow  # 21 s; resume to the same adapter runs by default in test_reliability_preemption and test_never_wrong

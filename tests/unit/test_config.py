@@ -74,6 +74,34 @@ def test_activation_offload_that_cannot_apply_is_an_error(tmp_path):
     assert parse_config(_env(tmp_path, QLORA_ACTIVATION_OFFLOAD="false")).activation_offload == "false"
 
 
+@pytest.mark.parametrize("value", ["auto", "off", "/mnt/cache/torch-compile", "s3://bucket/checkpoints/compile-cache/"])
+def test_compile_cache_takes_auto_off_a_directory_or_an_s3_prefix(tmp_path, value):
+    assert parse_config(_env(tmp_path, QLORA_COMPILE_CACHE=value)).compile_cache == value
+
+
+@pytest.mark.parametrize("value,why", [
+    ("cache/torch", "expected auto, off, an absolute directory (e.g. /mnt/cache/torch-compile) or an s3:// prefix"),
+    ("true", "expected auto, off, an absolute directory"),
+    ("gs://bucket/cache", "expected auto, off, an absolute directory"),
+    ("s3://", "an s3:// prefix needs a bucket, e.g. s3://my-bucket/checkpoints/compile-cache/"),
+])
+def test_a_bad_compile_cache_names_the_variable_and_what_is_allowed(tmp_path, value, why):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_env(tmp_path, QLORA_COMPILE_CACHE=value))
+    assert info.value.exit_code == EXIT_CONFIG and len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"QLORA_COMPILE_CACHE={value!r}: {why}")
+
+
+def test_a_compile_cache_store_inside_the_outputs_or_the_data_is_refused(tmp_path):
+    env = _env(tmp_path, QLORA_OUTPUT="s3://b/out", QLORA_COMPILE_CACHE="s3://b/out/compile-cache")
+    with pytest.raises(ConfigError, match=r"QLORA_COMPILE_CACHE='s3://b/out/compile-cache' and QLORA_OUTPUT='s3://b/out'"
+                                          r" overlap .*: the compile cache's files would be mixed with the published"):
+        parse_config(env)
+    env = _env(tmp_path, QLORA_COMPILE_CACHE=str(tmp_path))
+    with pytest.raises(ConfigError, match="the compile cache's files would be read as training data"):
+        parse_config(env)
+
+
 def test_bad_boolean_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"QLORA_PACKING='maybe': expected a boolean"):
         parse_config(_env(tmp_path, QLORA_PACKING="maybe"))
