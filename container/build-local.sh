@@ -126,6 +126,41 @@ mod = compile_module_from_src(src=src, name="qlora_triton_probe")
 assert mod.__file__.startswith(os.environ["TRITON_CACHE_DIR"]), mod.__file__
 print("ok: Triton built", mod.__file__)'
 
+step "the same with a read-only root file system: /tmp and /opt/ml the only writable places (Kubernetes' readOnlyRootFilesystem)"
+# buildah run has no read-only root, so this step starts the image's file system by hand: a private mount
+# namespace, the root bind-mounted read-only, empty tmpfs volumes at /tmp and /opt/ml (the emptyDir volumes of the
+# Kubernetes manifest), the image's own environment, uid 1000. Then Triton builds a launcher, the job's libraries
+# import, and a write outside the volumes fails with EROFS (read-only file system), not merely EACCES.
+mapfile -t image_env < <(python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin)["OCIv1"]["config"]["Env"]))' <<<"$config")
+mnt=$("${buildah[@]}" mount "$ctr")
+# shellcheck disable=SC2016 # the first script is expanded by the namespace's sh, the second is Python source
+unshare --mount --propagation private sh -c '
+set -e
+root=$1; shift
+mount --bind "$root" "$root" && mount -o remount,bind,ro "$root"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+mount -t tmpfs -o mode=0755,uid=1000,gid=1000 tmpfs "$root/opt/ml"
+mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev"
+exec chroot --userspec=1000:1000 "$root" /usr/bin/env -i "$@"' sh "$mnt" "${image_env[@]}" HOME=/home/app \
+  /opt/venv/bin/python -c '
+import errno, os
+from triton.runtime.build import compile_module_from_src
+src = ("#include <Python.h>\nstatic struct PyModuleDef m = {PyModuleDef_HEAD_INIT, \"qlora_triton_ro\", NULL, -1, NULL};\n"
+       "PyMODINIT_FUNC PyInit_qlora_triton_ro(void) { return PyModule_Create(&m); }\n")
+mod = compile_module_from_src(src=src, name="qlora_triton_ro")
+assert mod.__file__.startswith(os.environ["TRITON_CACHE_DIR"] + "/"), mod.__file__
+import entrypoints.train, torch, transformers, peft, trl, bitsandbytes, datasets, accelerate, wandb, liger_kernel
+for path in ("/opt/venv/qlora-probe", "/home/app/qlora-probe", "/var/tmp/qlora-probe"):
+    try:
+        open(path, "w").close()
+    except OSError as exc:
+        assert exc.errno == errno.EROFS, (path, exc)
+    else:
+        raise SystemExit(f"{path} is writable: the root file system is not read-only")
+print("ok: read-only root, uid", os.getuid(), "- Triton built", mod.__file__, "and the job imports")' \
+  || die "Triton or the job's imports failed with a read-only root file system (log above)"
+"${buildah[@]}" umount "$ctr" >/dev/null
+
 step "the job's libraries import; bitsandbytes' CUDA library loads (as uid 1000, as Kubernetes starts it)"
 # shellcheck disable=SC2016 # Python source
 run --user 1000:1000 "$ctr" -- python -c '

@@ -31,6 +31,7 @@ def test_image_builds_and_runs_the_job_as_uid_1000():
     assert out.returncode == 0, log[-5000:]
     assert "ok: gcc for Triton, no other build tool, no pip/apt cache, no build sources" in log
     assert "ok: Triton built /tmp/" in log
+    assert "ok: read-only root, uid 1000 - Triton built /tmp/" in log
     assert "ok: loaded libbitsandbytes_cuda128.so" in log
     assert '"run_as": "1000:1000"' in log
     if importlib.util.find_spec("entrypoints.train"):
