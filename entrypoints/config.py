@@ -328,10 +328,15 @@ def _data_mix_problems(cfg: JobConfig, where: Any) -> list[str]:
                      " remove the extra comma")
         seen: dict[str, int] = {}
         for i, source in enumerate(sources, 1):
-            if source and source in seen:
-                p.append(f"{data}: {source!r} is listed twice (items {seen[source]} and {i}): give it once (with a"
-                         f" larger weight in {env_name('data_weights')} to draw more from it)")
-            seen.setdefault(source, i)
+            # By location: `s3://b/new` and `s3://b/new/` (or `data` and `./data/`) name the same records.
+            where_is = _location(source) if source else ""
+            if source and where_is in seen:
+                first = sources[seen[where_is] - 1]
+                same = (f"{source!r} is listed twice" if first == source else
+                        f"{first!r} and {source!r} name the same location")
+                p.append(f"{data}: {same} (items {seen[where_is]} and {i}): give it once (with a larger weight in"
+                         f" {env_name('data_weights')} to draw more from it)")
+            seen.setdefault(where_is, i)
     if not cfg.data_weights.strip():
         return p
     weights = parse_weights(cfg.data_weights)
