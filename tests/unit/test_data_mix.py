@@ -47,10 +47,11 @@ def sources(tmp_path) -> tuple[Path, Path]:
     ("{a},{a}/a.jsonl", "", "the sources '{a}' and '{a}/a.jsonl' overlap"),
     ("{a},s3:/", "", "QLORA_DATA="),
     ("{a},{missing}", "", "no such file or directory: {missing}"),
+    ("{comma}", "", "QLORA_DATA='{comma}': a comma separates the sources of a mix, and this path holds one: rename"),
 ])
 def test_bad_mix_settings_are_refused_naming_the_variable(sources, tmp_path, data, weights, message):
     a, b = sources
-    paths = {"a": a, "b": b, "missing": tmp_path / "missing"}
+    paths = {"a": a, "b": b, "missing": tmp_path / "missing", "comma": jsonl(tmp_path / "new,old.jsonl", A[:2])}
     with pytest.raises(ConfigError) as exc:
         parse_config({"QLORA_DATA": data.format(**paths), "QLORA_DATA_WEIGHTS": weights,
                       "QLORA_BASE_DIR": str(tmp_path / "ml")})
