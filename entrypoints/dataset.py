@@ -76,7 +76,8 @@ def prepare_data(cfg: JobConfig, data: Path | Sequence[Path], eval_data: Path | 
         stats["empty_answers_skipped"] += eval_stats.empty_answers
         parts = [(raw, None) for raw in raws]
     else:
-        parts = [_hold_out(cfg, raw) for raw in raws]
+        parts = [_hold_out(cfg, raw, f" of the source {name}" if mixing else "") for raw, name in zip(raws, names,
+                                                                                                   strict=True)]
     if mixing:
         train_raw, mixed_eval, stats["mix"] = mix_sources(cfg, names, [t for t, _ in parts], [e for _, e in parts],
                                                           [st.records for st in train_stats])
@@ -288,18 +289,19 @@ def _read(cfg: JobConfig, path: Path, stats: LoadStats, cache_dir: Path, check: 
         raise
 
 
-def _hold_out(cfg: JobConfig, records: Any) -> tuple[Any, Any | None]:
-    """Split eval_fraction of the records off for eval (none with 0, or with a single record)."""
+def _hold_out(cfg: JobConfig, records: Any, of: str = "") -> tuple[Any, Any | None]:
+    """Split eval_fraction of the records off for eval (none with 0, or with a single record). `of`: which source of
+    a mix the records are (" of the source s3://..."), for the messages."""
     if cfg.eval_fraction <= 0:
         return records, None
     if len(records) < 2:
-        log.warning("%s=%s: a single training record cannot be split; no eval split is held out",
-                    env_name("eval_fraction"), cfg.eval_fraction)
+        log.warning("%s=%s: a single training record%s cannot be split; no eval split is held out%s",
+                    env_name("eval_fraction"), cfg.eval_fraction, of, " from it" if of else "")
         return records, None
     n_eval = max(1, round(len(records) * cfg.eval_fraction))
     if len(records) - n_eval < 1:
         raise ConfigError([f"{env_name('eval_fraction')}={cfg.eval_fraction} holds out {n_eval} of the"
-                           f" {len(records)} training record(s), leaving none to train on: lower it, set it to"
+                           f" {len(records)} training record(s){of}, leaving none to train on: lower it, set it to"
                            f" 0 (no eval), or give held-out data in {env_name('eval_data')}"])
     split = records.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
     return split["train"], split["test"]

@@ -136,6 +136,9 @@ def test_a_weighted_mix_never_trains_without_a_source_and_its_own_repeats_are_no
     assert (f"QLORA_DATA_WEIGHTS='1,1': the mix drew no training record from {big} (weight 0.5, 60 records read): it"
             f" ended after 1 record(s), when {one} (1 records read, weight 0.5) had given all of its records") in str(
         exc.value)
+    # A source smaller than its held-out split is named.
+    with pytest.raises(ConfigError, match=f"holds out 8 of the 8 training record\\(s\\) of the source {few}, leaving"):
+        _prepare(tmp_path, (big, few), cache_dir, eval_fraction="0.95")
     # all_exhausted over a large and two small sources: two thirds of the mix are the small ones' repeats.
     stats, records, held = _prepare(tmp_path, (big, few, more), cache_dir, data_weights="1,1,1", seed="42",
                                     data_mix_stopping="all_exhausted", eval_fraction="0.2")
