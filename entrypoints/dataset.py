@@ -92,6 +92,9 @@ def prepare_data(cfg: JobConfig, data: Path | Sequence[Path], eval_data: Path | 
     train_ds, eval_ds = _tokenize(cfg, train_raw, eval_raw, tokenizer, template, seq2seq)
     train_counts = _token_stats(train_ds, "train")
     eval_counts = _token_stats(eval_ds, "eval") if eval_ds is not None else {}
+    if eval_ds is not None:
+        stats["eval_prompts_in_train"] = _shared_prompts(eval_counts.pop(KEYS), train_counts[KEYS])
+    train_counts.pop(KEYS)
     stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
                   **train_counts, **{k: v for k, v in eval_counts.items() if k.startswith("eval_")},
                   "longest_record_tokens": max(train_counts["longest_record_tokens"],
@@ -108,6 +111,13 @@ def prepare_data(cfg: JobConfig, data: Path | Sequence[Path], eval_data: Path | 
     if enforce_limits:
         check_data_limits(stats, cfg.max_seq_length, cfg.max_truncated_fraction, cfg.max_duplicate_fraction,
                           cfg.data_weights, cfg.data_mix_stopping)
+    if stats.get("eval_prompts_in_train"):
+        # The split keeps records apart, not their copies: a record in two sources of a mix (or twice in one source, or
+        # in QLORA_EVAL_DATA and the training data) can be held out once and trained on once.
+        log.warning("%d of the %d eval records repeat the prompt of a training record (the same record in two"
+                    " sources, or copied in the data): the eval loss and the held-out answers partly measure training"
+                    " data; remove the copies (python -m entrypoints.data URI --report counts the duplicates)",
+                    stats["eval_prompts_in_train"], stats["eval_records"])
     if eval_ds is not None and stats["eval_loss_tokens"] == 0:
         log.warning("no eval record has an answer token within max_seq_length=%d: the eval loss is skipped",
                     cfg.max_seq_length)
@@ -414,7 +424,17 @@ def _token_stats(ds: Any, split: str) -> dict[str, Any]:
             f"{split}_record_tokens_before_truncation": percentiles,
             f"{split}_duplicate_prompts": int(len(all_keys) - len(np.unique(all_keys))),
             "median_tokens_per_record": int(np.sort(all_lengths)[len(all_lengths) // 2]) if len(all_lengths) else 0,
-            "longest_record_tokens": longest}
+            "longest_record_tokens": longest, KEYS: all_keys}
+
+
+KEYS = "_prompt_keys"  # in _token_stats' result: every record's prompt hash, for _shared_prompts (not reported)
+
+
+def _shared_prompts(eval_keys: Any, train_keys: Any) -> int:
+    """How many eval records have the prompt of a training record."""
+    import numpy as np
+
+    return int(np.isin(eval_keys, train_keys).sum())
 
 
 def check_loss_tokens(stats: dict[str, Any], max_seq_length: int, assistant_only_loss: bool) -> None:

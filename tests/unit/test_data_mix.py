@@ -152,6 +152,21 @@ def test_a_weighted_mix_never_trains_without_a_source_and_its_own_repeats_are_no
         check_data_limits({**stats, "train_duplicate_prompts": stats["train_duplicate_prompts"] + 100}, 512, 0.5, 0.5)
 
 
+def test_eval_records_whose_prompt_is_trained_on_in_another_source_are_counted_and_warned_about(
+        sources, tmp_path, cache_dir, caplog):
+    """The held-out split keeps records apart, not their copies: records in two sources can be held out of one and
+    trained on from the other, and the eval loss then partly measures training data."""
+    a, _ = sources
+    (tmp_path / "overlap").mkdir()
+    jsonl(tmp_path / "overlap" / "x.jsonl", B[:40] + A[:30])
+    stats, _, held = _prepare(tmp_path, sources, cache_dir, eval_fraction="0.2")
+    assert stats["eval_prompts_in_train"] == 0 and "repeat the prompt of a training record" not in caplog.text
+    stats, records, held = _prepare(tmp_path, (a, tmp_path / "overlap"), cache_dir, eval_fraction="0.2")
+    shared = sum(h in records for h in held)
+    assert stats["eval_prompts_in_train"] == shared > 0
+    assert f"{shared} of the {len(held)} eval records repeat the prompt of a training record" in caplog.text
+
+
 def test_the_data_report_prints_a_mix_that_draws_nothing_from_a_source_then_exits_3(tmp_path, cache_dir):
     from entrypoints.demo.assets import llama2_tokenizer
 
