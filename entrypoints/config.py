@@ -81,14 +81,16 @@ class JobConfig:
         "With several `data` sources: one positive weight per source, comma-separated, in the same order"
         " (`0.7,0.3`; relative: `7,3` is the same): the share of the mixed training set drawn from each source,"
         " sampled by `seed`. Each source is shuffled and its records drawn without repeats until the mix ends"
-        " (`data_mix_stopping`). Empty: no sampling, every record of every source once.",
+        " (`data_mix_stopping`); a source the mix draws no record from fails the job (exit 3). Empty: no sampling,"
+        " every record of every source once.",
         group="inputs",
     )
     data_mix_stopping: str = _f(
         "first_exhausted",
         "When a weighted mix ends: `first_exhausted` when the first source has given all its records (no record"
         " repeats; the larger sources are undersampled), `all_exhausted` when every source has given each of its"
-        " records at least once (the smaller sources repeat).",
+        " records at least once (the smaller sources repeat; these repeats do not count against"
+        " `max_duplicate_fraction`). The held-out records never repeat.",
         choices=("first_exhausted", "all_exhausted"),
         group="inputs",
     )
@@ -107,7 +109,7 @@ class JobConfig:
     eval_fraction: float = _f(0.05, "Fraction of the training records held out for eval when `eval_data` is empty; 0 disables eval.", group="inputs")
     max_bad_records: int = _f(0, "How many malformed records may be skipped (and counted) before the job fails; 0 fails on the first.", group="inputs")
     max_truncated_fraction: float = _f(0.5, "The job fails (exit 3) before loading the model when a larger fraction of the training records is longer than max_seq_length (and would be cut); 1 never fails.", group="inputs")
-    max_duplicate_fraction: float = _f(0.5, "The job fails (exit 3) before loading the model when a larger fraction of the training records repeats the prompt of an earlier record exactly; 1 never fails.", group="inputs")
+    max_duplicate_fraction: float = _f(0.5, "The job fails (exit 3) before loading the model when a larger fraction of the training records repeats the prompt of an earlier record exactly (the repeats an `all_exhausted` mix draws on purpose aside); 1 never fails.", group="inputs")
     chat_template: str = _f(
         "auto",
         "`auto`: the tokenizer's own chat template, or the Llama 2 chat format for Llama tokenizers that have"
@@ -329,10 +331,15 @@ def _data_mix_problems(cfg: JobConfig, where: Any) -> list[str]:
                      " remove the extra comma")
         seen: dict[str, int] = {}
         for i, source in enumerate(sources, 1):
-            if source and source in seen:
-                p.append(f"{data}: {source!r} is listed twice (items {seen[source]} and {i}): give it once (with a"
-                         f" larger weight in {env_name('data_weights')} to draw more from it)")
-            seen.setdefault(source, i)
+            # By location: `s3://b/new` and `s3://b/new/` (or `data` and `./data/`) name the same records.
+            where_is = _location(source) if source else ""
+            if source and where_is in seen:
+                first = sources[seen[where_is] - 1]
+                same = (f"{source!r} is listed twice" if first == source else
+                        f"{first!r} and {source!r} name the same location")
+                p.append(f"{data}: {same} (items {seen[where_is]} and {i}): give it once (with a larger weight in"
+                         f" {env_name('data_weights')} to draw more from it)")
+            seen.setdefault(where_is, i)
     if not cfg.data_weights.strip():
         return p
     weights = parse_weights(cfg.data_weights)
@@ -604,7 +611,12 @@ def validate(cfg: JobConfig, *, check_paths: bool = True, sources: Mapping[str, 
     if not cfg.model:
         bad("model", "must name a Hub id, a local directory or an s3:// prefix")
     if check_paths:
-        for name in ("data", "eval_data"):
+        # A comma in a local path: the whole value exists, its pieces do not (they would be named as missing).
+        comma = len(cfg.data_sources) > 1 and not cfg.data.startswith("s3://") and Path(cfg.data).exists()
+        if comma:
+            bad("data", "a comma separates the sources of a mix, and this path holds one: rename the file or"
+                " directory without the comma")
+        for name in ("eval_data",) if comma else ("data", "eval_data"):
             for value in cfg.data_sources if name == "data" else [getattr(cfg, name)]:
                 if value and not value.startswith("s3://") and not Path(value).exists():
                     bad(name, "no such file or directory" + (f": {value}" if value != getattr(cfg, name) else ""))

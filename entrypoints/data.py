@@ -797,7 +797,8 @@ def _inspect(cfg: Any, given: str, tmp: Path, report: bool) -> int:
         from entrypoints.dataset import check_data_limits
 
         try:
-            check_data_limits(tokenized, cfg.max_seq_length, cfg.max_truncated_fraction, cfg.max_duplicate_fraction)
+            check_data_limits(tokenized, cfg.max_seq_length, cfg.max_truncated_fraction, cfg.max_duplicate_fraction,
+                              cfg.data_weights, cfg.data_mix_stopping)
         except JobError as exc:
             print(f"{exc.kind}: {exc}", file=sys.stderr)
             return exc.exit_code

@@ -76,10 +76,12 @@ def prepare_data(cfg: JobConfig, data: Path | Sequence[Path], eval_data: Path | 
         stats["empty_answers_skipped"] += eval_stats.empty_answers
         parts = [(raw, None) for raw in raws]
     else:
-        parts = [_hold_out(cfg, raw) for raw in raws]
+        parts = [_hold_out(cfg, raw, f" of the source {name}" if mixing else "") for raw, name in zip(raws, names,
+                                                                                                   strict=True)]
     if mixing:
         train_raw, mixed_eval, stats["mix"] = mix_sources(cfg, names, [t for t, _ in parts], [e for _, e in parts],
                                                           [st.records for st in train_stats])
+        stats["train_mix_repeats"] = sum(r["train_repeats"] for r in stats["mix"])
         eval_raw = eval_raw if eval_data is not None else mixed_eval
     else:
         train_raw = parts[0][0]
@@ -90,6 +92,9 @@ def prepare_data(cfg: JobConfig, data: Path | Sequence[Path], eval_data: Path | 
     train_ds, eval_ds = _tokenize(cfg, train_raw, eval_raw, tokenizer, template, seq2seq)
     train_counts = _token_stats(train_ds, "train")
     eval_counts = _token_stats(eval_ds, "eval") if eval_ds is not None else {}
+    if eval_ds is not None:
+        stats["eval_prompts_in_train"] = _shared_prompts(eval_counts.pop(KEYS), train_counts[KEYS])
+    train_counts.pop(KEYS)
     stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
                   **train_counts, **{k: v for k, v in eval_counts.items() if k.startswith("eval_")},
                   "longest_record_tokens": max(train_counts["longest_record_tokens"],
@@ -104,7 +109,15 @@ def prepare_data(cfg: JobConfig, data: Path | Sequence[Path], eval_data: Path | 
                  stats["train_records"], stats["eval_records"])
     check_loss_tokens(stats, cfg.max_seq_length, cfg.assistant_only_loss)
     if enforce_limits:
-        check_data_limits(stats, cfg.max_seq_length, cfg.max_truncated_fraction, cfg.max_duplicate_fraction)
+        check_data_limits(stats, cfg.max_seq_length, cfg.max_truncated_fraction, cfg.max_duplicate_fraction,
+                          cfg.data_weights, cfg.data_mix_stopping)
+    if stats.get("eval_prompts_in_train"):
+        # The split keeps records apart, not their copies: a record in two sources of a mix (or twice in one source, or
+        # in QLORA_EVAL_DATA and the training data) can be held out once and trained on once.
+        log.warning("%d of the %d eval records repeat the prompt of a training record (the same record in two"
+                    " sources, or copied in the data): the eval loss and the held-out answers partly measure training"
+                    " data; remove the copies (python -m entrypoints.data URI --report counts the duplicates)",
+                    stats["eval_prompts_in_train"], stats["eval_records"])
     if eval_ds is not None and stats["eval_loss_tokens"] == 0:
         log.warning("no eval record has an answer token within max_seq_length=%d: the eval loss is skipped",
                     cfg.max_seq_length)
@@ -121,40 +134,92 @@ def mix_sources(cfg: JobConfig, names: list[str], trains: list[Any], evals: list
     source gave: with `data_weights`, `datasets.interleave_datasets` draws each next record from a source chosen with
     those probabilities (seeded by `seed`) out of that source's records shuffled by `seed`, until
     `data_mix_stopping`; without weights every record of every source, once. The held-out records were split off each
-    source before mixing, so no record is both trained on and held out, even when a mix repeats records."""
+    source before mixing, so no record is both trained on and held out, even when a mix repeats records; the held-out
+    set itself never repeats a record (an eval loss over copies of one record would weigh it many times): under
+    `all_exhausted` it holds every held-out record once. Each source's `train_repeats` counts the records drawn again
+    after all of its records were drawn (`all_exhausted` only): the mix's own repeats, which the duplicate limit
+    (check_data_limits) leaves out."""
     from datasets import concatenate_datasets, interleave_datasets
 
     weights = cfg.data_mix_weights
 
-    def mix(parts: list[Any], probabilities: list[float] | None) -> Any:
+    def mix(parts: list[Any], probabilities: list[float] | None, stopping: str) -> Any:
         if probabilities is None:
             return concatenate_datasets(parts)
         # Shuffled first, each source by a seed of its own: a mix that ends before a source is used up draws a random
         # sample of it, not its first files.
         shuffled = [part.shuffle(seed=cfg.seed + i) for i, part in enumerate(parts)]
-        return interleave_datasets(shuffled, probabilities=probabilities, seed=cfg.seed,
-                                   stopping_strategy=cfg.data_mix_stopping)
+        if stopping == "once":  # every record once, in a seeded order
+            return concatenate_datasets(shuffled).shuffle(seed=cfg.seed)
+        return interleave_datasets(shuffled, probabilities=probabilities, seed=cfg.seed, stopping_strategy=stopping)
 
-    train = mix(trains, weights)
+    train = mix(trains, weights, cfg.data_mix_stopping)
     held = [(i, e) for i, e in enumerate(evals) if e is not None]
     eval_mix = None
     if held:
         chosen = [weights[i] for i, _ in held] if weights else None
-        eval_mix = mix([e for _, e in held], [w / sum(chosen) for w in chosen] if chosen else None)
+        eval_mix = mix([e for _, e in held], [w / sum(chosen) for w in chosen] if chosen else None,
+                       "first_exhausted" if cfg.data_mix_stopping == "first_exhausted" else "once")
     train_counts = _count_sources(train, len(names))
     eval_counts = _count_sources(eval_mix, len(names)) if eval_mix is not None else [0] * len(names)
     total = max(len(train), 1)
     report = [{"source": name, "weight": round(weights[i], 6) if weights else None, "records_read": read[i],
                "train_records": train_counts[i], "train_share": round(train_counts[i] / total, 4),
-               "eval_records": eval_counts[i]} for i, name in enumerate(names)]
-    def described(r: dict[str, Any]) -> str:
+               "train_repeats": max(0, train_counts[i] - len(trains[i])), "eval_records": eval_counts[i]}
+              for i, name in enumerate(names)]
+
+    def described(r: dict[str, Any], available: int) -> str:
         drawn = "" if r["weight"] is None else f" (weight {r['weight']:.3g}, {r['train_share']:.1%} of the mix)"
-        return f"{r['source']}: {r['train_records']} of {r['records_read']} read{drawn}"
+        again = (f", its {available} training records drawn {r['train_records'] / available:.1f} times each on"
+                 " average" if r["train_repeats"] else "")
+        return f"{r['source']}: {r['train_records']} of {r['records_read']} read{drawn}{again}"
 
     log.info("data mix (%s): %s", f"weights, until {cfg.data_mix_stopping}, seed {cfg.seed}" if weights else
-             "every record of every source", "; ".join(described(r) for r in report))
+             "every record of every source", "; ".join(described(r, len(t)) for r, t in zip(report, trains,
+                                                                                             strict=True)))
+    if weights:
+        _warn_about_mix(cfg, report, [len(t) for t in trains], len(train))
     return (train.remove_columns(MIX_COLUMN),
             eval_mix.remove_columns(MIX_COLUMN) if eval_mix is not None else None, report)
+
+
+MIX_REPEAT_WARNING = 10  # drawn more often than this on average, a source's records get a warning of their own
+
+
+def _warn_about_mix(cfg: JobConfig, report: list[dict[str, Any]], available: list[int], drawn: int) -> None:
+    """A weighted mix that leaves most records untrained (first_exhausted) or repeats a source many times
+    (all_exhausted) does what the settings say, but rarely what was meant: a warning names the source and the lever."""
+    stopping = env_name("data_mix_stopping")
+    if cfg.data_mix_stopping == "first_exhausted" and drawn < sum(available) / 2:
+        ended = [r["source"] for r, n in zip(report, available, strict=True) if r["train_records"] >= n]
+        log.warning("the mix trains on %d of the %d records held for training: it ended when %s had given all of its"
+                    " records (%s=first_exhausted). Give %s a lower weight, or set %s=all_exhausted to draw every"
+                    " record (repeating the smaller sources)", drawn, sum(available), " and ".join(ended) or "a source",
+                    stopping, "it" if len(ended) == 1 else "them", stopping)
+    for r, n in zip(report, available, strict=True):
+        if r["train_records"] > MIX_REPEAT_WARNING * n:
+            log.warning("the mix draws %s's %d training record(s) %d times (about %.0f times each, %s=all_exhausted):"
+                        " it would be trained on much more often than the other sources' records. Give it a lower"
+                        " weight or more records, or set %s=first_exhausted", r["source"], n, r["train_records"],
+                        r["train_records"] / n, stopping, stopping)
+
+
+def check_mix(mix: list[dict[str, Any]], data_weights: str, mix_stopping: str) -> None:
+    """Fail when a weighted mix drew no training record from one of its sources: the run would train on other data
+    than the settings name (the mix ended, on `first_exhausted`, before that source's turn came)."""
+    empty = [r for r in mix if r["weight"] is not None and r["train_records"] == 0]
+    if not empty:
+        return
+    drawn = sum(r["train_records"] for r in mix)
+    # The source that ended a first_exhausted mix: the fewest records for its weight (held-out records aside).
+    first = min((r for r in mix if r["weight"]), key=lambda r: r["records_read"] / r["weight"])
+    names = ", ".join(f"{r['source']} (weight {r['weight']:.3g}, {r['records_read']:,} records read)" for r in empty)
+    raise DataError(f"{env_name('data_weights')}={data_weights!r}: the mix drew no training record from {names}: it"
+                    f" ended after {drawn:,} record(s), when {first['source']} ({first['records_read']:,} records read,"
+                    f" weight {first['weight']:.3g}) had given all of its records"
+                    f" ({env_name('data_mix_stopping')}={mix_stopping}), so the run would train on other data than"
+                    " the settings name. Give the sources weights in proportion to their records, more records to"
+                    f" {first['source']}, or set {env_name('data_mix_stopping')}=all_exhausted")
 
 
 def _count_sources(ds: Any, n: int) -> list[int]:
@@ -234,18 +299,19 @@ def _read(cfg: JobConfig, path: Path, stats: LoadStats, cache_dir: Path, check: 
         raise
 
 
-def _hold_out(cfg: JobConfig, records: Any) -> tuple[Any, Any | None]:
-    """Split eval_fraction of the records off for eval (none with 0, or with a single record)."""
+def _hold_out(cfg: JobConfig, records: Any, of: str = "") -> tuple[Any, Any | None]:
+    """Split eval_fraction of the records off for eval (none with 0, or with a single record). `of`: which source of
+    a mix the records are (" of the source s3://..."), for the messages."""
     if cfg.eval_fraction <= 0:
         return records, None
     if len(records) < 2:
-        log.warning("%s=%s: a single training record cannot be split; no eval split is held out",
-                    env_name("eval_fraction"), cfg.eval_fraction)
+        log.warning("%s=%s: a single training record%s cannot be split; no eval split is held out%s",
+                    env_name("eval_fraction"), cfg.eval_fraction, of, " from it" if of else "")
         return records, None
     n_eval = max(1, round(len(records) * cfg.eval_fraction))
     if len(records) - n_eval < 1:
         raise ConfigError([f"{env_name('eval_fraction')}={cfg.eval_fraction} holds out {n_eval} of the"
-                           f" {len(records)} training record(s), leaving none to train on: lower it, set it to"
+                           f" {len(records)} training record(s){of}, leaving none to train on: lower it, set it to"
                            f" 0 (no eval), or give held-out data in {env_name('eval_data')}"])
     split = records.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
     return split["train"], split["test"]
@@ -358,7 +424,17 @@ def _token_stats(ds: Any, split: str) -> dict[str, Any]:
             f"{split}_record_tokens_before_truncation": percentiles,
             f"{split}_duplicate_prompts": int(len(all_keys) - len(np.unique(all_keys))),
             "median_tokens_per_record": int(np.sort(all_lengths)[len(all_lengths) // 2]) if len(all_lengths) else 0,
-            "longest_record_tokens": longest}
+            "longest_record_tokens": longest, KEYS: all_keys}
+
+
+KEYS = "_prompt_keys"  # in _token_stats' result: every record's prompt hash, for _shared_prompts (not reported)
+
+
+def _shared_prompts(eval_keys: Any, train_keys: Any) -> int:
+    """How many eval records have the prompt of a training record."""
+    import numpy as np
+
+    return int(np.isin(eval_keys, train_keys).sum())
 
 
 def check_loss_tokens(stats: dict[str, Any], max_seq_length: int, assistant_only_loss: bool) -> None:
@@ -382,11 +458,17 @@ def check_loss_tokens(stats: dict[str, Any], max_seq_length: int, assistant_only
                 ": raise QLORA_MAX_SEQ_LENGTH or shorten the prompts" if share > 0.5 else "")
 
 
-def check_data_limits(stats: dict[str, Any], max_seq_length: int, max_truncated: float, max_duplicates: float) -> None:
+def check_data_limits(stats: dict[str, Any], max_seq_length: int, max_truncated: float, max_duplicates: float,
+                      data_weights: str = "", mix_stopping: str = "first_exhausted") -> None:
     """Fail before any GPU time when more training records than the limits allow are cut by max_seq_length or
-    repeat an earlier record's prompt: both mean the data or the settings are not what was meant."""
+    repeat an earlier record's prompt, or when a weighted mix drew nothing from a source: each means the data or the
+    settings are not what was meant. The records a mix repeats by design (`all_exhausted`) are not duplicates of the
+    data: they are left out of the duplicate count."""
+    if stats.get("mix"):
+        check_mix(stats["mix"], data_weights, mix_stopping)
     records = stats["train_records"]
-    truncated, duplicates = stats["train_records_truncated"], stats["train_duplicate_prompts"]
+    repeats = stats.get("train_mix_repeats", 0)
+    truncated, duplicates = stats["train_records_truncated"], stats["train_duplicate_prompts"] - repeats
     if records and truncated / records > max_truncated:
         lengths = stats["train_record_tokens_before_truncation"]
         raise DataError(f"{truncated:,} of the {records:,} training records ({truncated / records:.0%}) are longer"
@@ -396,8 +478,9 @@ def check_data_limits(stats: dict[str, Any], max_seq_length: int, max_truncated:
                         f" {env_name('max_seq_length')}, shorten or drop the long records, or raise"
                         f" {env_name('max_truncated_fraction')} if cutting them is intended")
     if records and duplicates / records > max_duplicates:
+        mixed = f" (besides the {repeats:,} repeats the mix draws by design)" if repeats else ""
         raise DataError(f"{duplicates:,} of the {records:,} training records ({duplicates / records:.0%}) repeat the"
-                        f" prompt of an earlier record exactly, over {env_name('max_duplicate_fraction')}="
+                        f" prompt of an earlier record exactly{mixed}, over {env_name('max_duplicate_fraction')}="
                         f"{max_duplicates}: the data was probably copied twice or merged with itself. Remove the"
                         " duplicates (python -m entrypoints.data URI --report counts them), or raise"
                         f" {env_name('max_duplicate_fraction')} if repeating them is intended")

@@ -28,6 +28,7 @@ from typing import Any
 
 from entrypoints.config import JobConfig
 from entrypoints.data import LoadStats, file_type, load_conversations
+from entrypoints.errors import DataError
 
 SAMPLE_BYTES = 2 * 2**20  # read from the start of each sampled object
 SAMPLE_OBJECTS = 3  # per source
@@ -119,6 +120,12 @@ def _estimate(cfg: JobConfig, tmp: Path) -> TokenEstimate:
         objects = _data_objects(client, uri)
         if not objects:
             return TokenEstimate(None, f"nothing to sample at {uri} (no data objects): no estimate from the data")
+        empty = [key for key, size in objects if size == 0]
+        if empty:  # the job refuses an empty data file (exit 3): said here, before any instance is paid for
+            bucket, _ = _split(uri)
+            shown = ", ".join(f"s3://{bucket}/{key}" for key in empty[:3]) + (" ..." if len(empty) > 3 else "")
+            return TokenEstimate(None, f"{len(empty)} data object(s) at {uri} are empty ({shown}): the job fails on an"
+                                       " empty data file (exit 3); remove them. No estimate from the data")
         sampled = _sample_source(client, uri, objects, tmp / f"source-{i}", cfg)
         if not sampled:
             return TokenEstimate(None, f"no record could be read from the first {SAMPLE_BYTES // 2**20} MiB of the"
@@ -212,8 +219,14 @@ def _sample_source(client: Any, uri: str, objects: list[tuple[str, int]], dest: 
         if used is None:
             continue
         # The cut at the sample's end may leave one damaged record: skipped, not a failure.
-        records = list(load_conversations(folder, cfg.data_format, max_bad_records=10**9, stats=LoadStats(),
-                                          held_out=True))
+        try:
+            records = list(load_conversations(folder, cfg.data_format, max_bad_records=10**9, stats=LoadStats(),
+                                              held_out=True))
+        except DataError as exc:  # named by the object, not by the scratch folder it was sampled into
+            text = str(exc)
+            for path in [*folder.iterdir(), folder]:
+                text = text.replace(str(path), f"s3://{bucket}/{key}")
+            raise DataError(text) from None
         if records:
             out.append((key, size, used, records))
     return out

@@ -127,3 +127,15 @@ def test_the_launcher_estimates_tokens_from_a_sample_of_the_s3_data(s3_env, tiny
     err = capsys.readouterr().err
     assert "data: the data could not be sampled (NoSuchBucket" in err or "data: the data could not be sampled" in err
     assert "time/cost estimate needs QLORA_MAX_STEPS" in err and "Traceback" not in err
+
+    # An empty object (the job fails on it, exit 3) is named at submit time, not a ranged GET's InvalidRange; a file
+    # that holds no record is named by its URI, not by the launcher's scratch folder.
+    server.client().put_object(Bucket=bucket, Key="data/odd/zz-empty.jsonl", Body=b"")
+    assert submit.main([*base, "--set", f"data=s3://{bucket}/data/new/,s3://{bucket}/data/odd/"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("data: "))
+    assert line == (f"data: 1 data object(s) at s3://{bucket}/data/odd/ are empty (s3://{bucket}/data/odd/zz-empty.jsonl):"
+                    " the job fails on an empty data file (exit 3); remove them. No estimate from the data")
+    server.client().put_object(Bucket=bucket, Key="data/binary/x.jsonl", Body=bytes(range(256)) * 64)
+    assert submit.main([*base, "--set", f"data=s3://{bucket}/data/binary/"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("data: "))
+    assert f"(DataError: s3://{bucket}/data/binary/x.jsonl: no usable records" in line and "qlora-sample" not in line

@@ -15,7 +15,7 @@ import pytest
 
 from entrypoints.checkpoints import latest_complete, mark_complete, run_fingerprint
 from entrypoints.config import parse_config
-from entrypoints.errors import EXIT_CONFIG, ConfigError
+from entrypoints.errors import EXIT_CONFIG, EXIT_DATA, ConfigError, DataError
 from launch import submit
 
 from ..jobrun import REPO, job_env, jsonl
@@ -42,13 +42,16 @@ def sources(tmp_path) -> tuple[Path, Path]:
     ("{a},,{b}", "", "item 2 of the comma-separated list is empty: remove the extra comma"),
     ("{a},{b},", "1,1", "item 3 of the comma-separated list is empty"),
     ("{a},{a}", "1,1", "is listed twice (items 1 and 2)"),
+    ("{a},{b},{a}/", "1,1,1", "'{a}' and '{a}/' name the same location (items 1 and 3)"),
+    ("s3://bkt/new,s3://bkt/new/", "", "'s3://bkt/new' and 's3://bkt/new/' name the same location (items 1 and 2)"),
     ("{a},{a}/a.jsonl", "", "the sources '{a}' and '{a}/a.jsonl' overlap"),
     ("{a},s3:/", "", "QLORA_DATA="),
     ("{a},{missing}", "", "no such file or directory: {missing}"),
+    ("{comma}", "", "QLORA_DATA='{comma}': a comma separates the sources of a mix, and this path holds one: rename"),
 ])
 def test_bad_mix_settings_are_refused_naming_the_variable(sources, tmp_path, data, weights, message):
     a, b = sources
-    paths = {"a": a, "b": b, "missing": tmp_path / "missing"}
+    paths = {"a": a, "b": b, "missing": tmp_path / "missing", "comma": jsonl(tmp_path / "new,old.jsonl", A[:2])}
     with pytest.raises(ConfigError) as exc:
         parse_config({"QLORA_DATA": data.format(**paths), "QLORA_DATA_WEIGHTS": weights,
                       "QLORA_BASE_DIR": str(tmp_path / "ml")})
@@ -114,6 +117,69 @@ def test_the_mix_is_drawn_by_seed_with_held_out_records_split_off_each_source(so
     # No weights: every record of every source, once.
     stats, records, _ = _prepare(tmp_path, sources, cache_dir, eval_fraction="0")
     assert [(m["weight"], m["train_records"]) for m in stats["mix"]] == [(None, 60), (None, 300)]
+
+
+def test_a_weighted_mix_never_trains_without_a_source_and_its_own_repeats_are_not_duplicates(tmp_path, cache_dir):
+    """A source whose weight draws no record fails the job (exit 3) instead of training on the others alone; under
+    all_exhausted the small sources' repeats are the mix's design, not duplicates in the data, and the held-out set
+    holds each held-out record once (not the small sources' few held-out records over and over)."""
+    from entrypoints.dataset import check_data_limits
+
+    for name, records in (("big", A), ("one", A[:1]), ("few", B[:8]), ("more", B[100:108])):
+        (tmp_path / name).mkdir()
+        jsonl(tmp_path / name / "x.jsonl", records)
+    big, one, few, more = (tmp_path / n for n in ("big", "one", "few", "more"))
+    # first_exhausted, 1:1: the seed's first draw takes the one-record source, which ends the mix: nothing of `big`.
+    with pytest.raises(DataError) as exc:
+        _prepare(tmp_path, (big, one), cache_dir, data_weights="1,1", seed="42")
+    assert exc.value.exit_code == EXIT_DATA
+    assert (f"QLORA_DATA_WEIGHTS='1,1': the mix drew no training record from {big} (weight 0.5, 60 records read): it"
+            f" ended after 1 record(s), when {one} (1 records read, weight 0.5) had given all of its records") in str(
+        exc.value)
+    # A source smaller than its held-out split is named.
+    with pytest.raises(ConfigError, match=f"holds out 8 of the 8 training record\\(s\\) of the source {few}, leaving"):
+        _prepare(tmp_path, (big, few), cache_dir, eval_fraction="0.95")
+    # all_exhausted over a large and two small sources: two thirds of the mix are the small ones' repeats.
+    stats, records, held = _prepare(tmp_path, (big, few, more), cache_dir, data_weights="1,1,1", seed="42",
+                                    data_mix_stopping="all_exhausted", eval_fraction="0.2")
+    counts = {r["source"]: (r["train_records"], r["train_repeats"], r["eval_records"]) for r in stats["mix"]}
+    assert counts[str(big)][1] == 0 and counts[str(few)][1] == counts[str(few)][0] - 6 > 30
+    assert stats["train_mix_repeats"] == stats["train_duplicate_prompts"] > 0.5 * stats["train_records"]
+    check_data_limits(stats, 512, 0.5, 0.5, "1,1,1", "all_exhausted")  # no duplicate in the data itself
+    assert sorted(held) == sorted(set(held)) and [c[2] for c in counts.values()] == [12, 2, 2]
+    # A duplicate in the data is still one: over the limit with the repeats left out.
+    with pytest.raises(DataError, match=r"repeat the prompt of an earlier record exactly \(besides the \d+ repeats"):
+        check_data_limits({**stats, "train_duplicate_prompts": stats["train_duplicate_prompts"] + 100}, 512, 0.5, 0.5)
+
+
+def test_eval_records_whose_prompt_is_trained_on_in_another_source_are_counted_and_warned_about(
+        sources, tmp_path, cache_dir, caplog):
+    """The held-out split keeps records apart, not their copies: records in two sources can be held out of one and
+    trained on from the other, and the eval loss then partly measures training data."""
+    a, _ = sources
+    (tmp_path / "overlap").mkdir()
+    jsonl(tmp_path / "overlap" / "x.jsonl", B[:40] + A[:30])
+    stats, _, held = _prepare(tmp_path, sources, cache_dir, eval_fraction="0.2")
+    assert stats["eval_prompts_in_train"] == 0 and "repeat the prompt of a training record" not in caplog.text
+    stats, records, held = _prepare(tmp_path, (a, tmp_path / "overlap"), cache_dir, eval_fraction="0.2")
+    shared = sum(h in records for h in held)
+    assert stats["eval_prompts_in_train"] == shared > 0
+    assert f"{shared} of the {len(held)} eval records repeat the prompt of a training record" in caplog.text
+
+
+def test_the_data_report_prints_a_mix_that_draws_nothing_from_a_source_then_exits_3(tmp_path, cache_dir):
+    from entrypoints.demo.assets import llama2_tokenizer
+
+    for name, records in (("big", A), ("one", A[:1])):
+        (tmp_path / name).mkdir()
+        jsonl(tmp_path / name / "x.jsonl", records)
+    env = job_env(tmp_path, QLORA_MODEL=str(llama2_tokenizer(cache_dir)), HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.data", f"{tmp_path / 'big'},{tmp_path / 'one'}",
+                           "--weights", "1,1", "--seed", "42", "--report"], env=env, capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == EXIT_DATA, proc.stderr[-2000:]
+    assert [m["train_records"] for m in json.loads(proc.stdout)["report"]["mix"]] == [0, 1]
+    assert "QLORA_DATA_WEIGHTS='1,1': the mix drew no training record from" in proc.stderr
 
 
 def test_the_data_fingerprint_covers_every_source_and_the_weights(sources, tmp_path):
