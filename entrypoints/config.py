@@ -206,7 +206,7 @@ class JobConfig:
     save_total_limit: int = _f(2, "Checkpoints kept on local disk (oldest deleted first); 0 keeps all, 1 is refused.", group="training")
     num_sample_generations: int = _f(4, "Held-out prompts answered before and after training (logged and put in the model card); 0 disables.", group="training")
     max_new_tokens: int = _f(128, "Token budget of each answer generated for the held-out samples and the eval suites.", group="training")
-    generation_batch_size: int = _f(0, "Prompts answered together in one batch when generating the held-out samples' and the eval suites' answers (greedy decoding). 0: as many as half of the free GPU memory holds, up to 128 (16 on CPU); a batch that runs out of GPU memory is split and retried.", group="training")
+    generation_batch_size: int = _f(0, "Prompts answered together in one batch when generating the held-out samples' and the eval suites' answers (greedy decoding). 0: as many as half of the free GPU memory holds, up to 128 (16 on CPU); a batch that runs out of GPU memory is split and retried. Sharded (FSDP) runs answer on every rank in step: the ranks use the smallest of their sizes, and a batch out of memory stops the job (exit 2, naming the size to set) since one rank cannot retry alone.", group="training")
 
     # --- tracking
     report_to: str = _f("auto", "Experiment tracking; `auto`: W&B when WANDB_API_KEY (from any secret source) or WANDB_MODE is set, else none.", choices=("auto", "wandb", "none"), group="tracking")

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from entrypoints.config import env_name
+from entrypoints.errors import ConfigError
 from entrypoints.suites import METRICS, Suite
 
 log = logging.getLogger("qlora.evaluation")
@@ -52,6 +54,12 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
     # memory fails at once; the answers are returned in the samples' order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     size = batch_size or auto_generation_batch(model, len(prompts[order[0]]), max_new_tokens)
+    sharded = _fsdp_generation(model)
+    if sharded:
+        # Every rank takes part in every forward pass of a sharded model (its weights are gathered layer by layer):
+        # the ranks must make the same generate calls in the same order. Each rank's automatic size follows its own
+        # free memory, so they agree on the smallest.
+        size = agreed_batch_size(size)
     answers: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
@@ -65,6 +73,13 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
             except Exception as exc:  # noqa: BLE001 - only a GPU out-of-memory error is retried, anything else raises
                 if not _out_of_memory(exc) or size == 1:
                     raise
+                if sharded:
+                    # The other ranks are inside this batch's collectives: a retry of this rank alone would pair its
+                    # weight gathers with theirs for other layers (equal shapes, so no error: wrong answers).
+                    raise ConfigError([f"answering {what or 'prompts'}: {len(chunk)} prompts at once ran out of GPU"
+                                       " memory on this rank of a sharded (FSDP) run, where the ranks cannot retry"
+                                       f" apart: set {env_name('generation_batch_size')}={max(1, len(chunk) // 2)} (or"
+                                       " lower)"]) from None
                 size = max(1, len(chunk) // 2)
                 log.warning("answering %s: %d prompts at once ran out of GPU memory; going on with %d",
                             what or "prompts", len(chunk), size)
@@ -81,6 +96,19 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
         if was_training:
             model.train()
     return answers
+
+
+def agreed_batch_size(size: int) -> int:
+    """The smallest of the ranks' batch sizes (every rank calls this, in step); `size` without a process group."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return size
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    agreed = torch.tensor([size], dtype=torch.int64, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return int(agreed.item())
 
 
 def auto_generation_batch(model: Any, prompt_tokens: int, max_new_tokens: int) -> int:
@@ -148,7 +176,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_toke
               ([pad] * (width - len(p)) + p, [0] * (width - len(p)) + [1] * len(p)) for p in prompts]
     ids = torch.tensor([row for row, _ in padded], device=device)
     mask = torch.tensor([row for _, row in padded], device=device)
-    sharded = _fsdp_generation(model)
+    sharded = _fsdp_generation(model)  # registered by generate_answers; here: whether to decode in step
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
