@@ -94,6 +94,9 @@ def prepare_data(cfg: JobConfig, data: Path | Sequence[Path], eval_data: Path | 
     eval_counts = _token_stats(eval_ds, "eval") if eval_ds is not None else {}
     if eval_ds is not None:
         stats["eval_prompts_in_train"] = _shared_prompts(eval_counts.pop(KEYS), train_counts[KEYS])
+        # What the eval loss is measured on, by content: the promotion gate compares eval losses only over the same
+        # records (a description of how they were chosen would miss a change in the choosing).
+        stats["eval_records_sha256"] = records_sha256(eval_ds)
     train_counts.pop(KEYS)
     stats.update({"train_records": len(train_ds), "eval_records": len(eval_ds) if eval_ds is not None else 0,
                   **train_counts, **{k: v for k, v in eval_counts.items() if k.startswith("eval_")},
@@ -374,6 +377,24 @@ def prompt_key(conv: list[dict[str, Any]] | str) -> int:
         prompt = [[m["role"], m["content"]] for m in conv[:last]]
     digest = hashlib.blake2b(json.dumps(prompt, ensure_ascii=False).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
+
+
+def records_sha256(ds: Any) -> str:
+    """sha256 of a tokenized split as trained or evaluated on: every record's token ids and its loss positions (the
+    answer mask, or a seq2seq target), in order."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow.compute as pc
+
+    columns = ["input_ids", "labels" if "labels" in ds.column_names else "assistant_masks"]
+    digest = hashlib.sha256()
+    for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=1_000):
+        for name in columns:
+            column = batch[name]
+            digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+            digest.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def _token_stats(ds: Any, split: str) -> dict[str, Any]:

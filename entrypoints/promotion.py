@@ -4,8 +4,8 @@
 
 Every run of a series writes its complete result to `runs/<id>/`. Before its manifest is written, the run reads the
 manifest of the run `latest.json` names and compares one metric (QLORA_PROMOTE_METRIC) measured the same way:
-`<suite>/<metric>` on a suite with the same sha256 and generation budget, `eval_loss` on the same eval set, base model
-and sequence length. Within QLORA_PROMOTE_TOLERANCE of the previous value counts as not worse. When the two runs
+`<suite>/<metric>` on a suite with the same sha256 and generation budget, `eval_loss` on the same eval records (the
+sha256 of their tokens and loss positions), base model and sequence length. Within QLORA_PROMOTE_TOLERANCE of the previous value counts as not worse. When the two runs
 cannot be compared (another suite or eval set, a metric the previous run lacks, an unreadable previous manifest) the
 gate refuses: a model that cannot be shown not to be worse is not shipped. The decision, with both numbers and the
 reason, goes into the manifest; a refused run ends with exit 7 (errors.EXIT_NOT_PROMOTED). Torch-free.
@@ -51,6 +51,10 @@ class Decision:
         return asdict(self)
 
 
+# Parts of a measure's basis that manifests of earlier versions of the job lack: compared when both runs have them.
+RECORDED_SINCE = {"eval_records_sha256": "2026-11-30"}
+
+
 def lower_is_better(metric: str) -> bool:
     return metric == "eval_loss"
 
@@ -64,7 +68,8 @@ def measure(metric: str, manifest: dict[str, Any]) -> Measure:
         eval_set = data.get("eval_fingerprint_sha256") or (
             f"{config.get('eval_fraction')} of {data.get('fingerprint_sha256')} (seed {config.get('seed')})"
             if config.get("eval_fraction") else None)
-        basis = {"eval_set": eval_set, "base_model": model.get("fingerprint_sha256"),
+        basis = {"eval_set": eval_set, "eval_records_sha256": data.get("eval_records_sha256"),
+                 "base_model": model.get("fingerprint_sha256"),
                  "max_seq_length": config.get("max_seq_length"), "chat_template": config.get("chat_template"),
                  "assistant_only_loss": config.get("assistant_only_loss")}
         if not isinstance(value, (int, float)):
@@ -124,7 +129,8 @@ def decide(policy: str, metric: str, tolerance: float, ours: dict[str, Any], poi
     if theirs.value is None:
         return Decision(False, reason=f"cannot compare with the promoted run {run}: {theirs.missing}.{advice}",
                         **common)
-    differ = sorted(k for k in set(mine.basis) | set(theirs.basis) if mine.basis.get(k) != theirs.basis.get(k))
+    differ = sorted(k for k in set(mine.basis) | set(theirs.basis) if mine.basis.get(k) != theirs.basis.get(k)
+                    and not (k in RECORDED_SINCE and None in (mine.basis.get(k), theirs.basis.get(k))))
     if differ:
         shown = "; ".join(f"{k}: {theirs.basis.get(k)!r} there, {mine.basis.get(k)!r} here" for k in differ)
         return Decision(False, reason=f"cannot compare {metric} with the promoted run {run}: it was measured"

@@ -108,6 +108,10 @@ def test_the_mix_is_drawn_by_seed_with_held_out_records_split_off_each_source(so
     assert again == (stats, records, held)
     other = _prepare(tmp_path, sources, cache_dir, data_weights="0.5,0.5", seed="7")
     assert other[1] != records
+    # The held-out records by content (what the promotion gate compares eval losses over): the same for the same
+    # seed, other for another seed's held-out records.
+    assert len(stats["eval_records_sha256"]) == 64
+    assert other[0]["eval_records_sha256"] != stats["eval_records_sha256"] and other[2] != held
     # all_exhausted: the small source repeats until every record of the large one was drawn.
     stats, records, _ = _prepare(tmp_path, sources, cache_dir, data_weights="1,1", data_mix_stopping="all_exhausted",
                                  eval_fraction="0")

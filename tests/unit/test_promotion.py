@@ -93,3 +93,18 @@ def test_an_eval_set_held_out_of_the_training_data_moves_with_the_data():
     assert decide("if-not-worse", "eval_loss", 0.0, split, POINTER, split).promoted
     d = decide("if-not-worse", "eval_loss", 0.0, grown, POINTER, split)
     assert not d.promoted and "eval_set" in d.reason
+
+
+def test_eval_losses_over_other_records_are_not_compared_even_when_described_alike():
+    """The same data, fraction and seed can still hold out other records (another version of the job choosing them, a
+    changed chat template's tokens): the eval records' own sha256 (tokens and loss positions) must agree too. A
+    manifest written before it was recorded is compared as before, on the description."""
+    ours, theirs = manifest(eval_loss=1.9), manifest(eval_loss=2.0)
+    ours["data"]["eval_records_sha256"], theirs["data"]["eval_records_sha256"] = "1" * 64, "2" * 64
+    d = decide("if-not-worse", "eval_loss", 0.0, ours, POINTER, theirs)
+    assert not d.promoted and d.refused and "eval_records_sha256" in d.reason and "cannot compare" in d.reason
+    theirs["data"]["eval_records_sha256"] = "1" * 64
+    assert decide("if-not-worse", "eval_loss", 0.0, ours, POINTER, theirs).promoted
+    del theirs["data"]["eval_records_sha256"]  # an earlier version's manifest
+    assert decide("if-not-worse", "eval_loss", 0.0, ours, POINTER, theirs).promoted
+    assert not decide("if-not-worse", "eval_loss", 0.0, manifest(eval_loss=2.1), POINTER, theirs).promoted
