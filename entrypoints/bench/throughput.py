@@ -494,7 +494,7 @@ def train_and_measure(trainer: Any, result: dict[str, Any], cuda: bool, lora_r: 
         "tokens_per_second_all_steps": round(total_tokens / total_time, 1),
         "seconds_per_step": round(steady_time / max(steps - warm, 1), 3),
         "tokens_per_micro_batch": round(total_tokens / max(len(meter.batch_tokens), 1), 1),
-        "train_seconds": round(total_time, 1),
+        "train_seconds": round(total_time, 2),  # the same rounding as first_step_seconds (one step: equal)
         # The first optimizer step holds torch.compile's compilation (or its load from the compile cache), Liger's and
         # the optimizer's first kernel builds: apart from the steady-state rate above, which leaves out WARMUP_STEPS.
         "first_step_seconds": round(meter.step_end[0] - meter.start, 2) if steps else None,
