@@ -26,6 +26,7 @@ import logging
 import lzma
 import os
 import re
+import signal
 import sys
 import tempfile
 import zlib
@@ -700,9 +701,6 @@ EXIT_CODES_HELP = """exit codes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from entrypoints.config import parse_config
-    from entrypoints.errors import ConfigError
-
     ap = argparse.ArgumentParser(
         prog="python -m entrypoints.data",
         description=INSPECT_HELP,
@@ -742,6 +740,27 @@ def main(argv: list[str] | None = None) -> int:
                                                ("--max-seq-length", args.max_seq_length),
                                                ("--data-weights", args.weights), ("--seed", args.seed))
              if value is not None]
+    # SIGTERM (a scheduler's stop, `timeout`) ends the inspection like Ctrl-C: through the `with` below, so the
+    # downloads and the report's caches in its scratch directory are removed, with the shell's exit code for it.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _main(args, env, flags)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): nothing was kept", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    print("stopped (SIGTERM): nothing was kept", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def _main(args: argparse.Namespace, env: dict[str, str], flags: list[tuple[str, str]]) -> int:
+    from entrypoints.config import parse_config
+    from entrypoints.errors import ConfigError
+
     with tempfile.TemporaryDirectory(prefix="qlora-data-") as tmp:
         if args.report:  # the report's caches go to a scratch base dir; every record is reported (none held out)
             flags += [("--base-dir", str(Path(tmp, "job"))), ("--eval-fraction", "0")]

@@ -493,3 +493,32 @@ def test_a_prompt_is_everything_before_the_last_answer():
     assert prompt_key(a) != prompt_key(conv(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")))
     multi = conv(("user", "Hi"), ("assistant", "Hello"), ("user", "More?"), ("assistant", "Yes"))
     assert prompt_key(multi) != prompt_key(a) and prompt_key("plain text") == prompt_key("plain text")
+
+
+def test_a_stopped_report_removes_its_scratch_directory_and_exits_143(tmp_path, cache_dir):
+    """SIGTERM (a scheduler's stop, `timeout`) while the report works: the downloads and the report's caches in its
+    scratch directory are removed, and the exit code is the shell's for SIGTERM, with one line saying so."""
+    import signal
+    import time
+
+    from entrypoints.demo.assets import llama2_tokenizer
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
+                            for i in range(20_000)))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    proc = subprocess.Popen([sys.executable, "-m", "entrypoints.data", str(data), "--report", "--tokenizer",
+                             str(llama2_tokenizer(cache_dir))], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**clean, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch), "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 60
+    while not list(scratch.glob("qlora-data-*/job")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the report's scratch base dir exists: it is reading and tokenizing
+    assert proc.poll() is None, "the report ended before it could be stopped: give it more records"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped (SIGTERM): nothing was kept" in err
+    assert not list(scratch.glob("qlora-data-*"))
