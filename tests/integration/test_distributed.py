@@ -110,6 +110,9 @@ def output_format(out: Path) -> dict:
     }
 
 
+# Slow tier (23 s): the default tier's two-host run (test_multihost.py, SageMaker's host description) also trains two
+# gloo ranks through the entrypoint and checks one output of the one-process format.
+@pytest.mark.slow
 def test_two_ranks_on_cpu_write_one_output_of_the_same_format_as_one_process(s3_env, tiny_model, tmp_path):
     server, bucket = s3_env
     storage.upload_tree(tiny_model, f"s3://{bucket}/models/tiny", endpoint_url=server.endpoint)

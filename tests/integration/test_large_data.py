@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from entrypoints.bench.data_prep import RESULT_PREFIX
 
 from ..jobrun import REPO
@@ -35,6 +37,8 @@ def bench(rows: int, cache_dir, tmp_path) -> dict:
     return json.loads(line[len(RESULT_PREFIX):])
 
 
+# Slow tier (24 s: two runs over 10,000s of records, measured in their own processes).
+@pytest.mark.slow
 def test_memory_does_not_grow_with_the_data(cache_dir, tmp_path):
     small = bench(SMALL_ROWS, cache_dir, tmp_path)
     large = bench(LARGE_ROWS, cache_dir, tmp_path)
