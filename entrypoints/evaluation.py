@@ -69,7 +69,7 @@ def generate_answers(model: Any, tokenizer: Any, template: str | None, samples: 
         while done < len(order):
             chunk = order[done:done + size]
             try:
-                batch = _generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, seq2seq)
+                batch = _generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, seq2seq, sharded)
             except Exception as exc:  # noqa: BLE001 - only a GPU out-of-memory error is retried, anything else raises
                 if not _out_of_memory(exc) or size == 1:
                     raise
@@ -163,7 +163,9 @@ def _free_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, seq2seq: bool) -> list[str]:
+def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, seq2seq: bool,
+              sharded: bool) -> list[str]:
+    """`sharded`: an FSDP model (_fsdp_generation), decoded in step with the other ranks (`synced_gpus`)."""
     import torch
 
     device = next(p.device for p in model.parameters())
@@ -176,7 +178,6 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_toke
               ([pad] * (width - len(p)) + p, [0] * (width - len(p)) + [1] * len(p)) for p in prompts]
     ids = torch.tensor([row for row, _ in padded], device=device)
     mask = torch.tensor([row for _, row in padded], device=device)
-    sharded = _fsdp_generation(model)  # registered by generate_answers; here: whether to decode in step
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
